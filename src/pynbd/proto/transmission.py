@@ -1,0 +1,691 @@
+"""The client side of the NBD transmission phase, sans-IO.
+
+:class:`ClientTransmission` turns requests into bytes and the server's bytes into
+completed :class:`Reply` events. It keeps the in-flight table (cookie -> request),
+reads simple, structured and extended replies, reassembles OFFSET_DATA and OFFSET_HOLE
+chunks into the caller's buffer, collects BLOCK_STATUS(_EXT) extents and error chunks,
+and checks every rule of the spec's "Transmission" section on the way.
+
+Receiving follows asyncio's ``BufferedProtocol`` shape so that read payloads land in
+the caller's buffer without a copy::
+
+    buf = core.receive_buffer()      # where the next bytes should go
+    n = sock.recv_into(buf)
+    core.buffer_updated(n)           # 0 means end of stream
+    while (reply := core.next_event()) is not None: ...
+
+While a large read payload is being received and nothing else is buffered,
+``receive_buffer`` returns a view of the caller's own buffer. Sending gives a list of
+buffers for ``sendmsg`` (the header and the caller's payload, never joined).
+
+Errors: peer input raises only :class:`ProtocolError` (the connection is then dead);
+a request the server may not be sent raises :class:`InvalidRequest` or
+:class:`UnsupportedError` and sends nothing. Server-side errors for a request are
+reported in its :class:`Reply` as a :class:`RequestError`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from ..errors import (
+    ConnectionClosed,
+    InvalidRequest,
+    ProtocolError,
+    RequestError,
+    UnsupportedError,
+)
+from .constants import (
+    CHUNK_ERROR_BIT,
+    EXTENDED_REPLY_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Chunk,
+    Cmd,
+    CmdFlag,
+    Err,
+    ReplyFlag,
+    TransmissionFlag,
+)
+from .handshake import Negotiated
+from .records import (
+    EXTENDED_REPLY_SIZE,
+    SIMPLE_REPLY_SIZE,
+    STRUCTURED_REPLY_SIZE,
+    BlockStatusChunk,
+    ErrorChunk,
+    Extent,
+    OffsetHole,
+    Request,
+)
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+_SIMPLE = struct.Struct(">IIQ")
+_STRUCTURED = struct.Struct(">IHHQI")
+_EXTENDED = struct.Struct(">IHHQQQ")
+_REQ = struct.Struct(">IHHQQI")
+_EXT_REQ = struct.Struct(">IHHQQQ")
+_U64 = struct.Struct(">Q")
+_MAGIC = struct.Struct(">I")
+
+U32_MAX = 0xFFFFFFFF
+#: Largest payload accepted for a chunk that is not read data (block status, errors).
+#: A status chunk SHOULD stay under 4 + 8 * 2**20 bytes; allow the 64-bit form twice
+#: that, and treat anything bigger as a lying length.
+MAX_METADATA_CHUNK = 8 + 16 * (1 << 20) + 4096
+
+_WRITE_CMDS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+#: Which command flags each command may carry (spec "Command flags").
+_ALLOWED_FLAGS: dict[Cmd, CmdFlag] = {
+    Cmd.READ: CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag(0),
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag(0),
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+}
+#: The transmission flag that must be set before a command or flag may be sent (rule 8).
+_CMD_NEEDS: dict[Cmd, TransmissionFlag] = {
+    Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Cmd.TRIM: TransmissionFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+    Cmd.CACHE: TransmissionFlag.SEND_CACHE,
+}
+_FLAG_NEEDS: dict[CmdFlag, TransmissionFlag] = {
+    CmdFlag.FUA: TransmissionFlag.SEND_FUA,
+    CmdFlag.DF: TransmissionFlag.SEND_DF,
+    CmdFlag.FAST_ZERO: TransmissionFlag.SEND_FAST_ZERO,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A request has completed.
+
+    Attributes:
+        cookie: the request's cookie.
+        command: the request's ``Cmd``.
+        error: the server's error, or None on success.
+        extents: for BLOCK_STATUS, context name -> extents from the request's offset.
+    """
+
+    cookie: int
+    command: Cmd
+    error: RequestError | None = None
+    extents: dict[str, tuple[Extent, ...]] | None = None
+
+
+class _InFlight:
+    __slots__ = (
+        "buffer",
+        "command",
+        "contexts",
+        "cookie",
+        "covered",
+        "error",
+        "extents",
+        "flags",
+        "length",
+        "offset",
+    )
+
+    def __init__(self, cookie: int, command: Cmd, flags: int, offset: int, length: int) -> None:
+        self.cookie = cookie
+        self.command = command
+        self.flags = flags
+        self.offset = offset
+        self.length = length
+        self.buffer: memoryview | None = None
+        self.covered: list[tuple[int, int]] = []  # sorted, disjoint [start, end) of the read
+        self.error: RequestError | None = None
+        self.extents: dict[int, tuple[Extent, ...]] = {}
+        self.contexts: frozenset[int] = frozenset()
+
+    def cover(self, start: int, end: int) -> None:
+        """Record that [start, end) of the read has arrived; overlaps are protocol errors."""
+        if start < self.offset or end > self.offset + self.length or end <= start:
+            raise ProtocolError(
+                f"chunk [{start}, {end}) lies outside the read [{self.offset}, "
+                f"{self.offset + self.length})"
+            )
+        if self.flags & CmdFlag.DF and self.covered:
+            raise ProtocolError("several content chunks for a read sent with NBD_CMD_FLAG_DF")
+        i = bisect.bisect_left(self.covered, (start, end))
+        if (i > 0 and self.covered[i - 1][1] > start) or (
+            i < len(self.covered) and self.covered[i][0] < end
+        ):
+            raise ProtocolError(f"chunk [{start}, {end}) overlaps an earlier chunk")
+        self.covered.insert(i, (start, end))
+
+    def covered_bytes(self) -> int:
+        return sum(end - start for start, end in self.covered)
+
+
+# Receive states
+_HEADER = 0  # expecting a reply header
+_DATA_OFFSET = 1  # expecting the u64 offset that starts an OFFSET_DATA chunk
+_INTO = 2  # payload bytes go to self._target
+_CHUNK = 3  # expecting a whole metadata chunk payload in the buffer
+
+
+def split_range(
+    offset: int, length: int, maximum: int, align: int = 1
+) -> Iterator[tuple[int, int]]:
+    """Cut [offset, offset+length) into pieces of at most ``maximum`` bytes.
+
+    Pieces other than the last are multiples of ``align`` (the minimum block size), so
+    that every piece stays aligned when the whole range is.
+    """
+    step = max(align, maximum - maximum % align)
+    end = offset + length
+    while offset < end:
+        n = min(step, end - offset)
+        yield offset, n
+        offset += n
+
+
+class ClientTransmission:
+    """Client side of the transmission phase.
+
+    Args:
+        negotiated: what the handshake settled (size, flags, block sizes, reply style,
+            meta contexts).
+        initial_data: bytes that arrived after the handshake, if any.
+        buffer_size: size of the internal receive buffer.
+    """
+
+    def __init__(
+        self,
+        negotiated: Negotiated,
+        initial_data: bytes = b"",
+        *,
+        buffer_size: int = 128 * 1024,
+    ) -> None:
+        self.negotiated = negotiated
+        self.size = negotiated.size or 0
+        self.flags = negotiated.flags
+        self.extended = negotiated.extended_headers
+        self.structured = negotiated.structured_replies or self.extended
+        self._context_names = {cid: name for name, cid in negotiated.meta_contexts.items()}
+        self._in_flight: dict[int, _InFlight] = {}
+        self._next_cookie = 1
+        self._send: list[Buffer] = []
+        self._replies: deque[Reply] = deque()
+        self._closed = False
+        self._disconnecting = False
+        self._eof = False
+        #: True once the server answered NBD_ESHUTDOWN: the client must disconnect.
+        self.shutdown_requested = False
+        # Receive side
+        self._buf = bytearray(max(buffer_size, 64))
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._state = _HEADER
+        self._target: memoryview | None = None
+        self._target_pos = 0
+        self._current: _InFlight | None = None
+        self._chunk_flags = 0
+        self._chunk_type = 0
+        self._chunk_len = 0
+        self._large_chunk: bytearray | None = None
+        if initial_data:
+            self.receive_data(initial_data)
+
+    # -- sending ---------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests await their reply."""
+        return len(self._in_flight)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def request(
+        self,
+        command: Cmd,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        *,
+        payload: Buffer | None = None,
+        buffer: Buffer | None = None,
+        contexts: tuple[str, ...] | None = None,
+    ) -> int:
+        """Queue a request and return its cookie.
+
+        Args:
+            command: any ``Cmd`` but DISC (use :meth:`disconnect`).
+            offset, length: the range in the export.
+            flags: ``CmdFlag`` bits; each must be valid for the command and advertised.
+            payload: the data of a WRITE (``length`` bytes, kept by reference until sent).
+            buffer: the writable buffer a READ fills (``length`` bytes).
+            contexts: for BLOCK_STATUS, the negotiated context names wanted (default all).
+
+        Raises:
+            ConnectionClosed: the connection is closed or disconnecting.
+            UnsupportedError: the server did not advertise the command or a flag.
+            InvalidRequest: range, alignment, size or argument errors.
+        """
+        if self._closed or self._disconnecting:
+            raise ConnectionClosed("the connection is closed")
+        cmd = self._check(command, offset, length, flags)
+        if cmd is Cmd.READ:
+            if buffer is None:
+                raise InvalidRequest("a read needs a buffer")
+            view = memoryview(buffer).cast("B")
+            if view.readonly or len(view) != length:
+                raise InvalidRequest(f"read buffer must be writable and {length} bytes long")
+        if cmd is Cmd.WRITE and (payload is None or memoryview(payload).nbytes != length):
+            raise InvalidRequest(f"write payload must be {length} bytes long")
+        cookie = self._take_cookie()
+        entry = _InFlight(cookie, cmd, flags, offset, length)
+        if cmd is Cmd.READ:
+            entry.buffer = view
+        wire_flags = flags
+        wire_len = length
+        extra: Buffer | None = payload if cmd is Cmd.WRITE else None
+        if cmd is Cmd.BLOCK_STATUS:
+            entry.contexts = self._select_contexts(contexts)
+            if (
+                self.extended
+                and self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD
+                and len(entry.contexts) < len(self._context_names)
+            ):
+                ids = sorted(entry.contexts)
+                extra = _U64.pack(length) + struct.pack(f">{len(ids)}I", *ids)
+                wire_flags |= CmdFlag.PAYLOAD_LEN
+                wire_len = len(extra)
+        if self.extended:
+            if cmd is Cmd.WRITE:
+                wire_flags |= CmdFlag.PAYLOAD_LEN
+            header = _EXT_REQ.pack(0x21E41C71, wire_flags, cmd, cookie, offset, wire_len)
+        else:
+            header = _REQ.pack(0x25609513, wire_flags, cmd, cookie, offset, wire_len)
+        self._send.append(header)
+        if extra is not None and wire_len:
+            self._send.append(extra)
+        self._in_flight[cookie] = entry
+        return cookie
+
+    def disconnect(self) -> None:
+        """Queue NBD_CMD_DISC; nothing may be sent after it and no reply comes (rule 11)."""
+        if self._closed or self._disconnecting:
+            return
+        self._disconnecting = True
+        req = Request(0, Cmd.DISC, self._take_cookie(), 0, 0)
+        self._send.append(req.pack(self.extended))
+
+    def buffers_to_send(self) -> list[Buffer]:
+        """The buffers to write, in order (for ``sendmsg``); the list is handed over."""
+        out, self._send = self._send, []
+        return out
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write, joined (a copy; prefer :meth:`buffers_to_send`)."""
+        return b"".join(self.buffers_to_send())
+
+    def _take_cookie(self) -> int:
+        cookie = self._next_cookie
+        while cookie in self._in_flight:
+            cookie = (cookie + 1) & 0xFFFFFFFFFFFFFFFF
+        self._next_cookie = (cookie + 1) & 0xFFFFFFFFFFFFFFFF
+        return cookie
+
+    def _check(self, command: int, offset: int, length: int, flags: int) -> Cmd:
+        try:
+            cmd = Cmd(command)
+        except ValueError:
+            raise InvalidRequest(f"unknown command {command}") from None
+        if cmd in (Cmd.DISC, Cmd.RESIZE):
+            raise InvalidRequest(f"NBD_CMD_{cmd.name} cannot be sent with request()")
+        need = _CMD_NEEDS.get(cmd)
+        if need is not None and not self.flags & need:
+            raise UnsupportedError(f"the server does not support NBD_CMD_{cmd.name}")
+        if cmd is Cmd.BLOCK_STATUS and not self._context_names:
+            raise UnsupportedError("block status needs a meta context negotiated with the server")
+        if cmd in _WRITE_CMDS and self.flags & TransmissionFlag.READ_ONLY:
+            raise UnsupportedError("the export is read-only")
+        if flags & ~_ALLOWED_FLAGS[cmd]:
+            bad = CmdFlag(flags & ~_ALLOWED_FLAGS[cmd])
+            raise InvalidRequest(f"flags {bad!r} are not valid for NBD_CMD_{cmd.name}")
+        for flag, tflag in _FLAG_NEEDS.items():
+            if flags & flag and not self.flags & tflag:
+                raise UnsupportedError(f"the server does not support NBD_CMD_FLAG_{flag.name}")
+        if flags & CmdFlag.DF and not self.structured:
+            raise UnsupportedError("NBD_CMD_FLAG_DF needs structured replies")
+        if offset < 0 or length < 0:
+            raise InvalidRequest("offset and length must not be negative")
+        if offset + length > self.size:
+            raise InvalidRequest(
+                f"request [{offset}, {offset + length}) is beyond the export's size {self.size}"
+            )
+        if cmd is Cmd.BLOCK_STATUS and length == 0:
+            raise InvalidRequest("block status of 0 bytes")
+        minimum = self.negotiated.minimum_block
+        if self.negotiated.block_size_advertised and (offset % minimum or length % minimum):
+            raise InvalidRequest(
+                f"request [{offset}, +{length}) is not aligned to the minimum block size {minimum}"
+            )
+        if cmd in (Cmd.READ, Cmd.WRITE) and length > self.negotiated.maximum_payload:
+            raise InvalidRequest(
+                f"{length} bytes exceed the server's maximum payload "
+                f"{self.negotiated.maximum_payload}; split the request"
+            )
+        if not self.extended and length > U32_MAX:
+            raise InvalidRequest("requests over 4 GiB need extended headers; split the request")
+        return cmd
+
+    def _select_contexts(self, names: tuple[str, ...] | None) -> frozenset[int]:
+        if names is None:
+            return frozenset(self._context_names)
+        by_name = {name: cid for cid, name in self._context_names.items()}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise InvalidRequest(f"meta context {missing[0]!r} was not negotiated")
+        return frozenset(by_name[n] for n in names)
+
+    # -- receiving -------------------------------------------------------------------
+
+    def receive_buffer(self) -> memoryview:
+        """A buffer for the next bytes from the server (never empty)."""
+        if self._state == _INTO and self._start == self._end:
+            assert self._target is not None
+            return self._target[self._target_pos :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):
+            # Compact: move the unparsed tail to the front.
+            pending = self._end - self._start
+            self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last :meth:`receive_buffer`; 0 means EOF.
+
+        Raises ProtocolError if the server broke the protocol.
+        """
+        if nbytes == 0:
+            self._on_eof()
+            return
+        if self._closed:
+            raise ConnectionClosed("the connection is closed")
+        if self._state == _INTO and self._start == self._end:
+            self._target_pos += nbytes
+            if self._target_pos == len(self._target or b""):
+                self._target_done()
+        else:
+            self._end += nbytes
+        try:
+            self._parse()
+        except ProtocolError:
+            self._closed = True
+            raise
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the server (copying); ``b""`` means end of stream."""
+        if not data:
+            self.buffer_updated(0)
+            return
+        view = memoryview(data)
+        while view:
+            buf = self.receive_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
+    def next_event(self) -> Reply | None:
+        """The next completed request, or None when nothing has completed."""
+        return self._replies.popleft() if self._replies else None
+
+    def fail_all(self, exc: Exception | None = None) -> list[int]:
+        """Mark the connection dead and forget every request; returns their cookies."""
+        self._closed = True
+        cookies = list(self._in_flight)
+        self._in_flight.clear()
+        return cookies
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._closed = True
+        if self._disconnecting and not self._in_flight:
+            return
+        if self._in_flight or self._start != self._end or self._state != _HEADER:
+            raise ProtocolError(
+                f"server closed the connection with {len(self._in_flight)} request(s) in flight"
+            )
+        raise ConnectionClosed("server closed the connection")
+
+    def _avail(self) -> int:
+        return self._end - self._start
+
+    def _parse(self) -> None:
+        while True:
+            state = self._state
+            if state == _HEADER:
+                if not self._parse_header():
+                    return
+            elif state == _INTO:
+                if self._start == self._end:
+                    return
+                assert self._target is not None
+                n = min(self._avail(), len(self._target) - self._target_pos)
+                self._target[self._target_pos : self._target_pos + n] = self._view[
+                    self._start : self._start + n
+                ]
+                self._start += n
+                self._target_pos += n
+                if self._target_pos == len(self._target):
+                    self._target_done()
+            elif state == _DATA_OFFSET:
+                if self._avail() < 8:
+                    return
+                (offset,) = _U64.unpack_from(self._buf, self._start)
+                self._start += 8
+                self._begin_data(offset)
+            else:  # _CHUNK
+                if self._avail() < self._chunk_len:
+                    return
+                data = bytes(self._view[self._start : self._start + self._chunk_len])
+                self._start += self._chunk_len
+                self._state = _HEADER
+                self._on_metadata_chunk(data)
+
+    def _parse_header(self) -> bool:
+        avail = self._avail()
+        if avail < 4:
+            return False
+        (magic,) = _MAGIC.unpack_from(self._buf, self._start)
+        if self.extended:
+            if magic != EXTENDED_REPLY_MAGIC:
+                raise ProtocolError(f"bad reply magic {magic:#x} (extended headers expected)")
+            if avail < EXTENDED_REPLY_SIZE:
+                return False
+            _, flags, type_, cookie, offset, length = _EXTENDED.unpack_from(self._buf, self._start)
+            self._start += EXTENDED_REPLY_SIZE
+            self._on_chunk_header(flags, type_, cookie, length, offset)
+        elif magic == SIMPLE_REPLY_MAGIC:
+            if avail < SIMPLE_REPLY_SIZE:
+                return False
+            _, error, cookie = _SIMPLE.unpack_from(self._buf, self._start)
+            self._start += SIMPLE_REPLY_SIZE
+            self._on_simple(error, cookie)
+        elif magic == STRUCTURED_REPLY_MAGIC and self.structured:
+            if avail < STRUCTURED_REPLY_SIZE:
+                return False
+            _, flags, type_, cookie, length = _STRUCTURED.unpack_from(self._buf, self._start)
+            self._start += STRUCTURED_REPLY_SIZE
+            self._on_chunk_header(flags, type_, cookie, length, None)
+        else:
+            raise ProtocolError(f"bad reply magic {magic:#x}")
+        return True
+
+    def _lookup(self, cookie: int) -> _InFlight:
+        entry = self._in_flight.get(cookie)
+        if entry is None:
+            raise ProtocolError(f"reply for cookie {cookie:#x}, which is not in flight")
+        return entry
+
+    def _on_simple(self, error: int, cookie: int) -> None:
+        entry = self._lookup(cookie)
+        if entry.command is Cmd.READ and self.structured:
+            raise ProtocolError("simple reply to a read after structured replies were agreed")
+        if error:
+            entry.error = self._error(entry, error)
+            self._complete(entry)
+        elif entry.command is Cmd.READ:
+            self._current = entry
+            assert entry.buffer is not None
+            self._start_into(entry.buffer, entry.length)
+            entry.covered = [(entry.offset, entry.offset + entry.length)]
+        elif entry.command is Cmd.BLOCK_STATUS:
+            raise ProtocolError("successful simple reply to a block status request")
+        else:
+            self._complete(entry)
+
+    def _error(
+        self, entry: _InFlight, value: int, message: str = "", offset: int | None = None
+    ) -> RequestError:
+        err = Err.from_wire(value)
+        if err is Err.ESHUTDOWN:
+            self.shutdown_requested = True
+        return RequestError(int(err), message, offset=offset, command=entry.command)
+
+    def _on_chunk_header(
+        self, flags: int, type_: int, cookie: int, length: int, offset: int | None
+    ) -> None:
+        entry = self._lookup(cookie)
+        if offset is not None and offset != entry.offset:
+            raise ProtocolError(
+                f"extended reply offset {offset} does not echo the request's {entry.offset}"
+            )
+        self._current = entry
+        self._chunk_flags = flags
+        self._chunk_type = type_
+        self._chunk_len = length
+        if type_ == Chunk.OFFSET_DATA:
+            if entry.command is not Cmd.READ:
+                raise ProtocolError("NBD_REPLY_TYPE_OFFSET_DATA in reply to a non-read")
+            if length < 9 or length - 8 > entry.length:
+                raise ProtocolError(f"NBD_REPLY_TYPE_OFFSET_DATA with bad length {length}")
+            self._state = _DATA_OFFSET
+            return
+        if type_ == Chunk.NONE:
+            if length:
+                raise ProtocolError("NBD_REPLY_TYPE_NONE with a payload")
+            if not flags & ReplyFlag.DONE:
+                raise ProtocolError("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE")
+            self._chunk_done(entry)
+            return
+        if length > MAX_METADATA_CHUNK:
+            raise ProtocolError(f"reply chunk of {length} bytes is too long")
+        if length > len(self._buf):
+            # Too big for the receive buffer: collect it in a buffer of its own.
+            self._large_chunk = bytearray(length)
+            self._start_into(memoryview(self._large_chunk), length)
+        else:
+            self._state = _CHUNK
+
+    def _begin_data(self, offset: int) -> None:
+        entry = self._current
+        assert entry is not None and entry.buffer is not None
+        n = self._chunk_len - 8
+        entry.cover(offset, offset + n)
+        rel = offset - entry.offset
+        self._start_into(entry.buffer[rel : rel + n], n)
+
+    def _start_into(self, target: memoryview, length: int) -> None:
+        self._target = target[:length]
+        self._target_pos = 0
+        self._state = _INTO
+        if length == 0:
+            self._target_done()
+
+    def _target_done(self) -> None:
+        self._target = None
+        self._state = _HEADER
+        entry = self._current
+        assert entry is not None
+        if self._large_chunk is not None:
+            data, self._large_chunk = bytes(self._large_chunk), None
+            self._on_metadata_chunk(data)
+        elif self.structured:
+            self._chunk_done(entry)
+        else:
+            self._complete(entry)  # simple reply payload
+
+    def _on_metadata_chunk(self, data: bytes) -> None:
+        entry = self._current
+        assert entry is not None
+        type_ = self._chunk_type
+        if type_ & CHUNK_ERROR_BIT:
+            # Unknown error chunk types share ERROR's prefix; the rest is ignored.
+            chunk = ErrorChunk.unpack(type_, data)
+            if chunk.offset is not None and not (
+                entry.offset <= chunk.offset < entry.offset + max(entry.length, 1)
+            ):
+                raise ProtocolError(f"error offset {chunk.offset} lies outside the request")
+            if entry.error is None:
+                entry.error = self._error(entry, chunk.error, chunk.message, chunk.offset)
+        elif type_ == Chunk.OFFSET_HOLE:
+            if entry.command is not Cmd.READ:
+                raise ProtocolError("NBD_REPLY_TYPE_OFFSET_HOLE in reply to a non-read")
+            hole = OffsetHole.unpack(data)
+            entry.cover(hole.offset, hole.offset + hole.size)
+            assert entry.buffer is not None
+            rel = hole.offset - entry.offset
+            entry.buffer[rel : rel + hole.size] = bytes(hole.size)
+        elif type_ in (Chunk.BLOCK_STATUS, Chunk.BLOCK_STATUS_EXT):
+            self._on_block_status(entry, type_, data)
+        else:
+            raise ProtocolError(f"unknown reply chunk type {type_}")
+        self._chunk_done(entry)
+
+    def _on_block_status(self, entry: _InFlight, type_: int, data: bytes) -> None:
+        if entry.command is not Cmd.BLOCK_STATUS:
+            raise ProtocolError("block status chunk in reply to another command")
+        if (type_ == Chunk.BLOCK_STATUS_EXT) != self.extended:
+            raise ProtocolError("block status chunk of the wrong width for the headers agreed")
+        chunk = BlockStatusChunk.unpack(data, self.extended)
+        if chunk.context_id not in entry.contexts:
+            raise ProtocolError(f"block status for meta context {chunk.context_id}, not asked for")
+        if chunk.context_id in entry.extents:
+            raise ProtocolError(f"two block status chunks for meta context {chunk.context_id}")
+        extents = chunk.extents
+        if entry.flags & CmdFlag.REQ_ONE:
+            if len(extents) != 1 or extents[0].length > entry.length:
+                raise ProtocolError("NBD_CMD_FLAG_REQ_ONE answered with more than one extent")
+        elif sum(e.length for e in extents[:-1]) >= entry.length:
+            raise ProtocolError("block status extents run past the requested length")
+        entry.extents[chunk.context_id] = extents
+
+    def _chunk_done(self, entry: _InFlight) -> None:
+        if not self._chunk_flags & ReplyFlag.DONE:
+            return
+        if entry.error is None:
+            if entry.command is Cmd.READ and entry.covered_bytes() != entry.length:
+                raise ProtocolError(
+                    f"read reply covered {entry.covered_bytes()} of {entry.length} bytes"
+                )
+            if entry.command is Cmd.BLOCK_STATUS and not entry.extents:
+                raise ProtocolError("block status reply without a status chunk")
+        self._complete(entry)
+
+    def _complete(self, entry: _InFlight) -> None:
+        del self._in_flight[entry.cookie]
+        self._current = None
+        extents = None
+        if entry.command is Cmd.BLOCK_STATUS and entry.error is None:
+            extents = {self._context_names[cid]: ext for cid, ext in entry.extents.items()}
+        self._replies.append(Reply(entry.cookie, entry.command, entry.error, extents))
