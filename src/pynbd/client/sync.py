@@ -1,0 +1,463 @@
+"""The blocking NBD client: a thin driver over the sans-IO core.
+
+A call submits its requests (split at the server's maximum payload, all pipelined on
+the connection), then reads until every cookie completed, within one deadline. Read
+payloads are received straight into the caller's buffer; writes are sent with
+``sendmsg`` from the caller's buffer. A :class:`Client` is not thread-safe: use one per
+thread, or :func:`connect_multi` for several connections to a multi-conn server.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from ..errors import (
+    ConnectionClosed,
+    NBDError,
+    NBDTimeout,
+    ProtocolError,
+    UnsupportedError,
+)
+from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag
+from ..proto.handshake import (
+    NEED_DATA,
+    ClientHandshake,
+    HandshakeDone,
+    Negotiated,
+    StartTLS,
+)
+from ..proto.transmission import ClientTransmission, Reply
+from ..transport.connect import open_stream
+from ..transport.tls import TLSConfig, start_client_tls
+from ..transport.uri import NBDURI
+from .base import (
+    DEFAULT,
+    DEFAULT_TIMEOUT,
+    Buffer,
+    ClientBase,
+    ConnectOptions,
+    ExtentCollector,
+    MappedExtent,
+    Op,
+    Target,
+    Timeout,
+    raise_first_error,
+    resolve_target,
+)
+
+_IOV_MAX = 1024
+
+
+class _Deadline:
+    """The time left for one call; None means no limit."""
+
+    __slots__ = ("end",)
+
+    def __init__(self, timeout: float | None) -> None:
+        self.end = None if timeout is None else time.monotonic() + timeout
+
+    def left(self) -> float | None:
+        if self.end is None:
+            return None
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise NBDTimeout("the call timed out")
+        return left
+
+
+def _send_all(sock: socket.socket, buffers: Iterable[Buffer], deadline: _Deadline) -> None:
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if len(v)]
+    if isinstance(sock, ssl.SSLSocket):
+        for view in views:
+            sock.settimeout(deadline.left())
+            sock.sendall(view)
+        return
+    while views:
+        sock.settimeout(deadline.left())
+        sent = sock.sendmsg(views[:_IOV_MAX])
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def run_handshake(
+    sock: socket.socket,
+    handshake: ClientHandshake,
+    target: Target,
+    deadline: _Deadline,
+) -> tuple[socket.socket, Negotiated]:
+    """Drive ``handshake`` over a blocking socket; returns the (maybe TLS) socket."""
+    while True:
+        event = handshake.next_event()
+        out = handshake.data_to_send()
+        if out:
+            _send_all(sock, [out], deadline)
+        if event is NEED_DATA:
+            sock.settimeout(deadline.left())
+            handshake.receive_data(sock.recv(65536))
+        elif isinstance(event, StartTLS):
+            assert target.tls is not None
+            sock = start_client_tls(sock, target.tls, target.host, timeout=deadline.left())
+            handshake.tls_established()
+        elif isinstance(event, HandshakeDone):
+            return sock, event.result
+
+
+def _open(target: Target, sock: socket.socket | None, deadline: _Deadline) -> socket.socket:
+    if sock is not None:
+        return sock
+    return open_stream(
+        host=target.host, port=target.port, path=target.path, timeout=deadline.left()
+    )
+
+
+class Client(ClientBase):
+    """A blocking NBD client connected to one export.
+
+    Connect with a URI (``nbd://``, ``nbds://``, ``nbd+unix://``, ``nbds+unix://``), a
+    host and port, a unix socket path, or an already connected socket::
+
+        with Client("nbd+unix:///disk?socket=/tmp/nbd.sock") as c:
+            data = c.pread(4096, 0)
+
+    Args:
+        uri: an NBD URI (string or :class:`~pynbd.transport.uri.NBDURI`).
+        host, port: a TCP address (port 10809 by default).
+        path: a unix socket path.
+        sock: a connected stream socket, taken over by the client.
+        export_name: the export to use (overrides the URI's).
+        tls: TLS settings (``nbds`` URIs set them from the query); None: no TLS.
+        structured_replies, extended_headers: ask the server for them (default yes).
+        meta_contexts: contexts to select for :meth:`block_status`.
+        request_block_size: ask for the server's block sizes and obey them.
+        timeout: the time limit of connecting and of every call, in seconds (None: no
+            limit). A call that exceeds it raises NBDTimeout and closes the connection.
+
+    Raises:
+        URIError, ConnectionClosed, TLSError, OptionError, ExportNotFound,
+        ProtocolError, NBDTimeout: when connecting or negotiating fails.
+    """
+
+    def __init__(
+        self,
+        uri: str | NBDURI | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        path: str | None = None,
+        sock: socket.socket | None = None,
+        export_name: str | None = None,
+        tls: TLSConfig | None = None,
+        structured_replies: bool = True,
+        extended_headers: bool = True,
+        meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,),
+        request_block_size: bool = True,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        target, name = resolve_target(
+            uri, host=host, port=port, path=path, export_name=export_name, tls=tls
+        )
+        self.target = target
+        self.options = ConnectOptions(
+            export_name=name,
+            tls=target.tls,
+            structured_replies=structured_replies,
+            extended_headers=extended_headers,
+            meta_contexts=tuple(meta_contexts),
+            request_block_size=request_block_size,
+            timeout=timeout,
+        )
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._core = None
+        deadline = _Deadline(timeout)
+        raw = _open(target, sock, deadline)
+        try:
+            self._sock, self.negotiated = run_handshake(
+                raw, ClientHandshake(self.options.handshake_config()), target, deadline
+            )
+        except BaseException:
+            raw.close()
+            raise
+        self._core = ClientTransmission(self.negotiated)
+
+    # -- negotiation mode --------------------------------------------------------------
+
+    @staticmethod
+    def negotiate(
+        uri: str | NBDURI | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        path: str | None = None,
+        sock: socket.socket | None = None,
+        export_name: str | None = None,
+        tls: TLSConfig | None = None,
+        list_exports: bool = True,
+        list_meta_contexts: bool = True,
+        go: bool = False,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> Negotiated:
+        """Negotiate without using the export: list exports, meta contexts, export info.
+
+        With ``go=False`` (the default) the client asks NBD_OPT_INFO and aborts, never
+        entering transmission; with ``go=True`` it enters transmission with NBD_OPT_GO
+        and disconnects at once (some servers, like nbd-server, report the right size
+        only to GO). Arguments are as for :class:`Client`.
+
+        Returns:
+            A :class:`~pynbd.proto.handshake.Negotiated`: ``exports`` (None if the
+            server refused LIST), ``available_meta_contexts``, size, flags, block sizes.
+        """
+        target, name = resolve_target(
+            uri, host=host, port=port, path=path, export_name=export_name, tls=tls
+        )
+        options = ConnectOptions(export_name=name, tls=target.tls, timeout=timeout)
+        config = options.handshake_config(
+            go=go, list_exports=list_exports, list_meta_contexts=list_meta_contexts
+        )
+        deadline = _Deadline(timeout)
+        raw = _open(target, sock, deadline)
+        try:
+            conn, result = run_handshake(raw, ClientHandshake(config), target, deadline)
+            raw = conn
+            if result.in_transmission:
+                core = ClientTransmission(result)
+                core.disconnect()
+                _send_all(conn, core.buffers_to_send(), deadline)
+            return result
+        finally:
+            raw.close()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def close(self) -> None:
+        """Disconnect (NBD_CMD_DISC when possible) and close the socket. Idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        core = self._core
+        try:
+            if core is not None and not core.closed and core.in_flight == 0:
+                core.disconnect()
+                _send_all(sock, core.buffers_to_send(), _Deadline(1.0))
+                if isinstance(sock, ssl.SSLSocket):
+                    sock.settimeout(1.0)
+                    sock.unwrap()
+        except (OSError, NBDError, ValueError):
+            pass
+        finally:
+            sock.close()
+
+    def _die(self) -> None:
+        if self._core is not None:
+            self._core.fail_all()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # -- the request loop --------------------------------------------------------------
+
+    def _live(self) -> tuple[socket.socket, ClientTransmission]:
+        if self._sock is None or self._core is None or self._core.closed:
+            raise ConnectionClosed("the connection is closed")
+        return self._sock, self._core
+
+    def _run(self, ops: list[Op], timeout: Timeout) -> list[Reply]:
+        """Submit ``ops``, send them, and read until all completed (one deadline).
+
+        Raises the first failed request's error, in request order.
+        """
+        sock, core = self._live()
+        limit = self.timeout if timeout is DEFAULT else timeout
+        deadline = _Deadline(limit)
+        cookies = [op.submit(core) for op in ops]
+        done: dict[int, Reply] = {}
+        try:
+            _send_all(sock, core.buffers_to_send(), deadline)
+            while len(done) < len(cookies):
+                buf = core.receive_buffer()
+                sock.settimeout(deadline.left())
+                core.buffer_updated(sock.recv_into(buf))
+                while (reply := core.next_event()) is not None:
+                    done[reply.cookie] = reply
+        except (TimeoutError, NBDTimeout) as exc:
+            self._die()
+            raise NBDTimeout(f"no reply within {limit} s; connection closed") from exc
+        except (ProtocolError, ConnectionClosed):
+            self._die()
+            raise
+        except OSError as exc:
+            self._die()
+            raise ConnectionClosed(f"connection lost: {exc}") from exc
+        replies = [done[c] for c in cookies]
+        if core.shutdown_requested and core.in_flight == 0:
+            self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
+        raise_first_error(replies)
+        return replies
+
+    # -- the API -----------------------------------------------------------------------
+
+    def pread_into(
+        self, buf: Buffer, offset: int, *, df: bool = False, timeout: Timeout = DEFAULT
+    ) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into the caller's writable buffer.
+
+        Requests over the server's maximum payload are split and pipelined.
+
+        Args:
+            buf: a writable buffer (bytearray, memoryview, mmap, array...).
+            offset: where to read in the export.
+            df: set NBD_CMD_FLAG_DF (the server must not fragment the reply).
+            timeout: this call's limit in seconds (default: the client's).
+
+        Raises:
+            RequestError: the server failed the read. InvalidRequest, UnsupportedError:
+            nothing was sent. ConnectionClosed, ProtocolError, NBDTimeout: fatal.
+        """
+        ops = self._plan_read(buf, offset, df)
+        if ops:
+            self._run(ops, timeout)
+
+    def pread(
+        self, length: int, offset: int, *, df: bool = False, timeout: Timeout = DEFAULT
+    ) -> bytearray:
+        """Read ``length`` bytes at ``offset`` into a new bytearray (see :meth:`pread_into`)."""
+        buf = bytearray(length)
+        self.pread_into(buf, offset, df=df, timeout=timeout)
+        return buf
+
+    def pwrite(
+        self, data: Buffer, offset: int, *, fua: bool = False, timeout: Timeout = DEFAULT
+    ) -> None:
+        """Write ``data`` (any buffer) at ``offset``; ``fua`` forces it to stable storage.
+
+        Raises as :meth:`pread_into`; UnsupportedError for a read-only export or for
+        ``fua`` when the server did not advertise it.
+        """
+        ops = self._plan_write(data, offset, fua)
+        if ops:
+            self._run(ops, timeout)
+
+    def flush(self, *, timeout: Timeout = DEFAULT) -> None:
+        """Persist every write that has completed (NBD_CMD_FLUSH)."""
+        self._run(self._plan_flush(), timeout)
+
+    def trim(
+        self, length: int, offset: int, *, fua: bool = False, timeout: Timeout = DEFAULT
+    ) -> None:
+        """Tell the server the range is no longer needed (NBD_CMD_TRIM)."""
+        self._run(self._plan_effect(Cmd.TRIM, offset, length, CmdFlag.FUA if fua else 0), timeout)
+
+    def zero(
+        self,
+        length: int,
+        offset: int,
+        *,
+        fua: bool = False,
+        no_hole: bool = False,
+        fast: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> None:
+        """Write zeroes over the range (NBD_CMD_WRITE_ZEROES).
+
+        Args:
+            no_hole: the server must allocate, not punch a hole (NBD_CMD_FLAG_NO_HOLE).
+            fast: fail with ENOTSUP rather than zero slowly (NBD_CMD_FLAG_FAST_ZERO).
+        """
+        flags = self._zero_flags(fua=fua, no_hole=no_hole, fast=fast)
+        self._run(self._plan_effect(Cmd.WRITE_ZEROES, offset, length, flags), timeout)
+
+    def cache(self, length: int, offset: int, *, timeout: Timeout = DEFAULT) -> None:
+        """Ask the server to prefetch the range (NBD_CMD_CACHE)."""
+        self._run(self._plan_effect(Cmd.CACHE, offset, length), timeout)
+
+    def block_status(
+        self,
+        length: int,
+        offset: int,
+        context: str = BASE_ALLOCATION,
+        *,
+        req_one: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> list[MappedExtent]:
+        """The extents of one meta context over [offset, offset+length).
+
+        Asks again from where the server stopped until the range is covered (with
+        ``req_one``: one request, one extent). Extents are clipped to the range. For
+        ``base:allocation`` the flags are ``StateFlag.HOLE | StateFlag.ZERO``.
+
+        Raises:
+            UnsupportedError: the context was not negotiated.
+        """
+        return self.block_status_all(
+            length, offset, contexts=(context,), req_one=req_one, timeout=timeout
+        )[context]
+
+    def block_status_all(
+        self,
+        length: int,
+        offset: int,
+        *,
+        contexts: tuple[str, ...] | None = None,
+        req_one: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> dict[str, list[MappedExtent]]:
+        """The extents of several meta contexts (default: all negotiated), by name."""
+        names = self._block_status_names(contexts)
+        collect = ExtentCollector(offset, offset + length, names, req_one)
+        while not collect.finished:
+            start = collect.next_start()
+            (reply,) = self._run(
+                [self._plan_block_status(start, collect.end, names, req_one)], timeout
+            )
+            collect.add(start, reply)
+        return collect.extents
+
+
+def connect_multi(uri: str | NBDURI, connections: int, **kwargs: Any) -> list[Client]:
+    """Open ``connections`` clients to one export, which must advertise multi-conn.
+
+    Raises:
+        UnsupportedError: the server does not allow multi-conn (nothing stays open).
+    """
+    first = Client(uri, **kwargs)
+    if connections > 1 and not first.can_multi_conn():
+        first.close()
+        raise UnsupportedError("the server does not advertise NBD_FLAG_CAN_MULTI_CONN")
+    clients = [first]
+    try:
+        for _ in range(connections - 1):
+            clients.append(Client(uri, **kwargs))
+    except BaseException:
+        for c in clients:
+            c.close()
+        raise
+    return clients
+
+
+__all__ = ["Client", "connect_multi"]
