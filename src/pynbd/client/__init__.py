@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from .aio import AsyncClient, connect_multi_async
 from .base import DEFAULT, MappedExtent
 from .sync import Client, connect_multi
 
-__all__ = ["DEFAULT", "Client", "MappedExtent", "connect_multi"]
+__all__ = [
+    "DEFAULT",
+    "AsyncClient",
+    "Client",
+    "MappedExtent",
+    "connect_multi",
+    "connect_multi_async",
+]

@@ -204,6 +204,7 @@ class ClientBase:
     # -- planning -------------------------------------------------------------------
 
     def _max_payload(self) -> int:
+        """The largest READ/WRITE payload, a multiple of the minimum block size."""
         n = self.negotiated
         limit = min(n.maximum_payload, U32_MAX)
         return max(n.minimum_block, limit - limit % n.minimum_block)
@@ -213,6 +214,8 @@ class ClientBase:
         if view.readonly:
             raise InvalidRequest("pread_into needs a writable buffer")
         flags = CmdFlag.DF if df else 0
+        if len(view) <= self._max_payload():
+            return [Op(Cmd.READ, offset, len(view), flags, buffer=view)] if len(view) else []
         return [
             Op(Cmd.READ, off, n, flags, buffer=view[off - offset : off - offset + n])
             for off, n in split_range(offset, len(view), self._max_payload(), self._align())
@@ -221,6 +224,8 @@ class ClientBase:
     def _plan_write(self, data: Buffer, offset: int, fua: bool) -> list[Op]:
         view = memoryview(data).cast("B")
         flags = CmdFlag.FUA if fua else 0
+        if len(view) <= self._max_payload():
+            return [Op(Cmd.WRITE, offset, len(view), flags, payload=view)] if len(view) else []
         return [
             Op(Cmd.WRITE, off, n, flags, payload=view[off - offset : off - offset + n])
             for off, n in split_range(offset, len(view), self._max_payload(), self._align())

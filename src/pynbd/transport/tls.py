@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TLSConfig",
+    "check_session",
     "default_tls_username",
     "make_client_context",
     "read_psk_key",
@@ -379,7 +380,18 @@ def tls_error(exc: BaseException, *, psk: bool = False) -> NBDError:
     return TLSError(f"TLS failed: {_describe(exc)}")
 
 
-def _check_psk_handshake(ssock: ssl.SSLSocket, ctx: _PSKContext) -> None:
+def check_session(session: ssl.SSLSocket | ssl.SSLObject, ctx: ssl.SSLContext) -> None:
+    """Check a finished client handshake made with ``ctx`` (for drivers that do the
+    handshake themselves, such as asyncio's ``start_tls``).
+
+    Raises:
+        TLSError: a PSK context's server did not authenticate with the key.
+    """
+    if isinstance(ctx, _PSKContext):
+        _check_psk_handshake(session, ctx)
+
+
+def _check_psk_handshake(ssock: ssl.SSLSocket | ssl.SSLObject, ctx: _PSKContext) -> None:
     # See the module docstring: a server that ignored the key must not get through.
     if ssock.getpeercert(binary_form=True) is not None:
         raise TLSError(
