@@ -95,21 +95,32 @@ def run_handshake(
     target: Target,
     deadline: _Deadline,
 ) -> tuple[socket.socket, Negotiated]:
-    """Drive ``handshake`` over a blocking socket; returns the (maybe TLS) socket."""
-    while True:
-        event = handshake.next_event()
-        out = handshake.data_to_send()
-        if out:
-            _send_all(sock, [out], deadline)
-        if event is NEED_DATA:
-            sock.settimeout(deadline.left())
-            handshake.receive_data(sock.recv(65536))
-        elif isinstance(event, StartTLS):
-            assert target.tls is not None
-            sock = start_client_tls(sock, target.tls, target.host, timeout=deadline.left())
-            handshake.tls_established()
-        elif isinstance(event, HandshakeDone):
-            return sock, event.result
+    """Drive ``handshake`` over a blocking socket; returns the (maybe TLS) socket.
+
+    Socket errors become pynbd errors: NBDTimeout when the deadline passes,
+    ConnectionClosed when the connection breaks.
+    """
+    try:
+        while True:
+            event = handshake.next_event()
+            out = handshake.data_to_send()
+            if out:
+                _send_all(sock, [out], deadline)
+            if event is NEED_DATA:
+                sock.settimeout(deadline.left())
+                handshake.receive_data(sock.recv(65536))
+            elif isinstance(event, StartTLS):
+                assert target.tls is not None
+                sock = start_client_tls(sock, target.tls, target.host, timeout=deadline.left())
+                handshake.tls_established()
+            elif isinstance(event, HandshakeDone):
+                return sock, event.result
+    except TimeoutError as exc:
+        if isinstance(exc, NBDError):
+            raise
+        raise NBDTimeout("the server did not finish the handshake in time") from exc
+    except OSError as exc:
+        raise ConnectionClosed(f"connection lost during the handshake: {exc}") from exc
 
 
 def _open(target: Target, sock: socket.socket | None, deadline: _Deadline) -> socket.socket:
