@@ -19,7 +19,7 @@ import heapq
 import socket
 from collections.abc import Awaitable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ..errors import (
     ConnectionClosed,
@@ -74,8 +74,8 @@ class _Protocol(asyncio.BufferedProtocol):
     # -- asyncio callbacks --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not derive from asyncio.Transport: no isinstance here.
+        self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.core is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Iterable
 from types import TracebackType
@@ -70,16 +71,59 @@ class _Deadline:
         return left
 
 
-def _send_all(sock: socket.socket, buffers: Iterable[Buffer], deadline: _Deadline) -> None:
+class _KernelTimeout:
+    """Per-call time limits enforced by the kernel (SO_RCVTIMEO / SO_SNDTIMEO).
+
+    In transmission the socket stays in blocking mode, so a request costs one sendmsg
+    and one recv, not Python's poll-then-recv with a mode switch for each timeout
+    change. A recv that times out fails with EAGAIN; the call's deadline is checked
+    after every recv, and the kernel limit shrinks when less than half of it is left,
+    so a trickling server cannot stretch a call far beyond its timeout.
+    """
+
+    __slots__ = ("current", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.current: float | None = None
+        sock.settimeout(None)
+
+    def arm(self, seconds: float | None) -> None:
+        if seconds == self.current:
+            return
+        usec = 0 if seconds is None else max(1, round(seconds * 1_000_000))
+        tv = struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self.current = seconds
+
+    def check(self, deadline: _Deadline) -> None:
+        left = deadline.left()  # raises NBDTimeout once the deadline passed
+        if left is not None and self.current is not None and left < self.current / 2:
+            self.arm(left)
+
+
+def _send_all(
+    sock: socket.socket,
+    buffers: Iterable[Buffer],
+    deadline: _Deadline,
+    timer: _KernelTimeout | None = None,
+) -> None:
+    """Write every buffer; with ``timer`` the socket is blocking with kernel limits,
+    else it is in Python's timeout mode and each write gets the time left."""
     views = [memoryview(b).cast("B") for b in buffers]
     views = [v for v in views if len(v)]
     if isinstance(sock, ssl.SSLSocket):
         for view in views:
-            sock.settimeout(deadline.left())
+            if timer is None:
+                sock.settimeout(deadline.left())
             sock.sendall(view)
         return
     while views:
-        sock.settimeout(deadline.left())
+        if timer is None:
+            sock.settimeout(deadline.left())
+        else:
+            timer.check(deadline)
         sent = sock.sendmsg(views[:_IOV_MAX])
         while sent:
             if sent >= len(views[0]):
@@ -120,6 +164,7 @@ def run_handshake(
             raise
         raise NBDTimeout("the server did not finish the handshake in time") from exc
     except OSError as exc:
+        sock.close()  # after STARTTLS this is the TLS socket, which the caller cannot see
         raise ConnectionClosed(f"connection lost during the handshake: {exc}") from exc
 
 
@@ -200,6 +245,7 @@ class Client(ClientBase):
             raw.close()
             raise
         self._core = ClientTransmission(self.negotiated)
+        self._timer = _KernelTimeout(self._sock)
 
     # -- negotiation mode --------------------------------------------------------------
 
@@ -275,9 +321,9 @@ class Client(ClientBase):
         try:
             if core is not None and not core.closed and core.in_flight == 0:
                 core.disconnect()
-                _send_all(sock, core.buffers_to_send(), _Deadline(1.0))
+                self._timer.arm(1.0)
+                _send_all(sock, core.buffers_to_send(), _Deadline(1.0), self._timer)
                 if isinstance(sock, ssl.SSLSocket):
-                    sock.settimeout(1.0)
                     sock.unwrap()
         except (OSError, NBDError, ValueError):
             pass
@@ -306,17 +352,20 @@ class Client(ClientBase):
         sock, core = self._live()
         limit = self.timeout if timeout is DEFAULT else timeout
         deadline = _Deadline(limit)
+        timer = self._timer
         cookies = [op.submit(core) for op in ops]
         done: dict[int, Reply] = {}
         try:
-            _send_all(sock, core.buffers_to_send(), deadline)
+            timer.arm(limit)
+            _send_all(sock, core.buffers_to_send(), deadline, timer)
+            recv_into = sock.recv_into
             while len(done) < len(cookies):
-                buf = core.receive_buffer()
-                sock.settimeout(deadline.left())
-                core.buffer_updated(sock.recv_into(buf))
+                core.buffer_updated(recv_into(core.receive_buffer()))
                 while (reply := core.next_event()) is not None:
                     done[reply.cookie] = reply
-        except (TimeoutError, NBDTimeout) as exc:
+                timer.check(deadline)
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+            # EAGAIN from SO_RCVTIMEO/SO_SNDTIMEO, or our own deadline check.
             self._die()
             raise NBDTimeout(f"no reply within {limit} s; connection closed") from exc
         except (ProtocolError, ConnectionClosed):
