@@ -1,0 +1,653 @@
+"""The server side of the NBD transmission phase, sans-IO.
+
+:class:`ServerTransmission` parses requests (compact or extended), validates each one
+centrally before any backend sees it, and builds replies in the form negotiated
+(simple, structured or extended). A request that fails validation is answered here
+with the right NBD error and never becomes an event; its payload (a refused WRITE's
+data) is consumed and dropped, so the connection lives on. Valid requests become
+:class:`RequestReceived` events; the driver performs them and calls one ``reply_*``
+method per request.
+
+Receiving follows asyncio's ``BufferedProtocol`` shape, as the client core does: while
+a WRITE payload is being received and nothing else is buffered, ``receive_buffer``
+returns a view of the payload's own buffer, so the data is never copied. Replies are a
+list of buffers for ``sendmsg``: a READ's data is never joined to its header.
+
+Validation order (spec "Request types", "Error values", "Size constraints"): shutdown
+(ESHUTDOWN); unknown command, payload flag misuse (EINVAL); a write or trim on a
+read-only export (EPERM); flags not valid for the command or not advertised, command
+not advertised, no meta context (EINVAL); range (ENOSPC for writes, else EINVAL);
+alignment to the minimum block size (EINVAL); payload size (EOVERFLOW for a structured
+READ, else EINVAL). Peer input that cannot be resynchronised (bad magic, a payload too
+large to consume) raises :class:`ProtocolError`; the driver then closes the connection.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeAlias
+
+from ..errors import ProtocolError
+from .constants import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Chunk,
+    Cmd,
+    CmdFlag,
+    Err,
+    ReplyFlag,
+    TransmissionFlag,
+)
+from .handshake import _NeedData
+from .server_common import (
+    NEED_DATA,
+    U32_MAX,
+    Disconnect,
+    RequestReceived,
+    ServerNegotiated,
+)
+from .server_handshake import truncate_message
+
+__all__ = ["DOS_PAYLOAD", "MAX_EXTENTS", "ServerTransmission"]
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+_REQ = struct.Struct(">IHHQQI")
+_EXT_REQ = struct.Struct(">IHHQQQ")
+_SIMPLE = struct.Struct(">IIQ")
+_STRUCTURED = struct.Struct(">IHHQI")
+_EXTENDED = struct.Struct(">IHHQQQ")
+_ERROR = struct.Struct(">IH")
+_U64 = struct.Struct(">Q")
+_HOLE = struct.Struct(">QI")
+
+#: A payload up to this size is consumed even when it is refused; a larger one is a
+#: denial of service and closes the connection (spec "Size constraints": 2**25 bytes
+#: SHOULD NOT be considered one).
+DOS_PAYLOAD = 1 << 25
+#: The most descriptors sent in one block status chunk (spec: SHOULD NOT exceed 2**20).
+MAX_EXTENTS = 1 << 20
+
+_WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+#: Flags valid per command, besides FUA (valid on every command once advertised) and
+#: PAYLOAD_LEN (checked on its own).
+_CMD_FLAGS: dict[Cmd, CmdFlag] = {
+    Cmd.READ: CmdFlag.DF,
+    Cmd.WRITE: CmdFlag(0),
+    Cmd.DISC: CmdFlag(0),
+    Cmd.FLUSH: CmdFlag(0),
+    Cmd.TRIM: CmdFlag(0),
+    Cmd.CACHE: CmdFlag(0),
+    Cmd.WRITE_ZEROES: CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+}
+_CMD_NEEDS: dict[Cmd, TransmissionFlag] = {
+    Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Cmd.TRIM: TransmissionFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+    Cmd.CACHE: TransmissionFlag.SEND_CACHE,
+}
+_FLAG_NEEDS: dict[CmdFlag, TransmissionFlag] = {
+    CmdFlag.FUA: TransmissionFlag.SEND_FUA,
+    CmdFlag.DF: TransmissionFlag.SEND_DF,
+    CmdFlag.FAST_ZERO: TransmissionFlag.SEND_FAST_ZERO,
+}
+#: Commands with a nonzero effect length that succeed at once when the length is 0.
+_EMPTY_OK = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES})
+
+# Receive states
+_HEADER = 0  # expecting a request header
+_PAYLOAD = 1  # payload bytes go to self._target
+_DISCARD = 2  # dropping the payload of a refused request
+_IGNORE = 3  # after NBD_CMD_DISC or EOF: input is dropped
+
+
+class _Refused(Exception):
+    """Internal: a request fails validation with ``error``."""
+
+    def __init__(self, error: Err, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
+class _Pending:
+    """A request header whose payload is still arriving."""
+
+    __slots__ = ("command", "cookie", "flags", "length", "offset")
+
+    def __init__(self, command: Cmd, flags: int, cookie: int, offset: int, length: int) -> None:
+        self.command = command
+        self.flags = flags
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+
+
+class ServerTransmission:
+    """Server side of the transmission phase.
+
+    Args:
+        negotiated: what the handshake settled (``export`` must be set).
+        initial_data: bytes received after the handshake.
+        buffer_size: size of the internal receive buffer.
+    """
+
+    def __init__(
+        self,
+        negotiated: ServerNegotiated,
+        initial_data: bytes = b"",
+        *,
+        buffer_size: int = 64 * 1024,
+    ) -> None:
+        if negotiated.export is None:
+            raise ValueError("transmission needs an export")
+        self.negotiated = negotiated
+        self.export = negotiated.export
+        self.size = self.export.size
+        self.flags = negotiated.flags
+        self.extended = negotiated.extended_headers
+        self.structured = negotiated.structured_replies or self.extended
+        self.contexts = dict(negotiated.meta_contexts)
+        self._minimum = self.export.minimum_block
+        self._max_payload = self.export.maximum_payload
+        self._payload_limit = max(self._max_payload, DOS_PAYLOAD)
+        self._header = _EXT_REQ if self.extended else _REQ
+        self._magic = EXTENDED_REQUEST_MAGIC if self.extended else REQUEST_MAGIC
+        self._events: deque[RequestReceived | Disconnect] = deque()
+        self._out: list[Buffer] = []
+        self._in_flight: set[int] = set()
+        self._seq = 0
+        self._shutdown = False
+        self._buf = bytearray(max(buffer_size, 64))
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._state = _HEADER
+        self._pending: _Pending | None = None
+        self._target: memoryview | None = None
+        self._target_buf: bytearray | None = None
+        self._target_pos = 0
+        self._discard = 0
+        if initial_data:
+            self.receive_data(initial_data)
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Requests handed to the driver and not yet replied to."""
+        return len(self._in_flight)
+
+    @property
+    def finished(self) -> bool:
+        """True once the client disconnected (DISC or end of stream)."""
+        return self._state == _IGNORE
+
+    def shutdown(self) -> None:
+        """The server is shutting down: refuse further requests with NBD_ESHUTDOWN."""
+        self._shutdown = True
+
+    # -- receiving --------------------------------------------------------------------
+
+    def receive_buffer(self) -> memoryview:
+        """A buffer for the next bytes from the client (never empty)."""
+        if self._state == _PAYLOAD and self._start == self._end:
+            assert self._target is not None
+            return self._target[self._target_pos :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):
+            pending = self._end - self._start
+            self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last :meth:`receive_buffer`; 0 means EOF.
+
+        Raises ProtocolError if the client broke the protocol beyond repair.
+        """
+        if nbytes == 0:
+            self._on_eof()
+            return
+        if self._state == _IGNORE:
+            self._start = self._end = 0
+            return
+        if self._state == _PAYLOAD and self._start == self._end:
+            self._target_pos += nbytes
+            if self._target is not None and self._target_pos == len(self._target):
+                self._payload_done()
+        else:
+            self._end += nbytes
+        self._parse()
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the client (copying); ``b""`` means end of stream."""
+        if not data:
+            self.buffer_updated(0)
+            return
+        view = memoryview(data)
+        while view:
+            buf = self.receive_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
+    def next_event(self) -> RequestReceived | Disconnect | _NeedData:
+        """The next valid request or the end of the session; NEED_DATA when none."""
+        if not self._events:
+            return NEED_DATA
+        event = self._events.popleft()
+        if isinstance(event, RequestReceived):
+            # In flight from now on: the driver owes it a reply.
+            self._in_flight.add(event.seq)
+        return event
+
+    def _on_eof(self) -> None:
+        if self._state == _IGNORE:
+            return
+        midway = self._state != _HEADER or self._start != self._end
+        self._state = _IGNORE
+        reason = "client closed the connection" + (" in the middle of a request" if midway else "")
+        self._events.append(Disconnect(reason, soft=False))
+
+    def _parse(self) -> None:
+        while True:
+            avail = self._end - self._start
+            if self._state == _HEADER:
+                if avail < self._header.size:
+                    return
+                magic, flags, type_, cookie, offset, length = self._header.unpack_from(
+                    self._buf, self._start
+                )
+                self._start += self._header.size
+                if magic != self._magic:
+                    raise ProtocolError(f"bad request magic {magic:#x}")
+                self._on_header(flags, type_, cookie, offset, length)
+            elif self._state == _PAYLOAD:
+                if not avail:
+                    return
+                assert self._target is not None
+                n = min(avail, len(self._target) - self._target_pos)
+                self._target[self._target_pos : self._target_pos + n] = self._view[
+                    self._start : self._start + n
+                ]
+                self._start += n
+                self._target_pos += n
+                if self._target_pos == len(self._target):
+                    self._payload_done()
+            elif self._state == _DISCARD:
+                if not avail:
+                    return
+                n = min(avail, self._discard)
+                self._start += n
+                self._discard -= n
+                if not self._discard:
+                    self._state = _HEADER
+            else:  # _IGNORE
+                self._start = self._end = 0
+                return
+
+    def _on_header(self, flags: int, type_: int, cookie: int, offset: int, length: int) -> None:
+        # Whether a payload follows depends only on the header, even for a request
+        # that will be refused: that keeps the stream in step (spec "Request message").
+        if self.extended:
+            payload = length if flags & CmdFlag.PAYLOAD_LEN else 0
+        else:
+            payload = length if type_ == Cmd.WRITE else 0
+        if payload > self._payload_limit:
+            raise ProtocolError(f"request payload of {payload} bytes is too large")
+        if type_ == Cmd.DISC:
+            # No reply; the session ends once in-flight requests are answered.
+            self._state = _IGNORE
+            self._start = self._end = 0
+            self._events.append(Disconnect("client sent NBD_CMD_DISC", soft=True))
+            return
+        try:
+            command = self._check_command(type_, flags)
+            if not (command is Cmd.BLOCK_STATUS and payload):
+                self._check_range(command, offset, length)
+        except _Refused as refusal:
+            self._refuse(cookie, offset, refusal)
+            self._skip(payload)
+            return
+        if payload:
+            self._pending = _Pending(command, flags, cookie, offset, length)
+            self._target_buf = bytearray(payload)
+            self._target = memoryview(self._target_buf)
+            self._target_pos = 0
+            self._state = _PAYLOAD
+            return
+        if length == 0 and command in _EMPTY_OK:
+            self._queue_ok(command, cookie, offset)  # nothing to do for a backend
+            return
+        self._emit(command, flags, cookie, offset, length, None)
+
+    def _skip(self, payload: int) -> None:
+        if payload:
+            self._discard = payload
+            self._state = _DISCARD
+
+    def _payload_done(self) -> None:
+        pending, data = self._pending, self._target_buf
+        assert pending is not None and data is not None
+        self._pending = self._target = self._target_buf = None
+        self._state = _HEADER
+        if pending.command is Cmd.BLOCK_STATUS:
+            self._on_status_payload(pending, data)
+        else:
+            self._emit(
+                pending.command,
+                pending.flags,
+                pending.cookie,
+                pending.offset,
+                pending.length,
+                memoryview(data),
+            )
+
+    def _on_status_payload(self, pending: _Pending, data: bytearray) -> None:
+        # Spec "NBD_CMD_BLOCK_STATUS": u64 effect length, then n u32 context ids.
+        try:
+            if len(data) < 12 or (len(data) - 8) % 4:
+                raise _Refused(Err.EINVAL, "block status payload is not 8 + 4*n bytes")
+            (length,) = _U64.unpack_from(data)
+            ids = struct.unpack_from(f">{(len(data) - 8) // 4}I", data, 8)
+            if len(set(ids)) != len(ids) or not set(ids) <= self.contexts.keys():
+                raise _Refused(Err.EINVAL, "block status payload names unknown or repeated ids")
+            self._check_range(Cmd.BLOCK_STATUS, pending.offset, length)
+        except _Refused as refusal:
+            self._refuse(pending.cookie, pending.offset, refusal)
+            return
+        self._emit(
+            Cmd.BLOCK_STATUS, pending.flags, pending.cookie, pending.offset, length, None, ids
+        )
+
+    def _emit(
+        self,
+        command: Cmd,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: memoryview | None,
+        contexts: tuple[int, ...] | None = None,
+    ) -> None:
+        self._seq += 1
+        if command is Cmd.BLOCK_STATUS and contexts is None:
+            contexts = tuple(self.contexts)
+        request = RequestReceived(
+            cookie,
+            command,
+            CmdFlag(flags & ~int(CmdFlag.PAYLOAD_LEN)),
+            offset,
+            length,
+            payload,
+            contexts or (),
+            self._seq,
+        )
+        self._events.append(request)
+
+    # -- validation -------------------------------------------------------------------
+
+    def _check_command(self, type_: int, flags: int) -> Cmd:
+        if self._shutdown:
+            raise _Refused(Err.ESHUTDOWN, "the server is shutting down")
+        try:
+            command = Cmd(type_)
+        except ValueError:
+            raise _Refused(Err.EINVAL, f"unknown command {type_}") from None
+        if command not in _CMD_FLAGS:
+            raise _Refused(Err.EINVAL, f"NBD_CMD_{command.name} is not supported")
+        name = f"NBD_CMD_{command.name}"
+        if flags & CmdFlag.PAYLOAD_LEN:
+            if not self.extended:
+                raise _Refused(Err.EINVAL, "NBD_CMD_FLAG_PAYLOAD_LEN needs extended headers")
+            if command is not Cmd.WRITE and not (
+                command is Cmd.BLOCK_STATUS and self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD
+            ):
+                raise _Refused(Err.EINVAL, f"{name} takes no payload")
+        elif self.extended and command is Cmd.WRITE:
+            raise _Refused(Err.EINVAL, "a write needs NBD_CMD_FLAG_PAYLOAD_LEN")
+        # Before the flag checks: a read-only export advertises no TRIM, WRITE_ZEROES
+        # or FUA, yet the spec wants EPERM for any write or trim there.
+        if command in _WRITES and self.flags & TransmissionFlag.READ_ONLY:
+            raise _Refused(Err.EPERM, "the export is read-only")
+        # int(): ~ on an IntFlag would complement only the known bits.
+        bad = flags & ~int(_CMD_FLAGS[command] | CmdFlag.FUA | CmdFlag.PAYLOAD_LEN)
+        if bad:
+            raise _Refused(Err.EINVAL, f"flags {bad:#x} are not valid for {name}")
+        for flag, needed in _FLAG_NEEDS.items():
+            if flags & flag and not self.flags & needed:
+                raise _Refused(Err.EINVAL, f"NBD_CMD_FLAG_{flag.name} was not advertised")
+        needed_flag = _CMD_NEEDS.get(command)
+        if needed_flag is not None and not self.flags & needed_flag:
+            raise _Refused(Err.EINVAL, f"{name} was not advertised")
+        if command is Cmd.BLOCK_STATUS and not self.contexts:
+            raise _Refused(Err.EINVAL, "no meta context was negotiated")
+        return command
+
+    def _check_range(self, command: Cmd, offset: int, length: int) -> None:
+        if command is Cmd.FLUSH:
+            if offset or length:
+                raise _Refused(Err.EINVAL, "NBD_CMD_FLUSH needs offset and length 0")
+            return
+        if offset > self.size or length > self.size - offset:
+            # Spec "Error values": ENOSPC for writes past the end, EINVAL otherwise.
+            error = Err.ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
+            raise _Refused(error, f"[{offset}, +{length}) is beyond the size {self.size}")
+        minimum = self._minimum
+        end = offset + length
+        if minimum > 1 and (offset % minimum or (end % minimum and end != self.size)):
+            raise _Refused(Err.EINVAL, f"request is not aligned to {minimum} bytes")
+        if command is Cmd.READ and length > self._max_payload:
+            # A structured reply could split it, but the spec lets the server refuse.
+            error = Err.EOVERFLOW if self.structured else Err.EINVAL
+            raise _Refused(error, f"read of {length} bytes exceeds {self._max_payload}")
+        if command is Cmd.WRITE and length > self._max_payload:
+            raise _Refused(Err.EINVAL, f"write of {length} bytes exceeds {self._max_payload}")
+        if command is Cmd.BLOCK_STATUS and length == 0:
+            raise _Refused(Err.EINVAL, "block status of 0 bytes")
+
+    def _refuse(self, cookie: int, offset: int, refusal: _Refused) -> None:
+        self._queue_error(cookie, offset, refusal.error, refusal.message)
+
+    # -- sending ----------------------------------------------------------------------
+
+    def buffers_to_send(self) -> list[Buffer]:
+        """The buffers to write, in order (for ``sendmsg``); the list is handed over."""
+        out, self._out = self._out, []
+        return out
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write, joined (a copy; prefer :meth:`buffers_to_send`)."""
+        return b"".join(self.buffers_to_send())
+
+    def _finish(self, request: RequestReceived) -> None:
+        try:
+            self._in_flight.remove(request.seq)
+        except KeyError:
+            raise ValueError(f"request {request.seq} was already answered") from None
+
+    def reply_ok(self, request: RequestReceived) -> None:
+        """Answer success to a request without reply data (anything but READ, BLOCK_STATUS).
+
+        Raises ValueError for a READ or BLOCK_STATUS, or a request already answered.
+        """
+        if request.command in (Cmd.READ, Cmd.BLOCK_STATUS):
+            raise ValueError(f"NBD_CMD_{request.command.name} needs data in its reply")
+        self._finish(request)
+        self._queue_ok(request.command, request.cookie, request.offset)
+
+    def reply_read(self, request: RequestReceived, data: Buffer) -> None:
+        """Answer a READ with ``request.length`` bytes of data (one content chunk).
+
+        Raises ValueError if ``data`` has the wrong length or the request is not a READ.
+        """
+        view = memoryview(data).cast("B")
+        if request.command is not Cmd.READ or len(view) != request.length:
+            raise ValueError(f"a read reply needs exactly {request.length} bytes")
+        self._finish(request)
+        cookie, offset, n = request.cookie, request.offset, len(view)
+        if self.extended:
+            head = _EXTENDED.pack(
+                EXTENDED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.OFFSET_DATA, cookie, offset, n + 8
+            )
+            self._out += [head + _U64.pack(offset), view]
+        elif self.structured:
+            head = _STRUCTURED.pack(
+                STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.OFFSET_DATA, cookie, n + 8
+            )
+            self._out += [head + _U64.pack(offset), view]
+        else:
+            self._out += [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie), view]
+
+    def reply_read_chunks(
+        self, request: RequestReceived, chunks: Iterable[tuple[int, Buffer | int]]
+    ) -> None:
+        """Answer a READ with data and holes: ``(offset, data)`` or ``(offset, hole size)``.
+
+        The chunks must cover the request exactly, in order. Without structured replies,
+        or with NBD_CMD_FLAG_DF, they are joined into one data reply (holes as zeroes).
+
+        Raises ValueError if the chunks do not tile the request.
+        """
+        pieces = list(chunks)
+        pos = request.offset
+        for offset, piece in pieces:
+            size = piece if isinstance(piece, int) else memoryview(piece).nbytes
+            if offset != pos or size <= 0:
+                raise ValueError("read chunks must tile the request in order")
+            pos += size
+        if request.command is not Cmd.READ or pos != request.offset + request.length:
+            raise ValueError("read chunks must cover the request exactly")
+        if not self.structured or request.flags & CmdFlag.DF or len(pieces) <= 1:
+            joined = b"".join(bytes(p) if isinstance(p, int) else p for _, p in pieces)
+            self.reply_read(request, joined)
+            return
+        self._finish(request)
+        last = len(pieces) - 1
+        for i, (offset, piece) in enumerate(pieces):
+            flags = ReplyFlag.DONE if i == last else 0
+            if isinstance(piece, int):
+                self._out.append(
+                    self._chunk_header(flags, Chunk.OFFSET_HOLE, request, 12)
+                    + _HOLE.pack(offset, piece)
+                )
+            else:
+                view = memoryview(piece).cast("B")
+                head = self._chunk_header(flags, Chunk.OFFSET_DATA, request, len(view) + 8)
+                self._out += [head + _U64.pack(offset), view]
+
+    def reply_block_status(
+        self, request: RequestReceived, extents: Mapping[int, Sequence[tuple[int, int]]]
+    ) -> None:
+        """Answer BLOCK_STATUS: context id -> ``(length, flags)`` extents from the offset.
+
+        The core merges neighbours with equal flags, stops at the request's end (the
+        last extent is clipped to it), keeps one extent for REQ_ONE and at most 2**20.
+        An empty or missing list becomes one extent of flags 0 ("allocated, contents
+        unknown"), which is always true.
+
+        Raises ValueError for a request that is not BLOCK_STATUS, or an extent length
+        that is not positive.
+        """
+        if request.command is not Cmd.BLOCK_STATUS:
+            raise ValueError("not a block status request")
+        self._finish(request)
+        last = len(request.contexts) - 1
+        for i, cid in enumerate(request.contexts):
+            descriptors = self._clip_extents(request, extents.get(cid, ()))
+            if self.extended:
+                body = struct.pack(">II", cid, len(descriptors)) + b"".join(
+                    struct.pack(">QQ", length, flags) for length, flags in descriptors
+                )
+                kind = Chunk.BLOCK_STATUS_EXT
+            else:
+                body = struct.pack(">I", cid) + b"".join(
+                    struct.pack(">II", length, flags & U32_MAX) for length, flags in descriptors
+                )
+                kind = Chunk.BLOCK_STATUS
+            flags = ReplyFlag.DONE if i == last else 0
+            self._out.append(self._chunk_header(flags, kind, request, len(body)) + body)
+
+    @staticmethod
+    def _clip_extents(
+        request: RequestReceived, extents: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        covered = 0
+        for length, flags in extents:
+            if length <= 0:
+                raise ValueError(f"extent length {length} is not positive")
+            length = min(length, request.length - covered)
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + length, flags)
+            elif len(out) == MAX_EXTENTS:
+                break
+            else:
+                out.append((length, flags))
+            covered += length
+            if covered >= request.length:
+                break
+        if not out:
+            out = [(request.length, 0)]
+        if request.flags & CmdFlag.REQ_ONE:
+            out = out[:1]
+        return out
+
+    def reply_error(self, request: RequestReceived, error: Err | int, message: str = "") -> None:
+        """Answer a request with an error (an ``Err`` value) and an optional message.
+
+        Raises ValueError if ``error`` is not one of the spec's error values.
+        """
+        try:
+            err = Err(error)
+        except ValueError:
+            raise ValueError(f"{error} is not an NBD error value; map it first") from None
+        self._finish(request)
+        self._queue_error(request.cookie, request.offset, err, message)
+
+    def _chunk_header(self, flags: int, kind: int, request: RequestReceived, length: int) -> bytes:
+        if self.extended:
+            return _EXTENDED.pack(
+                EXTENDED_REPLY_MAGIC, flags, kind, request.cookie, request.offset, length
+            )
+        return _STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, flags, kind, request.cookie, length)
+
+    def _queue_ok(self, command: int, cookie: int, offset: int) -> None:
+        # A simple reply is allowed for a success without data unless extended headers
+        # are in use, or the request is a READ under structured replies.
+        if self.extended:
+            self._out.append(
+                _EXTENDED.pack(EXTENDED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.NONE, cookie, offset, 0)
+            )
+        elif self.structured and command == Cmd.READ:
+            self._out.append(
+                _STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.NONE, cookie, 0)
+            )
+        else:
+            self._out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def _queue_error(self, cookie: int, offset: int, error: Err, message: str) -> None:
+        if not self.structured:
+            self._out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie))
+            return
+        # An error chunk carries a message for a human (the spec's preference).
+        text = truncate_message(message)
+        body = _ERROR.pack(error, len(text)) + text
+        if self.extended:
+            head = _EXTENDED.pack(
+                EXTENDED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.ERROR, cookie, offset, len(body)
+            )
+        else:
+            head = _STRUCTURED.pack(
+                STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.ERROR, cookie, len(body)
+            )
+        self._out.append(head + body)

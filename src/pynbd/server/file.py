@@ -1,0 +1,209 @@
+"""A file or block device backend.
+
+Reads and writes use ``os.preadv``/``os.pwritev`` (positional, so many threads can share
+one descriptor); FUA uses ``RWF_DSYNC`` where the platform has it, else a flush. TRIM
+punches holes and WRITE_ZEROES uses ``fallocate(2)`` (``PUNCH_HOLE|KEEP_SIZE`` when a hole
+is allowed, else ``ZERO_RANGE|KEEP_SIZE``), called through ctypes; when the filesystem
+or device refuses, zeroing falls back to writing zeroes (and a fast zero request fails
+with ENOTSUP, as the spec asks). Block status comes from ``SEEK_DATA``/``SEEK_HOLE``.
+FLUSH is ``fdatasync``. The methods block: the server runs them in a thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable
+
+from ..proto.constants import StateFlag
+from .backend import Backend, Capabilities, Extent, Support
+
+__all__ = ["FileBackend", "fallocate"]
+
+# linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
+_MAX_EXTENTS = 1024
+_ZERO_CHUNK = 1 << 20
+#: errno values meaning "this file or kernel cannot do that", not "it failed".
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        func = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    return func
+
+
+_fallocate = _load_fallocate()
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Call fallocate(2); raises OSError (ENOSYS when libc has no fallocate)."""
+    if _fallocate is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class FileBackend(Backend):
+    """A regular file or a block device as an export.
+
+    Args:
+        path: the file or device.
+        read_only: open it read-only and refuse writes.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        self.path = os.fspath(path)
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags)
+        try:
+            mode = os.fstat(self._fd).st_mode
+            self.is_block_device = stat.S_ISBLK(mode)
+            self._size = os.lseek(self._fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._closed = False
+        self._lock = threading.Lock()
+        # Learned on first use: whether the filesystem can punch holes / zero ranges.
+        self._can_punch = _fallocate is not None
+        self._can_zero_range = _fallocate is not None
+        self._dsync = getattr(os, "RWF_DSYNC", 0)
+        self.capabilities = Capabilities(
+            can_write=not read_only,
+            can_flush=True,
+            can_fua=Support.NATIVE if self._dsync else Support.EMULATE,
+            can_trim=_fallocate is not None,
+            can_zero=Support.NATIVE,
+            can_fast_zero=True,
+            can_cache=Support.NATIVE if hasattr(os, "posix_fadvise") else Support.NONE,
+            # SEEK_DATA means nothing on a block device.
+            can_extents=not self.is_block_device and hasattr(os, "SEEK_DATA"),
+            # One descriptor for every connection; fdatasync covers all their writes.
+            can_multi_conn=True,
+        )
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        view = buf.cast("B") if buf.format != "B" else buf
+        pos = 0
+        while pos < len(view):
+            n = os.preadv(self._fd, [view[pos:]], offset + pos)
+            if n == 0:
+                # The file shrank under us: what is past its end reads as zeroes.
+                view[pos:] = bytes(len(view) - pos)
+                return
+            pos += n
+
+    def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        view = buf.cast("B") if buf.format != "B" else buf
+        flags = self._dsync if fua else 0
+        pos = 0
+        while pos < len(view):
+            pos += os.pwritev(self._fd, [view[pos:]], offset + pos, flags)
+        if fua and not flags:
+            os.fdatasync(self._fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def trim(self, length: int, offset: int, fua: bool) -> None:
+        # TRIM is a hint: where holes cannot be punched, doing nothing is correct.
+        if self._can_punch and length:
+            try:
+                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self._can_punch = False
+        if fua:
+            os.fdatasync(self._fd)
+
+    def zero(self, length: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        if length and not self._fast_zero(length, offset, may_trim):
+            if fast:
+                raise OSError(errno.ENOTSUP, "zeroing would be no faster than writing")
+            zeroes = memoryview(bytearray(min(length, _ZERO_CHUNK)))
+            end = offset + length
+            while offset < end:
+                n = min(len(zeroes), end - offset)
+                self.pwrite(zeroes[:n], offset, False)
+                offset += n
+        if fua:
+            os.fdatasync(self._fd)
+
+    def _fast_zero(self, length: int, offset: int, may_trim: bool) -> bool:
+        """Zero with fallocate; False when the file or device cannot."""
+        # A punched hole reads back as zeroes (files and, since Linux 4.9, devices).
+        if may_trim and self._can_punch:
+            try:
+                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return True
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self._can_punch = False
+        if self._can_zero_range:
+            try:
+                fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return True
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self._can_zero_range = False
+        return False
+
+    def cache(self, length: int, offset: int) -> None:
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def extents(self, length: int, offset: int) -> list[Extent]:
+        end = min(offset + length, self._size)
+        out: list[Extent] = []
+        pos = offset
+        while pos < end and len(out) < _MAX_EXTENTS:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos: a hole to the end
+                    data = end
+                elif exc.errno in _UNSUPPORTED:
+                    out.append((end - pos, 0))
+                    break
+                else:
+                    raise
+            if data > pos:
+                stop = min(data, end)
+                out.append((stop - pos, _HOLE))
+            else:
+                hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
+                stop = min(hole, end)
+                out.append((stop - pos, 0))
+            pos = stop
+        return out

@@ -1,0 +1,157 @@
+"""A sparse in-memory backend: a dict of fixed-size pages.
+
+Only written pages take memory, so a 1 TiB export costs nothing until written. Pages
+never written (or trimmed, or zeroed whole) read as zeroes and are reported by block
+status as ``HOLE | ZERO``. The methods never block, so the server calls them in its
+event loop (``inline``), one at a time: no locking is needed.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from ..proto.constants import StateFlag
+from .backend import Backend, Capabilities, Extent, Support
+
+__all__ = ["MemoryBackend"]
+
+_HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
+#: Most extents one block status call reports (the client asks again for the rest).
+_MAX_EXTENTS = 64 * 1024
+
+
+class MemoryBackend(Backend):
+    """A sparse RAM disk.
+
+    Args:
+        size: the export's size in bytes.
+        page_size: allocation unit, a power of two of at least 512 bytes.
+        read_only: refuse writes.
+
+    Raises:
+        ValueError: a negative size or a bad page size.
+    """
+
+    def __init__(self, size: int, *, page_size: int = 64 * 1024, read_only: bool = False) -> None:
+        if size < 0:
+            raise ValueError("size must not be negative")
+        if page_size < 512 or page_size & (page_size - 1):
+            raise ValueError("page size must be a power of two of at least 512")
+        self._size = size
+        self.page_size = page_size
+        self._pages: dict[int, bytearray] = {}
+        self._index: list[int] = []  # sorted page numbers present in _pages
+        self._zeroes = memoryview(bytes(page_size))
+        self.capabilities = Capabilities(
+            can_write=not read_only,
+            can_flush=True,
+            can_fua=Support.NATIVE,
+            can_trim=True,
+            can_zero=Support.NATIVE,
+            can_fast_zero=True,
+            can_cache=Support.NATIVE,
+            can_extents=True,
+            # One store for every connection, and nothing is cached on the way.
+            can_multi_conn=True,
+            inline=True,
+            thread_safe=False,
+        )
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of pages allocated."""
+        return len(self._pages) * self.page_size
+
+    def _spans(self, length: int, offset: int) -> list[tuple[int, int, int, int]]:
+        """(page, start in page, position in buffer, count) for each page touched."""
+        spans = []
+        pos = 0
+        ps = self.page_size
+        while pos < length:
+            page, inner = divmod(offset + pos, ps)
+            count = min(ps - inner, length - pos)
+            spans.append((page, inner, pos, count))
+            pos += count
+        return spans
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        view = buf.cast("B") if buf.format != "B" else buf
+        for page, inner, pos, count in self._spans(len(view), offset):
+            data = self._pages.get(page)
+            if data is None:
+                view[pos : pos + count] = self._zeroes[:count]
+            else:
+                view[pos : pos + count] = data[inner : inner + count]
+
+    def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        view = buf.cast("B") if buf.format != "B" else buf
+        for page, inner, pos, count in self._spans(len(view), offset):
+            self._page(page)[inner : inner + count] = view[pos : pos + count]
+
+    def _page(self, page: int) -> bytearray:
+        data = self._pages.get(page)
+        if data is None:
+            data = self._pages[page] = bytearray(self.page_size)
+            bisect.insort(self._index, page)
+        return data
+
+    def _drop(self, page: int) -> None:
+        if self._pages.pop(page, None) is not None:
+            del self._index[bisect.bisect_left(self._index, page)]
+
+    def flush(self) -> None:
+        pass
+
+    def trim(self, length: int, offset: int, fua: bool) -> None:
+        self._clear(length, offset)
+
+    def zero(self, length: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        # NO_HOLE asks that later writes cannot fail for lack of space; RAM cannot
+        # promise that by allocating ahead (a 1 TiB zero would exhaust it), so zeroing
+        # frees whole pages either way.
+        self._clear(length, offset)
+
+    def _clear(self, length: int, offset: int) -> None:
+        """Zero the range: whole pages are freed, partial ones zeroed if present."""
+        if not length or not self._index:
+            return
+        ps = self.page_size
+        end = offset + length
+        lo = bisect.bisect_left(self._index, offset // ps)
+        hi = bisect.bisect_right(self._index, (end - 1) // ps)
+        for page in self._index[lo:hi]:
+            start = max(offset, page * ps)
+            stop = min(end, (page + 1) * ps)
+            if stop - start == ps:
+                self._drop(page)
+            else:
+                inner = start - page * ps
+                self._pages[page][inner : inner + stop - start] = self._zeroes[: stop - start]
+
+    def extents(self, length: int, offset: int) -> list[Extent]:
+        ps = self.page_size
+        end = min(offset + length, self._size)
+        out: list[Extent] = []
+        pos = offset
+        i = bisect.bisect_left(self._index, pos // ps)
+        while pos < end and len(out) < _MAX_EXTENTS:
+            page = pos // ps
+            if i < len(self._index) and self._index[i] == page:
+                # A run of consecutive allocated pages is data.
+                while i + 1 < len(self._index) and self._index[i + 1] == self._index[i] + 1:
+                    i += 1
+                stop = min(end, (self._index[i] + 1) * ps)
+                out.append((stop - pos, 0))
+                i += 1
+            else:
+                stop = min(end, self._index[i] * ps) if i < len(self._index) else end
+                out.append((stop - pos, _HOLE))
+            pos = stop
+        return out
+
+    def cache(self, length: int, offset: int) -> None:
+        pass

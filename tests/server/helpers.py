@@ -1,0 +1,284 @@
+"""Test helpers: in-memory client/server pairs over the sans-IO cores, a real server
+in a background thread, and raw-socket helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pynbd.proto.constants import Cmd
+from pynbd.proto.handshake import ClientHandshake, HandshakeConfig, HandshakeDone, Negotiated
+from pynbd.proto.server import (
+    NEED_DATA,
+    Disconnect,
+    ExportSpec,
+    RequestReceived,
+    ServerConfig,
+    ServerConnection,
+    TransmissionStarted,
+)
+from pynbd.proto.transmission import ClientTransmission, Reply
+from pynbd.server.aio import Exports, Server
+
+
+def full_spec(name: str = "disk", size: int = 1 << 20, **kwargs: Any) -> ExportSpec:
+    """An export that advertises every optional command."""
+    options: dict[str, Any] = {
+        "can_flush": True,
+        "can_fua": True,
+        "can_trim": True,
+        "can_zero": True,
+        "can_fast_zero": True,
+        "can_cache": True,
+        "can_multi_conn": True,
+    }
+    options.update(kwargs)
+    return ExportSpec(name, size, **options)
+
+
+@dataclass
+class Store:
+    """A trivial in-memory backend for core tests."""
+
+    data: bytearray
+    log: list[RequestReceived] = field(default_factory=list)
+
+    def serve(self, server: ServerConnection) -> list[object]:
+        """Answer every pending request; returns the non-request events."""
+        other: list[object] = []
+        while (event := server.next_event()) is not NEED_DATA:
+            if not isinstance(event, RequestReceived):
+                other.append(event)
+                continue
+            self.log.append(event)
+            cmd, off, n = event.command, event.offset, event.length
+            if cmd is Cmd.READ:
+                server.reply_read(event, self.data[off : off + n])
+            elif cmd is Cmd.WRITE:
+                assert event.payload is not None
+                self.data[off : off + n] = event.payload
+                server.reply_ok(event)
+            elif cmd in (Cmd.TRIM, Cmd.WRITE_ZEROES):
+                self.data[off : off + n] = bytes(n)
+                server.reply_ok(event)
+            elif cmd is Cmd.BLOCK_STATUS:
+                server.reply_block_status(event, {c: [(n, 0)] for c in event.contexts})
+            else:
+                server.reply_ok(event)
+        return other
+
+
+def handshake(
+    server: ServerConnection, config: HandshakeConfig, *, bytewise: bool = False
+) -> Negotiated:
+    """Run a client handshake against ``server`` in memory; returns the client's result."""
+    client = ClientHandshake(config)
+    while True:
+        event = client.next_event()
+        out = client.data_to_send()
+        if out:
+            if bytewise:
+                for i in range(len(out)):
+                    server.receive_data(out[i : i + 1])
+            else:
+                server.receive_data(out)
+        sev = server.next_event()
+        assert sev is NEED_DATA or isinstance(sev, (TransmissionStarted, Disconnect)), sev
+        reply = server.data_to_send()
+        if isinstance(event, HandshakeDone):
+            # Nothing may follow GO's ACK; after ABORT the server's ACK is a courtesy.
+            assert not reply or isinstance(sev, Disconnect)
+            return event.result
+        if bytewise:
+            for i in range(len(reply)):
+                client.receive_data(reply[i : i + 1])
+        elif reply:
+            client.receive_data(reply)
+
+
+class Pair:
+    """A client transmission core wired to a server connection and a :class:`Store`."""
+
+    def __init__(
+        self,
+        spec: ExportSpec | None = None,
+        config: HandshakeConfig | None = None,
+        *,
+        server_config: ServerConfig | None = None,
+    ) -> None:
+        spec = spec or full_spec()
+        self.server = ServerConnection(
+            server_config or ServerConfig({spec.name: spec}, default_export=spec.name)
+        )
+        self.negotiated = handshake(self.server, config or HandshakeConfig())
+        self.client = ClientTransmission(self.negotiated)
+        self.store = Store(bytearray(spec.size))
+
+    def run(self) -> list[Reply]:
+        """Move the client's requests to the server, serve them, return the replies."""
+        data = self.client.data_to_send()
+        if data:
+            self.server.receive_data(data)
+        self.store.serve(self.server)
+        reply = self.server.data_to_send()
+        if reply:
+            self.client.receive_data(reply)
+        replies = []
+        while (r := self.client.next_event()) is not None:
+            replies.append(r)
+        return replies
+
+
+# --- A real server in a background thread -------------------------------------------------
+
+
+_T = TypeVar("_T")
+
+
+class ServerThread:
+    """An asyncio :class:`Server` running in its own thread and event loop."""
+
+    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop, path: str) -> None:
+        self.server = server
+        self.loop = loop
+        self.path = path
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.path}"
+
+    def uri_for(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.path}"
+
+    def call(self, func: Callable[[], _T]) -> _T:
+        """Run ``func`` in the server's loop and return its result."""
+
+        async def wrapper() -> _T:
+            return func()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine in the server's loop."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@contextlib.contextmanager
+def running_server(exports: Exports, **options: Any) -> Iterator[ServerThread]:
+    """Start a server on a private unix socket; it is closed (and its thread joined)
+    on exit, even when the test fails."""
+    tmp = tempfile.mkdtemp(prefix="pynbd-test-")
+    path = os.path.join(tmp, "nbd.sock")
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        try:
+            server = Server(exports, **options)
+            await server.start(unix=path)
+        except BaseException as exc:
+            holder["error"] = exc
+            started.set()
+            return
+        holder["server"] = server
+        started.set()
+        await server.serve_forever()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        started.wait(10)
+        if "error" in holder:
+            raise holder["error"]
+        st = ServerThread(holder["server"], loop, path)
+        yield st
+    finally:
+        if "server" in holder:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(holder["server"].close(5), loop).result(15)
+        thread.join(15)
+        if thread.is_alive():  # a hung event loop: say so rather than fail obscurely
+            raise AssertionError("the server's event loop did not stop")
+        loop.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp)
+
+
+# --- Raw-socket helpers ------------------------------------------------------------------
+
+IHAVEOPT = 0x49484156454F5054
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def is_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True when the peer closes the connection within ``timeout`` (data is drained)."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def raw_option(option: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, option, len(data)) + data
+
+
+def read_option_reply(sock: socket.socket) -> tuple[int, int, bytes]:
+    magic, option, reply, length = struct.unpack(">QIII", recv_exactly(sock, 20))
+    assert magic == 0x3E889045565A9
+    return option, reply, recv_exactly(sock, length)
+
+
+def raw_go(sock: socket.socket, name: str = "", *, structured: bool = False) -> tuple[int, int]:
+    """Greeting, client flags, optionally STRUCTURED_REPLY, then GO; returns (size, flags)."""
+    greeting = recv_exactly(sock, 18)
+    assert greeting[:16] == b"NBDMAGICIHAVEOPT"
+    sock.sendall(struct.pack(">I", 3))
+    if structured:
+        sock.sendall(raw_option(8))
+        assert read_option_reply(sock)[1] == 1
+    encoded = name.encode()
+    sock.sendall(raw_option(7, struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0)))
+    size = flags = -1
+    while True:
+        _, reply, data = read_option_reply(sock)
+        if reply == 3 and struct.unpack(">H", data[:2])[0] == 0:
+            size, flags = struct.unpack(">QH", data[2:])
+        elif reply == 1:
+            return size, flags
+        elif reply != 3:  # other NBD_REP_INFO are fine
+            raise AssertionError(f"GO failed with reply {reply:#x}: {data!r}")
+
+
+def raw_request(cmd: int, offset: int, length: int, *, flags: int = 0, cookie: int = 7) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, flags, cmd, cookie, offset, length)
+
+
+def read_simple_reply(sock: socket.socket) -> tuple[int, int]:
+    magic, error, cookie = struct.unpack(">IIQ", recv_exactly(sock, 16))
+    assert magic == 0x67446698, hex(magic)
+    return error, cookie
