@@ -1,4 +1,4 @@
-"""The ``pynbd`` command line: ``pynbd info``, ``pynbd list``, ``pynbd map``.
+"""The ``pynbd`` command line: ``pynbd info``, ``pynbd list``, ``pynbd map``, ``pynbd demo``.
 
 ::
 
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..errors import NBDError, OptionError
 from ..proto.constants import Rep
-from . import exports, extents, info
+from . import demo, exports, extents, info
 from .common import CommandError, Subparsers
 
 #: The ``register(sub)`` functions of the subcommands, in the order ``--help`` shows them.
@@ -42,6 +42,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     info.register,
     exports.register,
     extents.register,
+    demo.register,
 )
 
 #: Options that take an optional value written ``--opt=VALUE``: bare, they get this value.

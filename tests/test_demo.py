@@ -1,0 +1,34 @@
+"""``pynbd demo``: the README's first command, exactly as a new user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pynbd.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_readme_first_command_runs_as_written() -> None:
+    # README: PYTHONPATH=src python3 -m pynbd demo (from the checkout's root)
+    env = {**os.environ, "PYTHONPATH": "src"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pynbd", "demo"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "read 8 MiB back" in proc.stdout
+    assert "every check passed" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_demo_rejects_a_size_too_small(capsys: object) -> None:
+    assert main(["demo", "--size", "1M"]) == 1
