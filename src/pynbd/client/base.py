@@ -250,7 +250,9 @@ class ClientBase:
             start,
             length,
             CmdFlag.REQ_ONE if req_one else 0,
-            contexts=names,
+            # Without NBD_CMD_FLAG_PAYLOAD_LEN the server answers for every negotiated
+            # context: expect them all (ExtentCollector keeps only ``names``).
+            contexts=names if self.can_block_status_payload() else None,
         )
 
     def _block_status_names(self, contexts: tuple[str, ...] | None) -> tuple[str, ...]:

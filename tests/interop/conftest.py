@@ -1,0 +1,558 @@
+"""What the interop tests of pynbd's clients share.
+
+- ``api``: a fixture parametrized over the two clients. ``"sync"`` drives
+  :class:`pynbd.Client` directly; ``"async"`` drives :class:`pynbd.AsyncClient` on an
+  event loop that keeps running in a thread (as an application's would), so each test
+  body is written once, in blocking style, for both.
+- :func:`exercise_all`: every command and flag a server advertises, run with its data
+  checked; every one it does not advertise must raise UnsupportedError and leave the
+  connection usable.
+- :func:`start_nbd_server`: nbd-server with per-export options (``flush``, ``fua``,
+  ``trim``), which :meth:`tests.peers.Peers.nbd_server` cannot write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import inspect
+import os
+import random
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from pynbd import AsyncClient, Client, connect_multi, connect_multi_async
+from pynbd.client.base import MappedExtent
+from pynbd.errors import InvalidRequest, RequestError, UnsupportedError
+from pynbd.proto.constants import StateFlag
+from pynbd.proto.handshake import Negotiated
+from tests.peers import START_TIMEOUT, PeerError, Peers, Server, require_program
+
+T = TypeVar("T")
+
+KiB = 1024
+MiB = 1024 * KiB
+
+#: An async call still running after this many seconds has hung: fail the test rather
+#: than block the run (each client call also has its own timeout, well below this).
+HANG_LIMIT = 90.0
+
+BASE_ALLOCATION = "base:allocation"
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+class Handle:
+    """A connected client of either kind, used in blocking style.
+
+    Attribute access goes to the client; for an :class:`AsyncClient`, a coroutine
+    method is run on the driver's loop and its result (or exception) returned.
+    """
+
+    def __init__(self, driver: Driver, client: Any) -> None:
+        self.driver = driver
+        self.client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.client, name)
+        if inspect.iscoroutinefunction(attr):
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return self.driver.run(attr(*args, **kwargs))
+
+            return call
+        return attr
+
+    def many(self, method: str, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Call ``method(*args)`` for each tuple: concurrently on one connection for
+        the asyncio client (so the requests pipeline), one after another for the
+        blocking one. Returns the results in order."""
+        fn = getattr(self.client, method)
+        if inspect.iscoroutinefunction(fn):
+
+            async def gather() -> list[Any]:
+                return list(await asyncio.gather(*(fn(*args) for args in calls)))
+
+            result: list[Any] = self.driver.run(gather())
+            return result
+        return [fn(*args) for args in calls]
+
+
+class Driver:
+    """Connects clients of one kind and closes them at teardown."""
+
+    kind = ""
+
+    def __init__(self) -> None:
+        self.handles: list[Handle] = []
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        raise NotImplementedError
+
+    def connect(self, uri: str, **kwargs: Any) -> Handle:
+        """A connected client (arguments as for :class:`pynbd.Client`)."""
+        raise NotImplementedError
+
+    def connect_multi(self, uri: str, connections: int, **kwargs: Any) -> list[Handle]:
+        """``connect_multi`` or ``connect_multi_async``."""
+        raise NotImplementedError
+
+    def negotiate(self, uri: str, **kwargs: Any) -> Negotiated:
+        """``Client.negotiate`` or ``AsyncClient.negotiate``."""
+        raise NotImplementedError
+
+    def _keep(self, clients: Sequence[Any]) -> list[Handle]:
+        handles = [Handle(self, c) for c in clients]
+        self.handles += handles
+        return handles
+
+    def shutdown(self) -> None:
+        for handle in self.handles:
+            # A client that fails to close is its test's business, not teardown's.
+            with contextlib.suppress(Exception):
+                handle.close()
+
+
+class SyncDriver(Driver):
+    kind = "sync"
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        coro.close()
+        raise TypeError("the blocking client has no coroutines")
+
+    def connect(self, uri: str, **kwargs: Any) -> Handle:
+        return self._keep([Client(uri, **kwargs)])[0]
+
+    def connect_multi(self, uri: str, connections: int, **kwargs: Any) -> list[Handle]:
+        return self._keep(connect_multi(uri, connections, **kwargs))
+
+    def negotiate(self, uri: str, **kwargs: Any) -> Negotiated:
+        return Client.negotiate(uri, **kwargs)
+
+
+class AsyncDriver(Driver):
+    """An event loop running in a thread; calls are submitted to it."""
+
+    kind = "async"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        # Not future.result(timeout): its TimeoutError would also catch NBDTimeout.
+        done, _ = concurrent.futures.wait([future], HANG_LIMIT)
+        if not done:
+            future.cancel()
+            pytest.fail(f"an asyncio client call hung for {HANG_LIMIT} s")
+        return future.result()
+
+    async def _until_closed(self, limit: float = 5.0) -> None:
+        # AsyncClient.close() returns before a TLS transport has finished closing (its
+        # close_notify exchange needs the loop): wait for connection_lost, which the
+        # protocol records in hs_eof, so that stopping the loop leaks no socket.
+        protos = [getattr(h.client, "_proto", None) for h in self.handles]
+        deadline = self.loop.time() + limit
+        while self.loop.time() < deadline:
+            if all(p is None or getattr(p, "hs_eof", True) for p in protos):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+
+    def connect(self, uri: str, **kwargs: Any) -> Handle:
+        return self._keep([self.run(AsyncClient.connect(uri, **kwargs))])[0]
+
+    def connect_multi(self, uri: str, connections: int, **kwargs: Any) -> list[Handle]:
+        return self._keep(self.run(connect_multi_async(uri, connections, **kwargs)))
+
+    def negotiate(self, uri: str, **kwargs: Any) -> Negotiated:
+        return self.run(AsyncClient.negotiate(uri, **kwargs))
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+            self.run(self._until_closed())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5.0)
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def api(request: pytest.FixtureRequest, peers: Peers) -> Iterator[Driver]:
+    """Both clients, one after the other. Depends on ``peers`` so that its clients are
+    closed before the servers are stopped (nbdkit 1.32 can abort when a client drops
+    mid-request)."""
+    driver: Driver = SyncDriver() if request.param == "sync" else AsyncDriver()
+    try:
+        yield driver
+    finally:
+        driver.shutdown()
+
+
+# --------------------------------------------------------------------------- nbd-server
+
+
+def start_nbd_server(
+    peers: Peers,
+    exports: Mapping[str, str | os.PathLike[str]],
+    options: Mapping[str, Mapping[str, str]] | None = None,
+) -> Server:
+    """Start nbd-server on a unix socket with extra per-export config lines.
+
+    ``tests/peers.py`` writes only ``exportname`` and ``readonly`` per export; nbd-server
+    advertises FLUSH, FUA and TRIM only when an export sets ``flush``, ``fua``, ``trim``
+    to true. This writes the config itself and leaves the process to Peers (which
+    stops it at teardown).
+
+    Args:
+        peers: the test's Peers.
+        exports: export name -> file.
+        options: export name -> {key: value} config lines for that export.
+    """
+    exe = require_program("nbd-server")
+    options = options or {}
+    n = next(peers._counter)
+    conf = peers.workdir / f"nbd-server-opts-{n}.conf"
+    pidfile = peers.workdir / f"nbd-server-opts-{n}.pid"
+    sock, cleanup = peers._unix_path("nbd-server", n, None)
+    lines = ["[generic]", "allowlist = true", f"unixsock = {sock}"]
+    for name, path in exports.items():
+        if not name or any(c in name for c in "[]\n="):
+            raise PeerError(f"export name {name!r} cannot be an nbd-server section")
+        lines += [f"[{name}]", f"exportname = {Path(path).absolute()}"]
+        lines += [f"{key} = {value}" for key, value in options.get(name, {}).items()]
+    conf.write_text("\n".join(lines) + "\n")
+    return peers._spawn_daemon(
+        n,
+        [exe, "-C", os.fspath(conf), "-p", os.fspath(pidfile)],
+        pidfile,
+        export=next(iter(exports)),
+        exports=tuple(exports),
+        socket_path=sock,
+        tcp=False,
+        cleanup=[*cleanup, pidfile],
+        timeout=START_TIMEOUT,
+    )
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass
+class Exercised:
+    """What :func:`exercise_all` did: capabilities run with data checked, and
+    unadvertised ones that were refused with UnsupportedError."""
+
+    done: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+
+def assert_alive(c: Handle) -> None:
+    """The connection still works after a refused or failed request."""
+    assert not c.closed
+    n = c.get_block_size("minimum")
+    assert len(c.pread(n, 0)) == n
+
+
+def assert_covers(extents: list[MappedExtent], offset: int, length: int) -> None:
+    """Extents are contiguous, non-empty and cover exactly [offset, offset+length)."""
+    assert extents, "no extents"
+    at = offset
+    for ext in extents:
+        assert ext.offset == at, f"gap or overlap at {at}: {extents}"
+        assert ext.length > 0, f"empty extent: {extents}"
+        at += ext.length
+    assert at == offset + length, f"extents end at {at}, not {offset + length}: {extents}"
+
+
+def refused(c: Handle, result: Exercised, name: str, fn: Callable[[], Any]) -> None:
+    """``fn`` must raise UnsupportedError (nothing sent), and the connection live on."""
+    with pytest.raises(UnsupportedError):
+        fn()
+    assert_alive(c)
+    result.refused.add(name)
+
+
+class _Layout:
+    """Hands out disjoint regions of the export, each starting on a preferred block
+    boundary plus ``shift`` (1 when the server takes any alignment, so that requests
+    are unaligned), with lengths rounded up to the minimum block size."""
+
+    def __init__(self, size: int, minimum: int, preferred: int) -> None:
+        self.size = size
+        self.minimum = minimum
+        self.step = max(preferred, 64 * KiB)
+        self.shift = 1 if minimum == 1 else 0
+        self.cursor = 0
+
+    def length(self, n: int) -> int:
+        return -(-n // self.minimum) * self.minimum
+
+    def take(self, n: int, *, aligned: bool = False) -> tuple[int, int]:
+        n = self.length(n)
+        start = self.cursor + (0 if aligned else self.shift)
+        end = start + n
+        if end > self.size:
+            raise AssertionError(
+                f"the export ({self.size} bytes) is too small for the exercise; "
+                f"it needs at least {end}"
+            )
+        self.cursor = -(-end // self.step) * self.step
+        return start, n
+
+
+def exercise_all(
+    c: Handle,
+    *,
+    seed: int = 1,
+    trim_zeroes: bool = False,
+    split: bool = True,
+    readonly_content: Callable[[int, int], bytes] | None = None,
+) -> Exercised:
+    """Run every command and flag ``c``'s server advertises, with data checked.
+
+    Writable exports: pwrite/pread round trips of several sizes (unaligned offsets when
+    the minimum block size is 1, one payload over the maximum so that the client must
+    split it, a pipelined batch), FUA writes, flush, trim (then reads: zeroes if
+    ``trim_zeroes``), zero with and without NO_HOLE, FUA and FAST_ZERO (which may fail
+    only with ENOTSUP), cache, DF reads, block status of every negotiated context with
+    and without REQ_ONE. Read-only exports: reads (compared with ``readonly_content``
+    when given) and write commands refused. Each unadvertised command or flag must
+    raise UnsupportedError and leave the connection usable. Requests the client must
+    refuse (past the end, unaligned) raise InvalidRequest.
+
+    Args:
+        c: a connected client.
+        seed: for the random data.
+        trim_zeroes: the server guarantees that trimmed ranges read back as zeroes.
+        split: include the round trip over the maximum payload (needs an export a few
+            MiB larger than the maximum).
+        readonly_content: ``(offset, length) -> bytes`` expected from a read-only export.
+
+    Returns:
+        What was exercised and what was refused.
+    """
+    rng = random.Random(seed)
+    result = Exercised()
+    size = c.size
+    minimum = c.get_block_size("minimum")
+    preferred = c.get_block_size("preferred")
+    maximum = c.get_block_size("maximum")
+    assert size > 0
+    assert minimum >= 1 and minimum & (minimum - 1) == 0, minimum
+    assert preferred >= minimum and maximum >= preferred, (minimum, preferred, maximum)
+    layout = _Layout(size, minimum, preferred)
+    written: list[tuple[int, bytes]] = []
+
+    # Client-side refusals: nothing is sent, the connection lives on.
+    with pytest.raises(InvalidRequest):
+        c.pread(minimum, size)
+    if minimum > 1:
+        with pytest.raises(InvalidRequest):
+            c.pread(minimum, 1)
+        with pytest.raises(InvalidRequest):
+            c.pread(minimum + 1, 0)
+    assert_alive(c)
+
+    if c.is_read_only():
+        _exercise_readonly(c, result, layout, readonly_content)
+    else:
+        _exercise_writes(c, result, layout, rng, written, split, trim_zeroes)
+
+    # DF reads.
+    off, n = layout.take(min(maximum, 256 * KiB))
+    if not c.is_read_only():
+        data = rng.randbytes(n)
+        c.pwrite(data, off)
+        written.append((off, data))
+    else:
+        data = bytes(c.pread(n, off))
+    if c.can_df():
+        assert c.pread(n, off, df=True) == data
+        result.done.add("df")
+    else:
+        refused(c, result, "df", lambda: c.pread(n, off, df=True))
+
+    # Cache.
+    if c.can_cache():
+        c.cache(n, off)
+        assert c.pread(n, off) == data
+        result.done.add("cache")
+    else:
+        refused(c, result, "cache", lambda: c.cache(n, off))
+
+    _exercise_block_status(c, result, written, layout)
+
+    # Everything written is still there (no request strayed outside its range).
+    for off, data in written:
+        assert c.pread(len(data), off) == data, f"data at {off} changed"
+    assert_alive(c)
+    return result
+
+
+def _exercise_readonly(
+    c: Handle,
+    result: Exercised,
+    layout: _Layout,
+    content: Callable[[int, int], bytes] | None,
+) -> None:
+    for n in (1, 4096, 65536 + 3, 1 * MiB):
+        off, n = layout.take(n)
+        first = c.pread(n, off)
+        assert len(first) == n
+        if content is not None:
+            assert first == content(off, n)
+        assert c.pread(n, off) == first
+    result.done.add("read")
+    refused(c, result, "write", lambda: c.pwrite(b"\0" * layout.minimum, 0))
+    refused(c, result, "trim", lambda: c.trim(layout.minimum, 0))
+    refused(c, result, "zero", lambda: c.zero(layout.minimum, 0))
+
+
+def _exercise_writes(
+    c: Handle,
+    result: Exercised,
+    layout: _Layout,
+    rng: random.Random,
+    written: list[tuple[int, bytes]],
+    split: bool,
+    trim_zeroes: bool,
+) -> None:
+    minimum = layout.minimum
+    maximum = c.get_block_size("maximum")
+
+    def roundtrip(n: int, **kwargs: Any) -> tuple[int, bytes]:
+        off, n = layout.take(n)
+        data = rng.randbytes(n)
+        c.pwrite(data, off, **kwargs)
+        assert c.pread(n, off) == data, f"read back of {n} bytes at {off} differs"
+        written.append((off, data))
+        return off, data
+
+    # Round trips of several sizes; unaligned offsets when the server allows them.
+    for n in (1, 511, 4096, 65536 + 3):
+        roundtrip(n)
+    result.done |= {"read", "write"}
+    if split:
+        # Over the maximum payload: the client must split (and the pieces pipeline).
+        off, data = roundtrip(maximum + 2 * layout.step + 1)
+        buf = bytearray(len(data))
+        c.pread_into(memoryview(buf), off)
+        assert buf == data
+        result.done.add("split")
+
+    # A pipelined batch: 16 writes, then 16 reads, in flight together (asyncio).
+    chunk = layout.length(4096)
+    base, _ = layout.take(16 * chunk)
+    blocks = [rng.randbytes(chunk) for _ in range(16)]
+    c.many("pwrite", [(b, base + i * chunk) for i, b in enumerate(blocks)])
+    assert c.many("pread", [(chunk, base + i * chunk) for i in range(16)]) == blocks
+    written += [(base + i * chunk, b) for i, b in enumerate(blocks)]
+
+    # A write past the end is refused before anything is sent.
+    with pytest.raises(InvalidRequest):
+        c.pwrite(b"\0" * minimum, c.size)
+
+    if c.can_fua():
+        roundtrip(8192, fua=True)
+        result.done.add("fua")
+    else:
+        refused(c, result, "fua", lambda: c.pwrite(b"\0" * minimum, 0, fua=True))
+
+    if c.can_flush():
+        c.flush()
+        result.done.add("flush")
+    else:
+        refused(c, result, "flush", c.flush)
+
+    if c.can_trim():
+        off, n = layout.take(256 * KiB, aligned=True)
+        c.pwrite(rng.randbytes(n), off)
+        c.trim(n, off)
+        got = c.pread(n, off)
+        if trim_zeroes:
+            assert got == bytes(n), "trimmed range does not read as zeroes"
+        if c.can_fua():
+            c.trim(n, off, fua=True)
+        result.done.add("trim")
+    else:
+        refused(c, result, "trim", lambda: c.trim(minimum, 0))
+
+    if c.can_zero():
+        off, n = layout.take(256 * KiB)
+        for flags in ({}, {"no_hole": True}, {"fua": True} if c.can_fua() else {}):
+            c.pwrite(rng.randbytes(n), off)
+            c.zero(n, off, **flags)
+            assert c.pread(n, off) == bytes(n), f"zero({flags}) left data"
+        # A small zero inside written data clears exactly its range.
+        buf = bytearray(rng.randbytes(n))
+        c.pwrite(buf, off)
+        zoff, zlen = (7, 100) if minimum == 1 else (minimum, minimum)
+        c.zero(zlen, off + zoff)
+        buf[zoff : zoff + zlen] = bytes(zlen)
+        assert c.pread(n, off) == buf
+        written.append((off, bytes(buf)))
+        result.done |= {"zero", "no_hole"}
+        off, n = layout.take(256 * KiB)
+        if c.can_fast_zero():
+            c.pwrite(rng.randbytes(n), off)
+            try:
+                c.zero(n, off, fast=True)
+            except RequestError as exc:
+                # The spec lets a server refuse a fast zero it cannot do quickly, but
+                # only with ENOTSUP.
+                assert exc.errno == errno.ENOTSUP, exc
+                result.notes.append("fast zero refused with ENOTSUP")
+                assert_alive(c)
+            else:
+                assert c.pread(n, off) == bytes(n)
+            result.done.add("fast_zero")
+        else:
+            refused(c, result, "fast_zero", lambda: c.zero(n, off, fast=True))
+    else:
+        refused(c, result, "zero", lambda: c.zero(minimum, 0))
+        refused(c, result, "fast_zero", lambda: c.zero(minimum, 0, fast=True))
+
+
+def _exercise_block_status(
+    c: Handle, result: Exercised, written: list[tuple[int, bytes]], layout: _Layout
+) -> None:
+    contexts = c.meta_contexts
+    if not contexts:
+        refused(c, result, "block_status", lambda: c.block_status(layout.minimum, 0))
+        return
+    # A range that starts in the middle of a written region and runs past several
+    # (from 0 on a read-only export).
+    first_off, first_data = written[min(3, len(written) - 1)] if written else (0, b"")
+    start = first_off - first_off % layout.minimum
+    length = layout.length(min(c.size - start, 4 * MiB))
+    for name in contexts:
+        extents = c.block_status(length, start, name)
+        assert_covers(extents, start, length)
+        one = c.block_status(length, start, name, req_one=True)
+        assert len(one) == 1 and one[0].offset == start and 0 < one[0].length <= length, one
+    every = c.block_status_all(length, start)
+    assert set(every) == set(contexts)
+    for extents in every.values():
+        assert_covers(extents, start, length)
+    if BASE_ALLOCATION in contexts:
+        # Freshly written random data is allocated: never a hole.
+        end = first_off + len(first_data)
+        for ext in c.block_status(length, start, BASE_ALLOCATION):
+            if ext.offset < end and ext.offset + ext.length > first_off:
+                assert not ext.flags & StateFlag.HOLE, f"written data reported as hole: {ext}"
+    result.done |= {"block_status", "req_one"}
