@@ -15,6 +15,7 @@ blocking :class:`~pynbd.client.sync.Client`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import socket
 from collections.abc import Awaitable
@@ -44,6 +45,7 @@ from .base import (
     Op,
     Target,
     Timeout,
+    handshake_error,
     raise_first_error,
     resolve_target,
 )
@@ -64,6 +66,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.hs_data = bytearray()
         self.hs_eof = False
         self.hs_wakeup: asyncio.Event = asyncio.Event()
+        self.lost: asyncio.Event = asyncio.Event()
         # Flow control
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -113,6 +116,7 @@ class _Protocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
         self.hs_eof = True
         self.hs_wakeup.set()
         if self.failure is None:
@@ -184,36 +188,49 @@ async def _run_handshake(
     target: Target,
 ) -> Negotiated:
     loop = asyncio.get_running_loop()
-    while True:
-        event = handshake.next_event()
-        out = handshake.data_to_send()
-        if out:
-            assert proto.transport is not None
-            proto.transport.write(out)
-        if event is NEED_DATA:
-            while not proto.hs_data and not proto.hs_eof:
-                proto.hs_wakeup.clear()
-                await proto.hs_wakeup.wait()
-            data, proto.hs_data = bytes(proto.hs_data), bytearray()
-            handshake.receive_data(data)  # b"" is EOF
-        elif isinstance(event, StartTLS):
-            assert target.tls is not None and proto.transport is not None
-            ctx = make_client_context(target.tls, target.host)
-            try:
-                new = await loop.start_tls(
-                    proto.transport, proto, ctx, server_hostname=target.tls.server_name(target.host)
-                )
-            except (OSError, ValueError) as exc:
-                raise tls_error(exc, psk=target.tls.is_psk) from exc
-            if new is None:
-                raise TLSError("the TLS handshake did not complete")
-            session = new.get_extra_info("ssl_object")
-            if session is not None:
-                check_session(session, ctx)
-            proto.transport = new
-            handshake.tls_established()
-        elif isinstance(event, HandshakeDone):
-            return event.result
+    tls_quiet = False  # TLS is up and the server has not spoken since
+    try:
+        while True:
+            event = handshake.next_event()
+            out = handshake.data_to_send()
+            if out:
+                assert proto.transport is not None
+                proto.transport.write(out)
+            if event is NEED_DATA:
+                while not proto.hs_data and not proto.hs_eof:
+                    proto.hs_wakeup.clear()
+                    await proto.hs_wakeup.wait()
+                data, proto.hs_data = bytes(proto.hs_data), bytearray()
+                tls_quiet = tls_quiet and not data
+                handshake.receive_data(data)  # b"" is EOF
+            elif isinstance(event, StartTLS):
+                await _start_tls(loop, proto, target)
+                tls_quiet = True
+                handshake.tls_established()
+            elif isinstance(event, HandshakeDone):
+                return event.result
+    except (OSError, NBDError) as exc:
+        err = handshake_error(exc, tls_quiet)
+        if err is exc:
+            raise
+        raise err from exc
+
+
+async def _start_tls(loop: asyncio.AbstractEventLoop, proto: _Protocol, target: Target) -> None:
+    assert target.tls is not None and proto.transport is not None
+    ctx = make_client_context(target.tls, target.host)
+    try:
+        new = await loop.start_tls(
+            proto.transport, proto, ctx, server_hostname=target.tls.server_name(target.host)
+        )
+    except (OSError, ValueError) as exc:
+        raise tls_error(exc, psk=target.tls.is_psk) from exc
+    if new is None:
+        raise TLSError("the TLS handshake did not complete")
+    session = new.get_extra_info("ssl_object")
+    if session is not None:
+        check_session(session, ctx)
+    proto.transport = new
 
 
 async def _open(target: Target, sock: socket.socket | None) -> tuple[asyncio.Transport, _Protocol]:
@@ -394,6 +411,9 @@ class AsyncClient(ClientBase):
         if self._timer is not None:
             self._timer.cancel()
         transport.close()
+        # Return once the transport is really gone (a TLS close takes a round trip).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proto.lost.wait(), 5.0)
 
     # -- the request loop --------------------------------------------------------------
 

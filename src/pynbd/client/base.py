@@ -12,7 +12,16 @@ import enum
 from dataclasses import dataclass
 from typing import NamedTuple, TypeAlias
 
-from ..errors import InvalidRequest, UnsupportedError, URIError
+from ..errors import (
+    ConnectionClosed,
+    InvalidRequest,
+    NBDError,
+    NBDTimeout,
+    ProtocolError,
+    TLSError,
+    UnsupportedError,
+    URIError,
+)
 from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag, TransmissionFlag
 from ..proto.handshake import HandshakeConfig, Negotiated, TLSMode
 from ..proto.transmission import U32_MAX, ClientTransmission, Reply, split_range
@@ -308,6 +317,20 @@ class ExtentCollector:
                     progressed = True
                 at += ext.length
         self.finished = self.req_one or not progressed or self.next_start() >= self.end
+
+
+def handshake_error(exc: BaseException, tls_quiet: bool) -> BaseException:
+    """Translate an error of the handshake's I/O into the pynbd error to raise."""
+    if tls_quiet and isinstance(exc, OSError | ProtocolError) and not isinstance(exc, TimeoutError):
+        return TLSError(
+            "the server closed the connection right after the TLS handshake "
+            "(was the client certificate refused?)"
+        )
+    if isinstance(exc, NBDError) or not isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return NBDTimeout("the server did not finish the handshake in time")
+    return ConnectionClosed(f"connection lost during the handshake: {exc}")
 
 
 def raise_first_error(replies: list[Reply]) -> None:

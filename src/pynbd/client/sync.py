@@ -47,6 +47,7 @@ from .base import (
     Op,
     Target,
     Timeout,
+    handshake_error,
     raise_first_error,
     resolve_target,
 )
@@ -142,8 +143,12 @@ def run_handshake(
     """Drive ``handshake`` over a blocking socket; returns the (maybe TLS) socket.
 
     Socket errors become pynbd errors: NBDTimeout when the deadline passes,
-    ConnectionClosed when the connection breaks.
+    ConnectionClosed when the connection breaks, TLSError when the server hangs up
+    right after the TLS handshake (with TLS 1.3 that is how a refused client
+    certificate shows). On any error the socket in use is closed (after STARTTLS it
+    is the TLS socket, which the caller cannot see).
     """
+    tls_quiet = False  # TLS is up and the server has not spoken since
     try:
         while True:
             event = handshake.next_event()
@@ -152,20 +157,22 @@ def run_handshake(
                 _send_all(sock, [out], deadline)
             if event is NEED_DATA:
                 sock.settimeout(deadline.left())
-                handshake.receive_data(sock.recv(65536))
+                data = sock.recv(65536)
+                tls_quiet = tls_quiet and not data
+                handshake.receive_data(data)
             elif isinstance(event, StartTLS):
                 assert target.tls is not None
                 sock = start_client_tls(sock, target.tls, target.host, timeout=deadline.left())
+                tls_quiet = True
                 handshake.tls_established()
             elif isinstance(event, HandshakeDone):
                 return sock, event.result
-    except TimeoutError as exc:
-        if isinstance(exc, NBDError):
+    except BaseException as exc:
+        sock.close()
+        err = handshake_error(exc, tls_quiet)
+        if err is exc:
             raise
-        raise NBDTimeout("the server did not finish the handshake in time") from exc
-    except OSError as exc:
-        sock.close()  # after STARTTLS this is the TLS socket, which the caller cannot see
-        raise ConnectionClosed(f"connection lost during the handshake: {exc}") from exc
+        raise err from exc
 
 
 def _open(target: Target, sock: socket.socket | None, deadline: _Deadline) -> socket.socket:
