@@ -25,7 +25,14 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from ..errors import ExportNotFound, OptionError, ProtocolError, TLSError
+from ..errors import (
+    ExportNotFound,
+    InvalidRequest,
+    NBDError,
+    OptionError,
+    ProtocolError,
+    TLSError,
+)
 from .constants import (
     BASE_ALLOCATION,
     CLISERV_MAGIC,
@@ -279,14 +286,29 @@ _Plan: TypeAlias = Generator[_Action, OptionResult, None]
 class ClientHandshake:
     """Client side of the handshake (oldstyle, newstyle and fixed newstyle).
 
-    Raises (from ``receive_data``/``next_event``): :class:`ProtocolError` when the server
-    breaks the protocol, :class:`OptionError` (or :class:`ExportNotFound`) when the
+    Raises (from ``next_event``/``tls_established``): :class:`ProtocolError` when the
+    server breaks the protocol, :class:`OptionError` (or :class:`ExportNotFound`) when the
     server refuses an option the client cannot do without, :class:`TLSError` when TLS is
-    required and the server does not offer it.
+    required and the server does not offer it. The handshake is over after any of them:
+    every later call raises the same error. When the server refused an option during
+    fixed newstyle haggling, NBD_OPT_ABORT is queued first (the spec's soft disconnect),
+    so a driver may still send :meth:`data_to_send` before it closes the stream.
+
+    Args:
+        config: what to negotiate (defaults: :class:`HandshakeConfig`).
+
+    Raises:
+        InvalidRequest: the export name or a meta context query is over 4096 bytes.
     """
 
     def __init__(self, config: HandshakeConfig | None = None) -> None:
         self.config = config or HandshakeConfig()
+        try:
+            encode_string(self.config.export_name, "export name")
+            for query in self.config.meta_contexts:
+                encode_string(query, "meta context query")
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         self.state = State.GREETING
         self.result = Negotiated(export_name=self.config.export_name)
         self._in = bytearray()
@@ -297,6 +319,7 @@ class ClientHandshake:
         self._plan: _Plan | None = None
         self._tls_pending = False
         self._eof = False
+        self._error: NBDError | None = None
 
     # -- driver interface --
 
@@ -319,7 +342,20 @@ class ClientHandshake:
         return bytes(self._in)
 
     def tls_established(self) -> None:
-        """Tell the core the stream is now TLS; negotiation restarts from scratch."""
+        """Tell the core the stream is now TLS; negotiation restarts from scratch.
+
+        Raises ProtocolError when no STARTTLS was accepted, or the server sent data
+        before the TLS handshake; the plan's errors as :meth:`next_event`.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            self._tls_established()
+        except NBDError as exc:
+            self._error = exc
+            raise
+
+    def _tls_established(self) -> None:
         self._transition(Input.TLS_ESTABLISHED)
         if self._in:
             raise ProtocolError("server sent data between STARTTLS and the TLS handshake")
@@ -335,7 +371,19 @@ class ClientHandshake:
         self._advance(OptionResult(Opt.STARTTLS, Rep.ACK))
 
     def next_event(self) -> HandshakeEvent:
-        """Process what was received and say what the driver must do next."""
+        """Process what was received and say what the driver must do next.
+
+        Raises ProtocolError, OptionError (ExportNotFound) or TLSError, see the class.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except NBDError as exc:
+            self._error = exc
+            raise
+
+    def _next_event(self) -> HandshakeEvent:
         while True:
             if self.state is State.DONE:
                 return HandshakeDone(self.result)
@@ -380,12 +428,15 @@ class ClientHandshake:
     def _step(self) -> bool:
         """Consume one unit of input if it is all there; False when more is needed."""
         if self.state is State.GREETING:
+            if len(self._in) >= 8:
+                # Judge the first magic as soon as it is there: a peer that is not an
+                # NBD server may send 8 bytes and wait.
+                magic = int.from_bytes(self._in[:8], "big")
+                if magic != NBDMAGIC:
+                    raise ProtocolError(f"not an NBD server: bad magic {magic:#x}")
             if len(self._in) < 16:
                 return False
-            magic = int.from_bytes(self._in[:8], "big")
             second = int.from_bytes(self._in[8:16], "big")
-            if magic != NBDMAGIC:
-                raise ProtocolError(f"not an NBD server: bad magic {magic:#x}")
             if second == IHAVEOPT:
                 del self._in[:16]
                 self._transition(Input.NEWSTYLE_MAGIC)
@@ -399,6 +450,8 @@ class ClientHandshake:
             if data is None:
                 return False
             greeting = OldstyleGreeting.unpack(data)
+            if self.config.tls is TLSMode.REQUIRE:
+                raise TLSError("TLS is required but the server speaks oldstyle negotiation")
             self._transition(Input.OLDSTYLE_INFO)
             self.result.style = "oldstyle"
             self._set_export(greeting.size, greeting.flags)
@@ -493,12 +546,29 @@ class ClientHandshake:
         """Feed an option's outcome to the plan and perform what it asks next."""
         assert self._plan is not None
         try:
+            if result.reply == Rep.ERR_SHUTDOWN:
+                # Spec "Termination of the session during option haggling": after
+                # NBD_REP_ERR_SHUTDOWN the client MUST initiate a soft disconnect.
+                raise result.error()
             action = self._plan.send(result)
         except StopIteration:
             if self.state is not State.DONE:
                 raise ProtocolError("negotiation ended without entering transmission") from None
             return
+        except (OptionError, TLSError):
+            self._soft_disconnect()
+            raise
         self._perform(action)
+
+    def _soft_disconnect(self) -> None:
+        """Queue NBD_OPT_ABORT when giving up between options (fixed newstyle only).
+
+        The spec lets a client end haggling only with a soft disconnect, save after a
+        protocol violation or a failed TLS negotiation.
+        """
+        if self._fixed and self.state is State.READY:
+            self._out += OptionRequest(Opt.ABORT).pack()
+            self._transition(Input.SEND_ABORT)
 
     def _perform(self, action: _Action) -> None:
         if isinstance(action, _Abort):

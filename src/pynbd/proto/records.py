@@ -632,8 +632,9 @@ class ErrorChunk:
         if chunk_type == Chunk.ERROR_OFFSET:
             _need(rest, 8, "NBD_REPLY_TYPE_ERROR_OFFSET offset")
             (offset,) = _U64.unpack(rest)
-        elif chunk_type == Chunk.ERROR and rest:
-            raise ProtocolError("NBD_REPLY_TYPE_ERROR: trailing bytes")
+        # NBD_REPLY_TYPE_ERROR: the spec only bounds the message length by the chunk's
+        # ("no more than header length - 6"), so bytes after the message are ignored,
+        # as they are for error types this side does not know.
         if error == 0:
             raise ProtocolError("error chunk with error value 0")
         return cls(error, message, offset)

@@ -108,6 +108,11 @@ class ServerConnection:
         """Requests handed out and not yet answered."""
         return self.transmission.in_flight if self.transmission is not None else 0
 
+    @property
+    def receiving_payload(self) -> bool:
+        """True while a request's payload is still arriving."""
+        return self.transmission is not None and self.transmission.receiving_payload
+
     def shutdown(self) -> None:
         """The server is shutting down: options get NBD_REP_ERR_SHUTDOWN, requests
         NBD_ESHUTDOWN (in-flight requests still complete normally)."""

@@ -189,6 +189,12 @@ class ServerTransmission:
         """True once the client disconnected (DISC or end of stream)."""
         return self._state == _IGNORE
 
+    @property
+    def receiving_payload(self) -> bool:
+        """True while a request's payload is still arriving (to be performed or
+        dropped): a server that shuts down keeps reading until it is in."""
+        return self._state in (_PAYLOAD, _DISCARD)
+
     def shutdown(self) -> None:
         """The server is shutting down: refuse further requests with NBD_ESHUTDOWN."""
         self._shutdown = True

@@ -355,9 +355,11 @@ class ClientTransmission:
             raise UnsupportedError("block status needs a meta context negotiated with the server")
         if cmd in _WRITE_CMDS and self.flags & TransmissionFlag.READ_ONLY:
             raise UnsupportedError("the export is read-only")
-        if flags & ~_ALLOWED_FLAGS[cmd]:
-            bad = CmdFlag(flags & ~_ALLOWED_FLAGS[cmd])
-            raise InvalidRequest(f"flags {bad!r} are not valid for NBD_CMD_{cmd.name}")
+        # int(): "~" on an IntFlag complements only the defined bits, which would let
+        # unknown bits (and values over 16 bits) through to the wire.
+        bad = int(flags) & ~int(_ALLOWED_FLAGS[cmd])
+        if bad:
+            raise InvalidRequest(f"flags {bad:#x} are not valid for NBD_CMD_{cmd.name}")
         for flag, tflag in _FLAG_NEEDS.items():
             if flags & flag and not self.flags & tflag:
                 raise UnsupportedError(f"the server does not support NBD_CMD_FLAG_{flag.name}")
@@ -371,6 +373,9 @@ class ClientTransmission:
             )
         if cmd is Cmd.BLOCK_STATUS and length == 0:
             raise InvalidRequest("block status of 0 bytes")
+        if cmd is Cmd.FLUSH and (offset or length):
+            # Spec "NBD_CMD_FLUSH": offset and length are reserved and MUST be zero.
+            raise InvalidRequest("NBD_CMD_FLUSH takes offset 0 and length 0")
         minimum = self.negotiated.minimum_block
         if self.negotiated.block_size_advertised and (offset % minimum or length % minimum):
             raise InvalidRequest(
@@ -420,13 +425,15 @@ class ClientTransmission:
             return
         if self._closed:
             raise ConnectionClosed("the connection is closed")
-        if self._state == _INTO and self._start == self._end:
-            self._target_pos += nbytes
-            if self._target_pos == len(self._target or b""):
-                self._target_done()
-        else:
-            self._end += nbytes
         try:
+            if self._state == _INTO and self._start == self._end:
+                # The bytes went straight into the target (see receive_buffer);
+                # finishing it may complete a reply, which can break a rule too.
+                self._target_pos += nbytes
+                if self._target_pos == len(self._target or b""):
+                    self._target_done()
+            else:
+                self._end += nbytes
             self._parse()
         except ProtocolError:
             self._closed = True
@@ -588,6 +595,19 @@ class ClientTransmission:
                 raise ProtocolError("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE")
             self._chunk_done(entry)
             return
+        # Judge the type before reading its payload, so that a chunk the reply cannot
+        # have fails at once instead of after up to MAX_METADATA_CHUNK bytes.
+        if type_ == Chunk.OFFSET_HOLE:
+            if entry.command is not Cmd.READ:
+                raise ProtocolError("NBD_REPLY_TYPE_OFFSET_HOLE in reply to a non-read")
+            if length != 12:
+                raise ProtocolError(f"NBD_REPLY_TYPE_OFFSET_HOLE with bad length {length}")
+        elif type_ in (Chunk.BLOCK_STATUS, Chunk.BLOCK_STATUS_EXT):
+            if entry.command is not Cmd.BLOCK_STATUS:
+                raise ProtocolError("block status chunk in reply to another command")
+        elif not type_ & CHUNK_ERROR_BIT:
+            # Spec "Structured reply types": an unknown non-error type is fatal.
+            raise ProtocolError(f"unknown reply chunk type {type_}")
         if length > MAX_METADATA_CHUNK:
             raise ProtocolError(f"reply chunk of {length} bytes is too long")
         if length > len(self._buf):
