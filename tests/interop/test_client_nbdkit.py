@@ -170,11 +170,6 @@ def test_blocksize_policy_obeyed(api: Driver, nbdkit: Factory, tmp_path: Path) -
             assert count <= 65536, (kind, offset, count)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: a split request whose tail is unaligned or past the end raises "
-    "InvalidRequest after queuing its first pieces, which the next call sends",
-)
 def test_refused_split_sends_nothing(api: Driver, nbdkit: Factory, tmp_path: Path) -> None:
     log = tmp_path / "requests.log"
     server = nbdkit(

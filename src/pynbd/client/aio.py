@@ -48,6 +48,7 @@ from .base import (
     handshake_error,
     raise_first_error,
     resolve_target,
+    submit_all,
 )
 
 _T = TypeVar("_T")
@@ -210,6 +211,9 @@ async def _run_handshake(
             elif isinstance(event, HandshakeDone):
                 return event.result
     except (OSError, NBDError) as exc:
+        out = handshake.data_to_send()  # NBD_OPT_ABORT, when the core gave up cleanly
+        if out and proto.transport is not None and not proto.transport.is_closing():
+            proto.transport.write(out)
         err = handshake_error(exc, tls_quiet)
         if err is exc:
             raise
@@ -279,13 +283,14 @@ class AsyncClient(ClientBase):
         negotiated: Negotiated,
         target: Target,
         options: ConnectOptions,
+        initial_data: bytes = b"",
     ) -> None:
         self._proto = proto
         self.negotiated = negotiated
         self.target = target
         self.options = options
         self.timeout = options.timeout
-        self._core = ClientTransmission(negotiated)
+        self._core = ClientTransmission(negotiated, initial_data)
         proto.core = self._core
         self._closed = False
         self._deadlines: list[tuple[float, int, float, list[asyncio.Future[Reply]]]] = []
@@ -322,12 +327,13 @@ class AsyncClient(ClientBase):
             request_block_size=request_block_size,
             timeout=timeout,
         )
+        handshake = ClientHandshake(options.handshake_config())
         negotiated, proto = await _with_timeout(
-            cls._negotiate(target, sock, ClientHandshake(options.handshake_config())),
-            timeout,
-            "connecting",
+            cls._negotiate(target, sock, handshake), timeout, "connecting"
         )
-        return cls(proto, negotiated, target, options)
+        # Bytes the server sent right after GO are checked, not dropped.
+        trailing = handshake.trailing_data + bytes(proto.hs_data)
+        return cls(proto, negotiated, target, options, trailing)
 
     @staticmethod
     async def _negotiate(
@@ -426,8 +432,7 @@ class AsyncClient(ClientBase):
             raise ConnectionClosed("the connection is closed")
         loop = asyncio.get_running_loop()
         futures = []
-        for op in ops:
-            cookie = op.submit(core)
+        for cookie in submit_all(core, ops):
             fut: asyncio.Future[Reply] = loop.create_future()
             proto.waiters[cookie] = fut
             futures.append(fut)

@@ -319,6 +319,20 @@ class ExtentCollector:
         self.finished = self.req_one or not progressed or self.next_start() >= self.end
 
 
+def submit_all(core: ClientTransmission, ops: list[Op]) -> list[int]:
+    """Queue every op, or none: when a later piece of a split call is refused, the
+    pieces before it are taken back before anything is sent."""
+    mark = core.savepoint()
+    cookies: list[int] = []
+    try:
+        for op in ops:
+            cookies.append(op.submit(core))
+    except BaseException:
+        core.rollback(mark, cookies)
+        raise
+    return cookies
+
+
 def handshake_error(exc: BaseException, tls_quiet: bool) -> BaseException:
     """Translate an error of the handshake's I/O into the pynbd error to raise."""
     if tls_quiet and isinstance(exc, OSError | ProtocolError) and not isinstance(exc, TimeoutError):
@@ -394,4 +408,5 @@ __all__ = [
     "Timeout",
     "raise_first_error",
     "resolve_target",
+    "submit_all",
 ]

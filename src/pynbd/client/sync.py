@@ -9,6 +9,7 @@ thread, or :func:`connect_multi` for several connections to a multi-conn server.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -50,6 +51,7 @@ from .base import (
     handshake_error,
     raise_first_error,
     resolve_target,
+    submit_all,
 )
 
 _IOV_MAX = 1024
@@ -168,11 +170,21 @@ def run_handshake(
             elif isinstance(event, HandshakeDone):
                 return sock, event.result
     except BaseException as exc:
+        _send_parting(sock, handshake)
         sock.close()
         err = handshake_error(exc, tls_quiet)
         if err is exc:
             raise
         raise err from exc
+
+
+def _send_parting(sock: socket.socket, handshake: ClientHandshake) -> None:
+    """Best effort: send what the core queued as it gave up (NBD_OPT_ABORT)."""
+    out = handshake.data_to_send()
+    if out:
+        with contextlib.suppress(OSError, ValueError):
+            sock.settimeout(0.5)
+            sock.sendall(out)
 
 
 def _open(target: Target, sock: socket.socket | None, deadline: _Deadline) -> socket.socket:
@@ -244,14 +256,14 @@ class Client(ClientBase):
         self._core = None
         deadline = _Deadline(timeout)
         raw = _open(target, sock, deadline)
+        handshake = ClientHandshake(self.options.handshake_config())
         try:
-            self._sock, self.negotiated = run_handshake(
-                raw, ClientHandshake(self.options.handshake_config()), target, deadline
-            )
+            self._sock, self.negotiated = run_handshake(raw, handshake, target, deadline)
         except BaseException:
             raw.close()
             raise
-        self._core = ClientTransmission(self.negotiated)
+        # Bytes the server sent right after GO are checked, not dropped.
+        self._core = ClientTransmission(self.negotiated, handshake.trailing_data)
         self._timer = _KernelTimeout(self._sock)
 
     # -- negotiation mode --------------------------------------------------------------
@@ -360,7 +372,7 @@ class Client(ClientBase):
         limit = self.timeout if timeout is DEFAULT else timeout
         deadline = _Deadline(limit)
         timer = self._timer
-        cookies = [op.submit(core) for op in ops]
+        cookies = submit_all(core, ops)
         done: dict[int, Reply] = {}
         try:
             timer.arm(limit)

@@ -29,9 +29,8 @@ from __future__ import annotations
 import bisect
 import struct
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TypeAlias
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple, TypeAlias
 
 from ..errors import (
     ConnectionClosed,
@@ -75,6 +74,12 @@ _U64 = struct.Struct(">Q")
 _MAGIC = struct.Struct(">I")
 
 U32_MAX = 0xFFFFFFFF
+# Plain ints for the hot paths: IntFlag operators run Python code on every use.
+_DONE = int(ReplyFlag.DONE)
+_DF = int(CmdFlag.DF)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_BLOCK_STATUS_PAYLOAD = int(TransmissionFlag.BLOCK_STATUS_PAYLOAD)
 #: Largest payload accepted for a chunk that is not read data (block status, errors).
 #: A status chunk SHOULD stay under 4 + 8 * 2**20 bytes; allow the 64-bit form twice
 #: that, and treat anything bigger as a lying length.
@@ -105,9 +110,8 @@ _FLAG_NEEDS: dict[CmdFlag, TransmissionFlag] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A request has completed.
+class Reply(NamedTuple):
+    """A request has completed (a named tuple: cheap to make on the hot path).
 
     Attributes:
         cookie: the request's cookie.
@@ -155,7 +159,7 @@ class _InFlight:
                 f"chunk [{start}, {end}) lies outside the read [{self.offset}, "
                 f"{self.offset + self.length})"
             )
-        if self.flags & CmdFlag.DF and self.covered:
+        if self.flags & _DF and self.covered:
             raise ProtocolError("several content chunks for a read sent with NBD_CMD_FLAG_DF")
         i = bisect.bisect_left(self.covered, (start, end))
         if (i > 0 and self.covered[i - 1][1] > start) or (
@@ -214,6 +218,10 @@ class ClientTransmission:
         self.extended = negotiated.extended_headers
         self.structured = negotiated.structured_replies or self.extended
         self._context_names = {cid: name for name, cid in negotiated.meta_contexts.items()}
+        self._tflags = int(negotiated.flags)
+        self._align = negotiated.minimum_block if negotiated.block_size_advertised else 1
+        self._max_payload = negotiated.maximum_payload
+        self._verdicts: dict[tuple[int, int], Cmd | Exception] = {}
         self._in_flight: dict[int, _InFlight] = {}
         self._next_cookie = 1
         self._send: list[Buffer] = []
@@ -279,18 +287,20 @@ class ClientTransmission:
         if self._closed or self._disconnecting:
             raise ConnectionClosed("the connection is closed")
         cmd = self._check(command, offset, length, flags)
+        view = None
         if cmd is Cmd.READ:
             if buffer is None:
                 raise InvalidRequest("a read needs a buffer")
-            view = memoryview(buffer).cast("B")
+            view = buffer if type(buffer) is memoryview else memoryview(buffer)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
             if view.readonly or len(view) != length:
                 raise InvalidRequest(f"read buffer must be writable and {length} bytes long")
-        if cmd is Cmd.WRITE and (payload is None or memoryview(payload).nbytes != length):
+        elif cmd is Cmd.WRITE and (payload is None or memoryview(payload).nbytes != length):
             raise InvalidRequest(f"write payload must be {length} bytes long")
         cookie = self._take_cookie()
         entry = _InFlight(cookie, cmd, flags, offset, length)
-        if cmd is Cmd.READ:
-            entry.buffer = view
+        entry.buffer = view
         wire_flags = flags
         wire_len = length
         extra: Buffer | None = payload if cmd is Cmd.WRITE else None
@@ -298,16 +308,16 @@ class ClientTransmission:
             entry.contexts = self._select_contexts(contexts)
             if (
                 self.extended
-                and self.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD
+                and self._tflags & _BLOCK_STATUS_PAYLOAD
                 and len(entry.contexts) < len(self._context_names)
             ):
                 ids = sorted(entry.contexts)
                 extra = _U64.pack(length) + struct.pack(f">{len(ids)}I", *ids)
-                wire_flags |= CmdFlag.PAYLOAD_LEN
+                wire_flags |= _PAYLOAD_LEN
                 wire_len = len(extra)
         if self.extended:
             if cmd is Cmd.WRITE:
-                wire_flags |= CmdFlag.PAYLOAD_LEN
+                wire_flags |= _PAYLOAD_LEN
             header = _EXT_REQ.pack(0x21E41C71, wire_flags, cmd, cookie, offset, wire_len)
         else:
             header = _REQ.pack(0x25609513, wire_flags, cmd, cookie, offset, wire_len)
@@ -316,6 +326,17 @@ class ClientTransmission:
             self._send.append(extra)
         self._in_flight[cookie] = entry
         return cookie
+
+    def savepoint(self) -> int:
+        """Mark the send queue, so that a batch of requests can be taken back whole."""
+        return len(self._send)
+
+    def rollback(self, savepoint: int, cookies: Iterable[int]) -> None:
+        """Take back requests queued since ``savepoint`` whose bytes were not handed
+        out yet (a split call whose later piece was refused must send nothing)."""
+        del self._send[savepoint:]
+        for cookie in cookies:
+            self._in_flight.pop(cookie, None)
 
     def disconnect(self) -> None:
         """Queue NBD_CMD_DISC; nothing may be sent after it and no reply comes (rule 11)."""
@@ -342,6 +363,48 @@ class ClientTransmission:
         return cookie
 
     def _check(self, command: int, offset: int, length: int, flags: int) -> Cmd:
+        """Validate a request; raises InvalidRequest or UnsupportedError.
+
+        What depends only on (command, flags) and the negotiation is judged once and
+        remembered, so the common request costs a dict lookup and a few int tests.
+        """
+        key = (command, flags)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            try:
+                verdict = self._check_static(command, flags)
+            except (InvalidRequest, UnsupportedError) as exc:
+                verdict = exc
+            self._verdicts[key] = verdict
+        if isinstance(verdict, Exception):
+            raise type(verdict)(*verdict.args)  # a fresh one: no traceback piles up
+        cmd = verdict
+        if offset < 0 or length < 0:
+            raise InvalidRequest("offset and length must not be negative")
+        if offset + length > self.size:
+            raise InvalidRequest(
+                f"request [{offset}, {offset + length}) is beyond the export's size {self.size}"
+            )
+        if length == 0 and cmd is Cmd.BLOCK_STATUS:
+            raise InvalidRequest("block status of 0 bytes")
+        if cmd is Cmd.FLUSH and (offset or length):
+            # Spec "NBD_CMD_FLUSH": offset and length are reserved and MUST be zero.
+            raise InvalidRequest("NBD_CMD_FLUSH takes offset 0 and length 0")
+        align = self._align
+        if align > 1 and (offset % align or length % align):
+            raise InvalidRequest(
+                f"request [{offset}, +{length}) is not aligned to the minimum block size {align}"
+            )
+        if length > self._max_payload and (cmd is Cmd.READ or cmd is Cmd.WRITE):
+            raise InvalidRequest(
+                f"{length} bytes exceed the server's maximum payload "
+                f"{self._max_payload}; split the request"
+            )
+        if length > U32_MAX and not self.extended:
+            raise InvalidRequest("requests over 4 GiB need extended headers; split the request")
+        return cmd
+
+    def _check_static(self, command: int, flags: int) -> Cmd:
         try:
             cmd = Cmd(command)
         except ValueError:
@@ -365,29 +428,6 @@ class ClientTransmission:
                 raise UnsupportedError(f"the server does not support NBD_CMD_FLAG_{flag.name}")
         if flags & CmdFlag.DF and not self.structured:
             raise UnsupportedError("NBD_CMD_FLAG_DF needs structured replies")
-        if offset < 0 or length < 0:
-            raise InvalidRequest("offset and length must not be negative")
-        if offset + length > self.size:
-            raise InvalidRequest(
-                f"request [{offset}, {offset + length}) is beyond the export's size {self.size}"
-            )
-        if cmd is Cmd.BLOCK_STATUS and length == 0:
-            raise InvalidRequest("block status of 0 bytes")
-        if cmd is Cmd.FLUSH and (offset or length):
-            # Spec "NBD_CMD_FLUSH": offset and length are reserved and MUST be zero.
-            raise InvalidRequest("NBD_CMD_FLUSH takes offset 0 and length 0")
-        minimum = self.negotiated.minimum_block
-        if self.negotiated.block_size_advertised and (offset % minimum or length % minimum):
-            raise InvalidRequest(
-                f"request [{offset}, +{length}) is not aligned to the minimum block size {minimum}"
-            )
-        if cmd in (Cmd.READ, Cmd.WRITE) and length > self.negotiated.maximum_payload:
-            raise InvalidRequest(
-                f"{length} bytes exceed the server's maximum payload "
-                f"{self.negotiated.maximum_payload}; split the request"
-            )
-        if not self.extended and length > U32_MAX:
-            raise InvalidRequest("requests over 4 GiB need extended headers; split the request")
         return cmd
 
     def _select_contexts(self, names: tuple[str, ...] | None) -> frozenset[int]:
@@ -591,7 +631,7 @@ class ClientTransmission:
         if type_ == Chunk.NONE:
             if length:
                 raise ProtocolError("NBD_REPLY_TYPE_NONE with a payload")
-            if not flags & ReplyFlag.DONE:
+            if not flags & _DONE:
                 raise ProtocolError("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE")
             self._chunk_done(entry)
             return
@@ -683,7 +723,7 @@ class ClientTransmission:
         if chunk.context_id in entry.extents:
             raise ProtocolError(f"two block status chunks for meta context {chunk.context_id}")
         extents = chunk.extents
-        if entry.flags & CmdFlag.REQ_ONE:
+        if entry.flags & _REQ_ONE:
             if len(extents) != 1 or extents[0].length > entry.length:
                 raise ProtocolError("NBD_CMD_FLAG_REQ_ONE answered with more than one extent")
         elif sum(e.length for e in extents[:-1]) >= entry.length:
@@ -691,7 +731,7 @@ class ClientTransmission:
         entry.extents[chunk.context_id] = extents
 
     def _chunk_done(self, entry: _InFlight) -> None:
-        if not self._chunk_flags & ReplyFlag.DONE:
+        if not self._chunk_flags & _DONE:
             return
         if entry.error is None:
             if entry.command is Cmd.READ and entry.covered_bytes() != entry.length:
