@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..errors import NBDError, OptionError
 from ..proto.constants import Rep
-from . import demo, exports, extents, info
+from . import demo, exports, extents, info, serve
 from .common import CommandError, Subparsers
 
 #: The ``register(sub)`` functions of the subcommands, in the order ``--help`` shows them.
@@ -43,6 +43,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     exports.register,
     extents.register,
     demo.register,
+    serve.register,
 )
 
 #: Options that take an optional value written ``--opt=VALUE``: bare, they get this value.

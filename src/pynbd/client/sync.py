@@ -49,7 +49,6 @@ from .base import (
     Target,
     Timeout,
     handshake_error,
-    raise_first_error,
     resolve_target,
     submit_all,
 )
@@ -369,20 +368,32 @@ class Client(ClientBase):
         Raises the first failed request's error, in request order.
         """
         sock, core = self._live()
-        limit = self.timeout if timeout is DEFAULT else timeout
-        deadline = _Deadline(limit)
-        timer = self._timer
         cookies = submit_all(core, ops)
+        limit = self.timeout if timeout is DEFAULT else timeout
+        timer = self._timer
+        end = None if limit is None else time.monotonic() + limit
+        want = len(cookies)
         done: dict[int, Reply] = {}
         try:
-            timer.arm(limit)
-            _send_all(sock, core.buffers_to_send(), deadline, timer)
-            recv_into = sock.recv_into
-            while len(done) < len(cookies):
-                core.buffer_updated(recv_into(core.receive_buffer()))
-                while (reply := core.next_event()) is not None:
+            if timer.current != limit:
+                timer.arm(limit)
+            buffers = core.buffers_to_send()
+            if len(buffers) == 1:
+                sock.sendall(buffers[0])
+            else:
+                _send_all(sock, buffers, _Deadline(limit), timer)
+            recv_into, receive_buffer = sock.recv_into, core.receive_buffer
+            updated, next_event = core.buffer_updated, core.next_event
+            while len(done) < want:
+                updated(recv_into(receive_buffer()))
+                while (reply := next_event()) is not None:
                     done[reply.cookie] = reply
-                timer.check(deadline)
+                if end is not None:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise NBDTimeout("deadline passed")
+                    if timer.current is not None and left < timer.current / 2:
+                        timer.arm(left)  # a trickling server cannot stretch the call
         except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
             # EAGAIN from SO_RCVTIMEO/SO_SNDTIMEO, or our own deadline check.
             self._die()
@@ -396,7 +407,9 @@ class Client(ClientBase):
         replies = [done[c] for c in cookies]
         if core.shutdown_requested and core.in_flight == 0:
             self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
-        raise_first_error(replies)
+        for reply in replies:
+            if reply.error is not None:
+                raise reply.error
         return replies
 
     # -- the API -----------------------------------------------------------------------

@@ -80,6 +80,7 @@ _DF = int(CmdFlag.DF)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 _BLOCK_STATUS_PAYLOAD = int(TransmissionFlag.BLOCK_STATUS_PAYLOAD)
+_OFFSET_DATA = int(Chunk.OFFSET_DATA)
 #: Largest payload accepted for a chunk that is not read data (block status, errors).
 #: A status chunk SHOULD stay under 4 + 8 * 2**20 bytes; allow the 64-bit form twice
 #: that, and treat anything bigger as a lying length.
@@ -133,6 +134,7 @@ class _InFlight:
         "contexts",
         "cookie",
         "covered",
+        "covered_total",
         "error",
         "extents",
         "flags",
@@ -148,6 +150,7 @@ class _InFlight:
         self.length = length
         self.buffer: memoryview | None = None
         self.covered: list[tuple[int, int]] = []  # sorted, disjoint [start, end) of the read
+        self.covered_total = 0
         self.error: RequestError | None = None
         self.extents: dict[int, tuple[Extent, ...]] = {}
         self.contexts: frozenset[int] = frozenset()
@@ -159,7 +162,12 @@ class _InFlight:
                 f"chunk [{start}, {end}) lies outside the read [{self.offset}, "
                 f"{self.offset + self.length})"
             )
-        if self.flags & _DF and self.covered:
+        covered = self.covered
+        if not covered:  # the common case: one chunk covers the read
+            covered.append((start, end))
+            self.covered_total = end - start
+            return
+        if self.flags & _DF:
             raise ProtocolError("several content chunks for a read sent with NBD_CMD_FLAG_DF")
         i = bisect.bisect_left(self.covered, (start, end))
         if (i > 0 and self.covered[i - 1][1] > start) or (
@@ -167,9 +175,7 @@ class _InFlight:
         ):
             raise ProtocolError(f"chunk [{start}, {end}) overlaps an earlier chunk")
         self.covered.insert(i, (start, end))
-
-    def covered_bytes(self) -> int:
-        return sum(end - start for start, end in self.covered)
+        self.covered_total += end - start
 
 
 # Receive states
@@ -521,22 +527,23 @@ class ClientTransmission:
         while True:
             state = self._state
             if state == _HEADER:
-                if not self._parse_header():
+                if self._end - self._start < 4 or not self._parse_header():
                     return
             elif state == _INTO:
-                if self._start == self._end:
+                start = self._start
+                if start == self._end:
                     return
-                assert self._target is not None
-                n = min(self._avail(), len(self._target) - self._target_pos)
-                self._target[self._target_pos : self._target_pos + n] = self._view[
-                    self._start : self._start + n
-                ]
-                self._start += n
-                self._target_pos += n
-                if self._target_pos == len(self._target):
+                target = self._target
+                assert target is not None
+                pos = self._target_pos
+                n = min(self._end - start, len(target) - pos)
+                target[pos : pos + n] = self._view[start : start + n]
+                self._start = start + n
+                self._target_pos = pos = pos + n
+                if pos == len(target):
                     self._target_done()
             elif state == _DATA_OFFSET:
-                if self._avail() < 8:
+                if self._end - self._start < 8:
                     return
                 (offset,) = _U64.unpack_from(self._buf, self._start)
                 self._start += 8
@@ -550,32 +557,66 @@ class ClientTransmission:
                 self._on_metadata_chunk(data)
 
     def _parse_header(self) -> bool:
-        avail = self._avail()
+        buf, start = self._buf, self._start
+        avail = self._end - start
         if avail < 4:
             return False
-        (magic,) = _MAGIC.unpack_from(self._buf, self._start)
+        (magic,) = _MAGIC.unpack_from(buf, start)
         if self.extended:
             if magic != EXTENDED_REPLY_MAGIC:
                 raise ProtocolError(f"bad reply magic {magic:#x} (extended headers expected)")
             if avail < EXTENDED_REPLY_SIZE:
                 return False
-            _, flags, type_, cookie, offset, length = _EXTENDED.unpack_from(self._buf, self._start)
-            self._start += EXTENDED_REPLY_SIZE
-            self._on_chunk_header(flags, type_, cookie, length, offset)
+            _, flags, type_, cookie, offset, length = _EXTENDED.unpack_from(buf, start)
+            if not self._whole_read(flags, type_, cookie, length, EXTENDED_REPLY_SIZE, offset):
+                self._start = start + EXTENDED_REPLY_SIZE
+                self._on_chunk_header(flags, type_, cookie, length, offset)
         elif magic == SIMPLE_REPLY_MAGIC:
             if avail < SIMPLE_REPLY_SIZE:
                 return False
-            _, error, cookie = _SIMPLE.unpack_from(self._buf, self._start)
-            self._start += SIMPLE_REPLY_SIZE
+            _, error, cookie = _SIMPLE.unpack_from(buf, start)
+            self._start = start + SIMPLE_REPLY_SIZE
             self._on_simple(error, cookie)
         elif magic == STRUCTURED_REPLY_MAGIC and self.structured:
             if avail < STRUCTURED_REPLY_SIZE:
                 return False
-            _, flags, type_, cookie, length = _STRUCTURED.unpack_from(self._buf, self._start)
-            self._start += STRUCTURED_REPLY_SIZE
-            self._on_chunk_header(flags, type_, cookie, length, None)
+            _, flags, type_, cookie, length = _STRUCTURED.unpack_from(buf, start)
+            if not self._whole_read(flags, type_, cookie, length, STRUCTURED_REPLY_SIZE, None):
+                self._start = start + STRUCTURED_REPLY_SIZE
+                self._on_chunk_header(flags, type_, cookie, length, None)
         else:
             raise ProtocolError(f"bad reply magic {magic:#x}")
+        return True
+
+    def _whole_read(
+        self, flags: int, type_: int, cookie: int, length: int, head: int, echo: int | None
+    ) -> bool:
+        """The fast path of the common read reply: one OFFSET_DATA chunk with DONE that
+        covers the whole request and is already in the buffer. It is copied and the
+        request completed here; anything else (False) takes the general path, which
+        checks every rule."""
+        if type_ != _OFFSET_DATA or not flags & _DONE:
+            return False
+        start = self._start + head
+        if self._end - start < length:
+            return False
+        entry = self._in_flight.get(cookie)
+        if (
+            entry is None
+            or entry.command is not Cmd.READ
+            or entry.covered
+            or entry.error is not None
+            or length - 8 != entry.length
+            or (echo is not None and echo != entry.offset)
+            or _U64.unpack_from(self._buf, start)[0] != entry.offset
+        ):
+            return False
+        target = entry.buffer
+        assert target is not None
+        target[:] = self._view[start + 8 : start + length]
+        self._start = start + length
+        del self._in_flight[cookie]
+        self._replies.append(Reply(cookie, Cmd.READ))
         return True
 
     def _lookup(self, cookie: int) -> _InFlight:
@@ -596,6 +637,7 @@ class ClientTransmission:
             assert entry.buffer is not None
             self._start_into(entry.buffer, entry.length)
             entry.covered = [(entry.offset, entry.offset + entry.length)]
+            entry.covered_total = entry.length
         elif entry.command is Cmd.BLOCK_STATUS:
             raise ProtocolError("successful simple reply to a block status request")
         else:
@@ -734,9 +776,9 @@ class ClientTransmission:
         if not self._chunk_flags & _DONE:
             return
         if entry.error is None:
-            if entry.command is Cmd.READ and entry.covered_bytes() != entry.length:
+            if entry.command is Cmd.READ and entry.covered_total != entry.length:
                 raise ProtocolError(
-                    f"read reply covered {entry.covered_bytes()} of {entry.length} bytes"
+                    f"read reply covered {entry.covered_total} of {entry.length} bytes"
                 )
             if entry.command is Cmd.BLOCK_STATUS and not entry.extents:
                 raise ProtocolError("block status reply without a status chunk")

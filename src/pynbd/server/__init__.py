@@ -8,9 +8,16 @@
 - :func:`serve`: serve exports on TCP and/or a unix socket until interrupted.
 - :func:`serve_socket`: serve one connected socket (one end of a socketpair) until the
   client disconnects; blocks the calling thread, which may be any thread.
-- :mod:`.aio`: the asyncio :class:`~pynbd.server.aio.Server` and its coroutines.
+- :mod:`.aio`: the asyncio :class:`~pynbd.server.aio.Server` and its coroutines;
+  :mod:`.session`: one connection.
 - :mod:`.backend`: :class:`Backend`, :class:`AsyncBackend`, :class:`Capabilities`,
-  :class:`Export`, the errno table; :mod:`.memory` and :mod:`.file`: backends.
+  :class:`Export`, the errno table, and how to write a backend of your own.
+- Backends: :mod:`.memory` (:class:`MemoryBackend`), :mod:`.file`
+  (:class:`FileBackend`), :mod:`.overlay` (:class:`OverlayBackend`, copy-on-write over
+  any backend); :mod:`.user` loads a user's backend by name (:func:`load_backend`).
+- :mod:`.tls`: :class:`ServerTLSConfig` (X.509 or PSK credentials); TLS is required
+  or optional per :class:`~pynbd.proto.server.TLSPolicy` (``Server(tls_mode=...)``).
+- :mod:`.activation`: sockets from systemd socket activation or inetd.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..proto.server import TLSPolicy
 from .aio import Exports, Limits, Server
 from .aio import serve_socket as _serve_socket_async
 from .backend import (
@@ -37,6 +45,9 @@ from .backend import (
 )
 from .file import FileBackend
 from .memory import MemoryBackend
+from .overlay import OverlayBackend
+from .tls import ServerTLSConfig
+from .user import load_backend
 
 __all__ = [
     "ERRNO_TO_NBD",
@@ -47,9 +58,13 @@ __all__ = [
     "FileBackend",
     "Limits",
     "MemoryBackend",
+    "OverlayBackend",
     "Server",
+    "ServerTLSConfig",
     "Support",
+    "TLSPolicy",
     "errno_to_nbd",
+    "load_backend",
     "serve",
     "serve_socket",
 ]
@@ -60,6 +75,7 @@ def serve(
     *,
     tcp: tuple[str, int] | None = None,
     unix: str | os.PathLike[str] | None = None,
+    sockets: Iterable[socket.socket] = (),
     ready: Callable[[Server], None] | None = None,
     grace: float = 10.0,
     **options: Any,
@@ -72,17 +88,20 @@ def serve(
             name -> backend or Export.
         tcp: ``(host, port)`` to listen on (port 0: the kernel picks).
         unix: a unix socket path to listen on.
+        sockets: listening sockets to accept on (see :mod:`.activation`).
         ready: called with the :class:`Server` once it listens (to learn its
             addresses, or to tell a supervisor).
         grace: seconds given to in-flight requests at shutdown.
-        options: :class:`Server` keyword arguments (default_export, limits, ...).
+        options: :class:`Server` keyword arguments (default_export, limits, tls, ...).
 
     Raises:
-        ValueError: neither tcp nor unix given, or bad exports.
+        ValueError: no tcp, unix or sockets given, or bad exports.
         OSError: an address cannot be bound.
+        TLSError: the TLS credentials cannot be loaded.
     """
-    if tcp is None and unix is None:
-        raise ValueError("give tcp=(host, port) and/or unix=PATH")
+    sockets = list(sockets)
+    if tcp is None and unix is None and not sockets:
+        raise ValueError("give tcp=(host, port), unix=PATH and/or sockets")
 
     async def main() -> None:
         server = Server(exports, **options)
@@ -94,7 +113,7 @@ def serve(
                 loop.add_signal_handler(signum, stop.set)
                 handled.append(signum)
         try:
-            await server.start(tcp=tcp, unix=unix)
+            await server.start(tcp=tcp, unix=unix, sockets=sockets)
             if ready is not None:
                 ready(server)
             await stop.wait()

@@ -1,21 +1,19 @@
-"""The asyncio NBD server: listeners, one session per connection, request dispatch.
+"""The asyncio NBD server: listeners, sessions, shutdown.
 
-A :class:`Server` serves named exports over TCP and unix listeners, or over any
-connected stream socket (:meth:`Server.serve_socket`, one end of a ``socketpair``).
-Each connection is a :class:`_Session`, an ``asyncio.BufferedProtocol`` over the
-sans-IO :class:`~pynbd.proto.server.ServerConnection`: the core negotiates, validates
-every request and builds every reply; the session only moves bytes and runs backends.
+A :class:`Server` serves named exports over TCP and unix listeners (bound here, or
+handed over already listening, as systemd socket activation does), or over any
+connected stream socket (:meth:`Server.serve_socket`: one end of a ``socketpair``, an
+inetd connection). Each connection is a :class:`~pynbd.server.session.Session`, an
+``asyncio.BufferedProtocol`` over the sans-IO
+:class:`~pynbd.proto.server.ServerConnection`: the core negotiates, validates every
+request and builds every reply; the session moves bytes, runs backends and upgrades
+to TLS on NBD_OPT_STARTTLS.
 
-Backends run according to their capabilities: inline in the event loop when cheap
-(the memory backend), in a thread pool when blocking (the file backend, one call at a
-time if not thread-safe), or awaited when async. Requests on a connection run
-concurrently; reading pauses while ``Limits.max_in_flight`` requests are pending or
-the transport's write buffer is full.
-
-Shutdown (:meth:`Server.close`): listeners stop, every session stops reading, its
-in-flight requests finish and are answered, then the connection is closed (the spec's
-"wait for inflight requests ... prior to initiating a hard disconnect"). Sessions still
-busy after the grace period are aborted.
+Shutdown (:meth:`Server.close`): listeners stop, every session stops reading (after
+the payload of a request already under way), its in-flight requests finish and are
+answered, then the connection is closed (the spec's "wait for inflight requests ...
+prior to initiating a hard disconnect"). Sessions still busy after the grace period
+are aborted.
 """
 
 from __future__ import annotations
@@ -24,34 +22,18 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import stat
 import sys
-from collections.abc import Coroutine, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from ..errors import ProtocolError
-from ..proto.constants import Cmd
-from ..proto.server import (
-    NEED_DATA,
-    Disconnect,
-    RequestReceived,
-    ServerConfig,
-    ServerConnection,
-    StartTLS,
-    TransmissionStarted,
-)
-from .backend import (
-    AnyBackend,
-    AsyncBackend,
-    Backend,
-    Export,
-    Result,
-    exception_to_nbd,
-    run_request,
-    run_request_async,
-)
+from ..proto.server import ServerConfig, TLSPolicy
+from .backend import AnyBackend, AsyncBackend, Backend, Export
+from .session import Session
+from .tls import ServerTLSConfig, make_server_context
 
 __all__ = ["Limits", "Server", "serve", "serve_socket"]
 
@@ -59,11 +41,8 @@ log = logging.getLogger("pynbd.server")
 
 Exports: TypeAlias = AnyBackend | Export | Mapping[str, AnyBackend | Export]
 
-#: From 3.12, ``writelines`` sends the buffers with one ``sendmsg`` and no copy.
-_WRITELINES_SENDMSG = sys.version_info >= (3, 12)
-#: Before that it joins them: replies up to this size are joined into one write, and
-#: larger data is written apart from its header (a copy saved for a syscall).
-_JOIN_LIMIT = 64 * 1024
+#: create_unix_server takes ``cleanup_socket`` from 3.13 on.
+_CLEANUP_ARG = sys.version_info >= (3, 13)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +89,16 @@ class Server:
         structured_replies, extended_headers: offer them to clients.
         allow_list: answer NBD_OPT_LIST.
         limits: resource limits.
+        tls: TLS credentials (a :class:`~pynbd.server.tls.ServerTLSConfig`) or a
+            ready server :class:`ssl.SSLContext`; None: no TLS.
+        tls_mode: :class:`~pynbd.proto.server.TLSPolicy`: REQUIRED (the default when
+            ``tls`` is given: every option but STARTTLS and ABORT is refused with
+            NBD_REP_ERR_TLS_REQD before TLS), OPTIONAL (clients choose) or NONE.
 
     Raises:
         ValueError: an export name or description over 4096 bytes, bad block sizes,
-            or an unknown default export.
+            an unknown default export, or a TLS mode without credentials.
+        TLSError: the TLS credentials cannot be loaded.
 
     Use as ``async with Server(...) as server: await server.start(unix=path)``; leaving
     the block closes the server (see :meth:`close`).
@@ -128,18 +113,30 @@ class Server:
         extended_headers: bool = True,
         allow_list: bool = True,
         limits: Limits | None = None,
+        tls: ServerTLSConfig | ssl.SSLContext | None = None,
+        tls_mode: TLSPolicy | None = None,
     ) -> None:
         self.exports = _normalize(exports)
         self.limits = limits or Limits()
+        if tls_mode is None:
+            tls_mode = TLSPolicy.NONE if tls is None else TLSPolicy.REQUIRED
+        if tls is None and tls_mode is not TLSPolicy.NONE:
+            raise ValueError(f"TLS mode {tls_mode.value} needs TLS credentials")
+        #: The context sessions upgrade with (None: STARTTLS is refused).
+        self.tls_context: ssl.SSLContext | None = None
+        if tls_mode is not TLSPolicy.NONE:
+            assert tls is not None  # checked above
+            self.tls_context = tls if isinstance(tls, ssl.SSLContext) else make_server_context(tls)
         self.config = ServerConfig(
             {name: export.spec(name) for name, export in self.exports.items()},
             default_export=default_export,
             structured_replies=structured_replies,
             extended_headers=extended_headers,
             allow_list=allow_list,
+            tls=tls_mode,
             max_option_length=self.limits.max_option_length,
         )
-        self.sessions: set[_Session] = set()
+        self.sessions: set[Session] = set()
         self._listeners: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -150,35 +147,82 @@ class Server:
     # -- listening --------------------------------------------------------------------
 
     async def start(
-        self, *, tcp: tuple[str, int] | None = None, unix: str | os.PathLike[str] | None = None
-    ) -> None:
-        """Start listening on a TCP address (port 0: the kernel picks) and/or a unix
-        socket path (a stale socket file there is replaced). May be called again to
-        add listeners.
+        self,
+        *,
+        tcp: tuple[str, int] | None = None,
+        unix: str | os.PathLike[str] | None = None,
+        sockets: Iterable[socket.socket] = (),
+    ) -> list[Any]:
+        """Start listening; may be called again to add listeners.
+
+        Args:
+            tcp: ``(host, port)``. Every address of ``host`` is bound, except with port
+                0, where the kernel picks a port for the first address only (so there
+                is one port to report). A host of "" or None means all interfaces.
+            unix: a unix socket path (a stale socket file there is replaced; the file
+                is removed at :meth:`close`).
+            sockets: listening stream sockets to accept on (systemd socket
+                activation); the server takes them over.
+
+        Returns:
+            The addresses bound by this call (see :attr:`addresses`), in the order
+            tcp, unix, sockets.
 
         Raises:
-            OSError: the address cannot be bound.
+            OSError: an address cannot be bound.
         """
         loop = asyncio.get_running_loop()
         if self._closed is None:
             self._closed = asyncio.Event()
+        before = len(self._listeners)
         if tcp is not None:
-            host, port = tcp
-            listener = await loop.create_server(self._session, host, port, reuse_address=True)
-            self._listeners.append(listener)
+            self._listeners.append(await self._listen_tcp(*tcp))
         if unix is not None:
             path = os.fspath(unix)
             listener = await loop.create_unix_server(self._session, path)
             self._listeners.append(listener)
             self._unix_paths.append(path)
+        for sock in sockets:
+            sock.setblocking(False)
+            if sock.family == socket.AF_UNIX:
+                # The socket file belongs to whoever made it (from 3.13 asyncio would
+                # delete it at close unless told not to).
+                extra: dict[str, Any] = {"cleanup_socket": False} if _CLEANUP_ARG else {}
+                listener = await loop.create_unix_server(self._session, sock=sock, **extra)
+            else:
+                listener = await loop.create_server(self._session, sock=sock)
+            self._listeners.append(listener)
+        return [sock.getsockname() for lst in self._listeners[before:] for sock in lst.sockets]
+
+    async def _listen_tcp(self, host: str | None, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        host = (host or "").strip("[]") or None
+        if port != 0:
+            return await loop.create_server(self._session, host, port, reuse_address=True)
+        infos = await loop.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        if not infos:  # pragma: no cover - getaddrinfo raises instead
+            raise OSError(f"no address for {host!r}")
+        family, type_, proto, _, address = infos[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and host is None:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(address)
+            sock.listen(100)
+            sock.setblocking(False)
+            return await loop.create_server(self._session, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     @property
     def addresses(self) -> list[Any]:
         """The bound addresses: (host, port, ...) tuples for TCP, paths for unix."""
         return [sock.getsockname() for lst in self._listeners for sock in lst.sockets]
 
-    def _session(self) -> _Session:
-        return _Session(self)
+    def _session(self) -> Session:
+        return Session(self)
 
     async def serve_socket(self, sock: socket.socket) -> None:
         """Serve one connected stream socket until the client is done with it.
@@ -188,7 +232,7 @@ class Server:
         loop = asyncio.get_running_loop()
         if self._closed is None:
             self._closed = asyncio.Event()
-        session = _Session(self)
+        session = Session(self)
         sock.setblocking(False)
         await loop.connect_accepted_socket(lambda: session, sock)
         await asyncio.shield(session.done)
@@ -265,239 +309,6 @@ def _remove_socket_file(path: str) -> None:
             os.unlink(path)
     except OSError:
         pass
-
-
-class _Session(asyncio.BufferedProtocol):
-    """One client connection."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.core = ServerConnection(server.config, buffer_size=server.limits.buffer_size)
-        self.transport: asyncio.Transport | None = None
-        self.export: Export | None = None
-        self.peer = "?"
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._paused: set[str] = set()
-        self._ending: Disconnect | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    # -- asyncio callbacks ------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.peer = str(transport.get_extra_info("peername") or "socket")
-        limit = self.server.limits.max_connections
-        if self.server._closing or (limit is not None and len(self.server.sessions) >= limit):
-            log.warning("refusing connection from %s: too many connections", self.peer)
-            transport.abort()
-            return
-        self.server.sessions.add(self)
-        timeout = self.server.limits.handshake_timeout
-        if timeout is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(timeout, self.abort, "handshake took too long")
-        log.debug("connection from %s", self.peer)
-        self._flush()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.core.receive_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            self.core.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self.abort(f"protocol error: {exc}")
-            return
-        self._process()
-
-    def eof_received(self) -> bool:
-        try:
-            self.core.buffer_updated(0)
-        except ProtocolError as exc:
-            self.abort(f"protocol error: {exc}")
-            return False
-        self._process()
-        # Keep the transport: in-flight replies still go out to a half-closed client.
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        for task in self._tasks:
-            task.cancel()
-        self.server.sessions.discard(self)
-        if not self.done.done():
-            self.done.set_result(None)
-        log.debug("connection from %s closed", self.peer)
-
-    def pause_writing(self) -> None:
-        self._pause("writing")
-
-    def resume_writing(self) -> None:
-        self._resume("writing")
-
-    # -- the session ------------------------------------------------------------------
-
-    def shutdown(self) -> None:
-        """The server is closing: take no more requests, finish in-flight ones, close."""
-        self.core.shutdown()
-        if self._ending is None:
-            self._ending = Disconnect("the server is shutting down", soft=False)
-        self._pause("ending")
-        self._maybe_close()
-
-    def abort(self, reason: str) -> None:
-        """Hard disconnect now."""
-        log.info("closing connection from %s: %s", self.peer, reason)
-        self._ending = self._ending or Disconnect(reason, soft=False)
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _pause(self, reason: str) -> None:
-        if not self._paused and self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-        self._paused.add(reason)
-
-    def _resume(self, reason: str) -> None:
-        self._paused.discard(reason)
-        if not self._paused and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def _process(self) -> None:
-        """Handle every event the core has for us, then send what it queued."""
-        try:
-            # Requests parsed before a Disconnect or a shutdown are still performed.
-            while True:
-                event = self.core.next_event()
-                if event is NEED_DATA:
-                    break
-                if isinstance(event, RequestReceived):
-                    self._dispatch(event)
-                elif isinstance(event, TransmissionStarted):
-                    self._started(event)
-                elif isinstance(event, Disconnect):
-                    log.debug("%s: %s", self.peer, event.reason)
-                    self._ending = self._ending or event
-                    self._pause("ending")
-                    break  # the last event of a session
-                elif isinstance(event, StartTLS):  # pragma: no cover - TLS not configured
-                    self.abort("TLS is not implemented by this server")
-                    return
-        except ProtocolError as exc:
-            self.abort(f"protocol error: {exc}")
-            return
-        self._flush()
-        self._maybe_close()
-
-    def _started(self, event: TransmissionStarted) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.export = self.server.exports[event.export.name]
-        log.debug("%s: serving export %r", self.peer, event.export.name)
-
-    def _flush(self) -> None:
-        buffers = self.core.buffers_to_send()
-        transport = self.transport
-        if not buffers or transport is None or transport.is_closing():
-            return
-        if len(buffers) == 1:
-            transport.write(buffers[0])
-        elif _WRITELINES_SENDMSG:
-            transport.writelines(buffers)
-        elif sum(len(b) for b in buffers) <= _JOIN_LIMIT:
-            transport.write(b"".join(buffers))
-        else:
-            for buffer in buffers:
-                transport.write(buffer)
-
-    def _maybe_close(self) -> None:
-        if self._ending is None or self.core.in_flight or self._tasks:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.transport is not None and not self.transport.is_closing():
-            self._flush()
-            # close() sends what is buffered first; a soft or hard disconnect alike.
-            self.transport.close()
-
-    # -- requests ---------------------------------------------------------------------
-
-    def _dispatch(self, request: RequestReceived) -> None:
-        assert self.export is not None  # requests only come after TransmissionStarted
-        backend = self.export.backend
-        if isinstance(backend, AsyncBackend):
-            self._spawn(self._run_async(backend, request))
-        elif backend.capabilities.inline:
-            try:
-                result = run_request(backend, request)
-            except Exception as exc:
-                self._answer_failure(request, exc)
-            else:
-                self._answer(request, result)
-        else:
-            self._spawn(self._run_blocking(backend, request))
-        if self.core.in_flight >= self.server.limits.max_in_flight:
-            self._pause("in flight")
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.abort(f"internal error: {task.exception()!r}")
-            return
-        self._flush()
-        if self.core.in_flight < self.server.limits.max_in_flight:
-            self._resume("in flight")
-        self._maybe_close()
-
-    async def _run_blocking(self, backend: Backend, request: RequestReceived) -> None:
-        loop = asyncio.get_running_loop()
-        pool = self.server._pool()
-        lock = self.server._lock(backend)
-        try:
-            if lock is None:
-                result = await loop.run_in_executor(pool, run_request, backend, request)
-            else:
-                async with lock:
-                    result = await loop.run_in_executor(pool, run_request, backend, request)
-        except Exception as exc:
-            self._answer_failure(request, exc)
-        else:
-            self._answer(request, result)
-
-    async def _run_async(self, backend: AsyncBackend, request: RequestReceived) -> None:
-        try:
-            result = await run_request_async(backend, request)
-        except Exception as exc:
-            self._answer_failure(request, exc)
-        else:
-            self._answer(request, result)
-
-    def _answer(self, request: RequestReceived, result: Result) -> None:
-        command = request.command
-        if command is Cmd.READ:
-            assert isinstance(result, bytearray)
-            self.core.reply_read(request, result)
-        elif command is Cmd.BLOCK_STATUS:
-            assert isinstance(result, list)
-            self.core.reply_block_status(request, dict.fromkeys(request.contexts, result))
-        else:
-            self.core.reply_ok(request)
-
-    def _answer_failure(self, request: RequestReceived, exc: Exception) -> None:
-        error, message = exception_to_nbd(exc)
-        if isinstance(exc, OSError):
-            log.debug("%s: NBD_CMD_%s failed: %s", self.peer, request.command.name, exc)
-        else:
-            log.error("%s: NBD_CMD_%s: backend bug", self.peer, request.command.name, exc_info=exc)
-        self.core.reply_error(request, error, message)
 
 
 async def serve(

@@ -16,6 +16,53 @@ Any other exception is reported as EIO.
 :func:`run_request` and :func:`run_request_async` turn one validated request into
 backend calls, emulations included; the server runs the first in a thread pool (or
 inline for cheap backends) and awaits the second.
+
+Writing your own backend
+------------------------
+Subclass :class:`Backend` (blocking methods) or :class:`AsyncBackend` (coroutines).
+Required: a ``size`` property and ``pread_into(buf, offset)``, which fills the whole
+``buf``. Optional, each one promised by a field of ``capabilities``: ``pwrite(buf,
+offset, fua)`` (``can_write``, the default), ``flush()`` (``can_flush``), ``trim(length,
+offset, fua)`` (``can_trim``), ``zero(length, offset, may_trim, fast, fua)``
+(``can_zero=Support.NATIVE``; the default EMULATE writes zeroes with ``pwrite``),
+``cache(length, offset)`` and ``extents(length, offset)`` (``can_extents``: a list of
+``(length, StateFlag bits)``). Arguments are always in range and multiples of
+``minimum_block``. Blocking methods run in a thread pool, concurrently unless
+``thread_safe=False``; ``inline=True`` runs them in the event loop, one at a time,
+for methods that never block. ``close()`` is yours to call. A device kept in a dict::
+
+    from pynbd.server import Backend, Capabilities
+
+    class DictDevice(Backend):
+        # A sparse RAM disk: one dict entry per written 4 KiB block. Requests are
+        # aligned to 4 KiB; the methods are cheap, so they run in the event loop.
+        capabilities = Capabilities(minimum_block=4096, can_trim=True, inline=True)
+
+        def __init__(self, size: str = "67108864") -> None:  # pynbd serve passes str
+            self._size = int(size)
+            self.blocks: dict[int, bytes] = {}
+
+        @property
+        def size(self) -> int:
+            return self._size
+
+        def pread_into(self, buf: memoryview, offset: int) -> None:
+            for i in range(0, len(buf), 4096):
+                buf[i : i + 4096] = self.blocks.get((offset + i) // 4096, bytes(4096))
+
+        def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+            for i in range(0, len(buf), 4096):
+                self.blocks[(offset + i) // 4096] = bytes(buf[i : i + 4096])
+
+        def trim(self, length: int, offset: int, fua: bool) -> None:
+            for block in range(offset // 4096, (offset + length) // 4096):
+                self.blocks.pop(block, None)
+
+Serve it with ``pynbd serve --python mydevice:DictDevice size=1073741824 --unix S``
+(``mydevice`` importable from the current directory or ``PYTHONPATH``), or name the
+file: ``--python ./mydevice.py:DictDevice``. ``KEY=VALUE`` arguments become keyword
+arguments, as strings; any callable that returns a backend will do
+(:func:`pynbd.server.user.load_backend`). In Python: ``serve(DictDevice(), unix=S)``.
 """
 
 from __future__ import annotations
@@ -248,6 +295,9 @@ class Export:
         block_size_required: refuse clients that do not promise to obey the block
             sizes (NBD_REP_ERR_BLOCK_SIZE_REQD).
         multi_conn: override the backend's ``can_multi_conn`` (None: keep it).
+        block_sizes: ``(minimum, preferred, maximum payload)`` to advertise instead of
+            the backend's; the minimum may only grow and the maximum only shrink
+            (None: the backend's).
     """
 
     backend: AnyBackend
@@ -255,11 +305,32 @@ class Export:
     read_only: bool = False
     block_size_required: bool = False
     multi_conn: bool | None = None
+    block_sizes: tuple[int, int, int] | None = None
 
     def spec(self, name: str) -> ExportSpec:
-        """The protocol's view of this export under ``name``."""
+        """The protocol's view of this export under ``name``.
+
+        Raises:
+            ValueError: bad block sizes, or a name or description over 4096 bytes.
+        """
         caps = self.backend.capabilities
         read_only = self.read_only or not caps.can_write
+        minimum, preferred, maximum = self.block_sizes or (
+            caps.minimum_block,
+            caps.preferred_block,
+            caps.maximum_payload,
+        )
+        if self.block_sizes is not None:
+            check_block_sizes(minimum, preferred, maximum)
+            # The core enforces these on clients; the backend's own limits must hold.
+            if minimum < caps.minimum_block:
+                raise ValueError(
+                    f"minimum block size {minimum} is below the backend's {caps.minimum_block}"
+                )
+            if maximum > caps.maximum_payload:
+                raise ValueError(
+                    f"maximum payload {maximum} is above the backend's {caps.maximum_payload}"
+                )
         return ExportSpec(
             name=name,
             size=self.backend.size,
@@ -273,9 +344,9 @@ class Export:
             can_cache=caps.can_cache is not Support.NONE,
             can_multi_conn=caps.can_multi_conn if self.multi_conn is None else self.multi_conn,
             rotational=caps.is_rotational,
-            minimum_block=caps.minimum_block,
-            preferred_block=caps.preferred_block,
-            maximum_payload=caps.maximum_payload,
+            minimum_block=minimum,
+            preferred_block=preferred,
+            maximum_payload=maximum,
             block_size_required=self.block_size_required,
         )
 

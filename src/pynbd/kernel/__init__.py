@@ -1,0 +1,19 @@
+"""The Linux nbd driver: attach an NBD export as a block device /dev/nbdX.
+
+Two kernel interfaces reach the driver:
+
+- :mod:`pynbd.kernel.ioctl`: the historic ioctls on an open ``/dev/nbdX`` (SET_SOCK,
+  DO_IT, ...), typed wrappers around :func:`fcntl.ioctl`;
+- :mod:`pynbd.kernel.netlink`: the generic-netlink family "nbd" (CONNECT, DISCONNECT,
+  RECONFIGURE, STATUS, LINK_DEAD events), as a pure codec, and
+  :mod:`pynbd.kernel.nlsocket`, the few lines that move its bytes through a socket.
+
+Errors are :class:`~pynbd.kernel.errors.KernelError` (an :class:`OSError` that names the
+device and the call) and its subclasses.
+"""
+
+from __future__ import annotations
+
+from .errors import FamilyNotFound, KernelError, NetlinkFormatError
+
+__all__ = ["FamilyNotFound", "KernelError", "NetlinkFormatError"]

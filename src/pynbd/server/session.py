@@ -1,0 +1,486 @@
+"""One server connection: an ``asyncio.BufferedProtocol`` over the sans-IO core.
+
+A :class:`Session` moves bytes between its transport and a
+:class:`~pynbd.proto.server.ServerConnection`, which negotiates, validates every
+request and builds every reply; the session runs backends and upgrades the transport
+to TLS when the core says so (:class:`~pynbd.proto.server.StartTLS`).
+
+Backends run according to their capabilities: inline in the event loop when cheap
+(the memory backend), in the server's thread pool when blocking (one call at a time
+if not thread-safe), or awaited when async. Requests on a connection run
+concurrently; reading pauses while ``Limits.max_in_flight`` requests are pending, the
+transport's write buffer is full, or the TLS handshake runs.
+
+When the connection ends, one line is logged at INFO on ``pynbd.server``: the peer,
+the export, what was negotiated, and the requests and bytes served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import struct
+import sys
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ProtocolError
+from ..proto.constants import Cmd
+from ..proto.server import (
+    NEED_DATA,
+    Disconnect,
+    RequestReceived,
+    ServerConnection,
+    StartTLS,
+    TransmissionStarted,
+)
+from .backend import (
+    AsyncBackend,
+    Backend,
+    Export,
+    Result,
+    exception_to_nbd,
+    run_request,
+    run_request_async,
+)
+
+if TYPE_CHECKING:
+    from .aio import Server
+
+__all__ = ["Session", "SessionStats"]
+
+log = logging.getLogger("pynbd.server")
+
+#: From 3.12, ``writelines`` sends the buffers with one ``sendmsg`` and no copy.
+_WRITELINES_SENDMSG = sys.version_info >= (3, 12)
+#: Before that it joins them: replies up to this size are joined into one write, and
+#: larger data is written apart from its header (a copy saved for a syscall).
+_JOIN_LIMIT = 64 * 1024
+#: Seconds a closing TLS connection waits for the client's close_notify.
+_TLS_SHUTDOWN_TIMEOUT = 5.0
+_UCRED = struct.Struct("3i")
+
+
+class SessionStats:
+    """What one connection did (for its log line)."""
+
+    __slots__ = ("bytes_read", "bytes_written", "requests", "started")
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.requests = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+
+class Session(asyncio.BufferedProtocol):
+    """One client connection of a :class:`~pynbd.server.aio.Server`."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.core = ServerConnection(server.config, buffer_size=server.limits.buffer_size)
+        self.transport: asyncio.Transport | None = None
+        self.export: Export | None = None
+        self.export_name: str | None = None
+        self.peer = "?"
+        self.tls: str | None = None  # the TLS version once upgraded
+        self.stats = SessionStats()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._paused: set[str] = set()
+        self._ending: Disconnect | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        # While the TLS handshake runs, decrypted bytes may arrive before the core
+        # knows TLS is up: they wait here (see _upgrade).
+        self._upgrading = False
+        self._early = bytearray()
+        self._early_buf = bytearray(16 * 1024)
+
+    # -- asyncio callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = _describe_peer(transport)
+        limit = self.server.limits.max_connections
+        if self.server._closing or (limit is not None and len(self.server.sessions) >= limit):
+            log.warning("%s: connection refused: too many connections", self.peer)
+            transport.abort()
+            return
+        self.server.sessions.add(self)
+        timeout = self.server.limits.handshake_timeout
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(timeout, self.abort, "handshake took too long")
+        log.debug("%s: connected", self.peer)
+        self._flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._upgrading:
+            return memoryview(self._early_buf)
+        return self.core.receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._upgrading:
+            self._early += self._early_buf[:nbytes]
+            return
+        try:
+            self.core.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+            return
+        self._process()
+
+    def eof_received(self) -> bool:
+        try:
+            self.core.buffer_updated(0)
+        except ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+            return False
+        self._process()
+        # Keep the transport: in-flight replies still go out to a half-closed client.
+        # TLS has no half-close (asyncio warns when asked to keep one open).
+        return self.tls is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self in self.server.sessions:
+            self.server.sessions.discard(self)
+            self._log_end()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._pause("writing")
+
+    def resume_writing(self) -> None:
+        self._resume("writing")
+
+    # -- the session ------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """The server is closing: take no more requests, finish in-flight ones, close.
+
+        A request whose payload is still arriving is received and performed first.
+        """
+        self.core.shutdown()
+        if self._upgrading:
+            self.abort("the server is shutting down")  # in the middle of a TLS handshake
+            return
+        if self._ending is None:
+            self._ending = Disconnect("the server is shutting down", soft=False)
+        if not self.core.receiving_payload:
+            self._pause("ending")
+        self._maybe_close()
+
+    def abort(self, reason: str) -> None:
+        """Hard disconnect now (the reason goes into the connection's log line)."""
+        log.debug("%s: closing the connection: %s", self.peer, reason)
+        self._ending = self._ending or Disconnect(reason, soft=False)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _pause(self, reason: str) -> None:
+        transport = self._reading_transport()
+        if not self._paused and transport is not None:
+            transport.pause_reading()
+        self._paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        self._paused.discard(reason)
+        transport = self._reading_transport()
+        if not self._paused and transport is not None:
+            transport.resume_reading()
+
+    def _reading_transport(self) -> asyncio.Transport | None:
+        # During the TLS handshake the old transport belongs to asyncio's TLS layer:
+        # pausing it would stall the handshake. _upgrade applies the state afterwards.
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._upgrading:
+            return None
+        return transport
+
+    def _process(self) -> None:
+        """Handle every event the core has for us, then send what it queued."""
+        try:
+            # Requests parsed before a Disconnect or a shutdown are still performed.
+            while True:
+                event = self.core.next_event()
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, RequestReceived):
+                    self._dispatch(event)
+                elif isinstance(event, TransmissionStarted):
+                    self._started(event)
+                elif isinstance(event, Disconnect):
+                    log.debug("%s: %s", self.peer, event.reason)
+                    self._ending = self._ending or event
+                    self._pause("ending")
+                    break  # the last event of a session
+                elif isinstance(event, StartTLS):
+                    self._start_tls()
+                    break  # nothing more until the TLS handshake is done
+        except ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+            return
+        if self._ending is not None and not self.core.receiving_payload:
+            self._pause("ending")  # a shutdown that waited for a payload
+        self._flush()
+        self._maybe_close()
+
+    def _started(self, event: TransmissionStarted) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.export_name = event.export.name
+        self.export = self.server.exports[event.export.name]
+        log.debug("%s: serving export %r", self.peer, event.export.name)
+
+    # -- TLS --------------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        context = self.server.tls_context
+        if context is None:  # pragma: no cover - the core refuses STARTTLS without TLS
+            self.abort("TLS is not configured")
+            return
+        self._flush()  # the ACK of STARTTLS goes out in plaintext, first
+        self._pause("tls")
+        self._upgrading = True
+        self._spawn(self._upgrade(context))
+
+    async def _upgrade(self, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        old = self.transport
+        assert old is not None
+        timeout = self.server.limits.handshake_timeout
+        try:
+            new = await loop.start_tls(
+                old,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=timeout or 60.0,
+                ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            # asyncio tells the protocol nothing when the handshake fails.
+            self._upgrading = False
+            self.abort(f"TLS handshake failed: {_tls_reason(exc)}")
+            self.connection_lost(None)
+            return
+        if new is None:  # the connection was closed (aborted) during the handshake
+            self._upgrading = False
+            self.connection_lost(None)
+            return
+        self.transport = new
+        ssl_object = new.get_extra_info("ssl_object")
+        self.tls = ssl_object.version() if ssl_object is not None else "TLS"
+        self._upgrading = False
+        # Whatever arrived while the handshake ended is the next option, under TLS.
+        early, self._early = bytes(self._early), bytearray()
+        try:
+            self.core.tls_established()
+            if early:
+                self.core.receive_data(early)
+        except ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+            return
+        log.debug("%s: TLS established (%s)", self.peer, self.tls)
+        # The new transport reads already; bring it in line with the session's state.
+        self._paused.discard("tls")
+        if self._paused:
+            new.pause_reading()
+        self._process()
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        buffers = self.core.buffers_to_send()
+        transport = self.transport
+        if not buffers or transport is None or transport.is_closing():
+            return
+        if len(buffers) == 1:
+            transport.write(buffers[0])
+        elif _WRITELINES_SENDMSG:
+            transport.writelines(buffers)
+        elif sum(len(b) for b in buffers) <= _JOIN_LIMIT:
+            transport.write(b"".join(buffers))
+        else:
+            for buffer in buffers:
+                transport.write(buffer)
+
+    def _maybe_close(self) -> None:
+        if self._ending is None or self.core.in_flight or self._tasks:
+            return
+        if self.core.receiving_payload:
+            return  # a request still arriving (the server is shutting down)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            # close() sends what is buffered first; a soft or hard disconnect alike.
+            self.transport.close()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _dispatch(self, request: RequestReceived) -> None:
+        assert self.export is not None  # requests only come after TransmissionStarted
+        stats = self.stats
+        stats.requests += 1
+        if request.command is Cmd.READ:
+            stats.bytes_read += request.length
+        elif request.command is Cmd.WRITE:
+            stats.bytes_written += request.length
+        backend = self.export.backend
+        if isinstance(backend, AsyncBackend):
+            self._spawn(self._run_async(backend, request))
+        elif backend.capabilities.inline:
+            try:
+                result = run_request(backend, request)
+            except Exception as exc:
+                self._answer_failure(request, exc)
+            else:
+                self._answer(request, result)
+        else:
+            self._spawn(self._run_blocking(backend, request))
+        if self.core.in_flight >= self.server.limits.max_in_flight:
+            self._pause("in flight")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.abort(f"internal error: {task.exception()!r}")
+            return
+        self._flush()
+        if self.core.in_flight < self.server.limits.max_in_flight:
+            self._resume("in flight")
+        self._maybe_close()
+
+    async def _run_blocking(self, backend: Backend, request: RequestReceived) -> None:
+        loop = asyncio.get_running_loop()
+        pool = self.server._pool()
+        lock = self.server._lock(backend)
+        try:
+            if lock is None:
+                result = await loop.run_in_executor(pool, run_request, backend, request)
+            else:
+                async with lock:
+                    result = await loop.run_in_executor(pool, run_request, backend, request)
+        except Exception as exc:
+            self._answer_failure(request, exc)
+        else:
+            self._answer(request, result)
+
+    async def _run_async(self, backend: AsyncBackend, request: RequestReceived) -> None:
+        try:
+            result = await run_request_async(backend, request)
+        except Exception as exc:
+            self._answer_failure(request, exc)
+        else:
+            self._answer(request, result)
+
+    def _answer(self, request: RequestReceived, result: Result) -> None:
+        command = request.command
+        if command is Cmd.READ:
+            assert isinstance(result, bytearray)
+            self.core.reply_read(request, result)
+        elif command is Cmd.BLOCK_STATUS:
+            assert isinstance(result, list)
+            self.core.reply_block_status(request, dict.fromkeys(request.contexts, result))
+        else:
+            self.core.reply_ok(request)
+
+    def _answer_failure(self, request: RequestReceived, exc: Exception) -> None:
+        error, message = exception_to_nbd(exc)
+        if isinstance(exc, OSError):
+            log.debug("%s: NBD_CMD_%s failed: %s", self.peer, request.command.name, exc)
+        else:
+            log.error("%s: NBD_CMD_%s: backend bug", self.peer, request.command.name, exc_info=exc)
+        self.core.reply_error(request, error, message)
+
+    # -- the log line -----------------------------------------------------------------
+
+    def _log_end(self) -> None:
+        elapsed = time.monotonic() - self.stats.started
+        reason = self._ending.reason if self._ending is not None else "connection lost"
+        if self.export_name is None:
+            log.info("%s: no export (%s), %.1f s", self.peer, reason, elapsed)
+            return
+        s = self.stats
+        log.info(
+            "%s: export %r (%s): %d request%s, %s read, %s written, %.1f s (%s)",
+            self.peer,
+            self.export_name,
+            ", ".join(self.features()),
+            s.requests,
+            "" if s.requests == 1 else "s",
+            _bytes(s.bytes_read),
+            _bytes(s.bytes_written),
+            elapsed,
+            reason,
+        )
+
+    def features(self) -> list[str]:
+        """What this connection negotiated, in words."""
+        n = self.core.negotiated
+        out = [self.tls or "no TLS"]
+        if n.extended_headers:
+            out.append("extended headers")
+        elif n.structured_replies:
+            out.append("structured replies")
+        else:
+            out.append("simple replies")
+        out += n.meta_contexts.values()
+        if n.block_size_requested:
+            out.append("block sizes")
+        if n.entered_by == "export name":
+            out.append("NBD_OPT_EXPORT_NAME")
+        return out
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    units = ("KiB", "MiB", "GiB", "TiB")
+    value, i = n / 1024, 0
+    while value >= 1024 and i < len(units) - 1:
+        value, i = value / 1024, i + 1
+    return f"{value:.1f} {units[i]}"
+
+
+def _describe_peer(transport: asyncio.BaseTransport) -> str:
+    """``HOST:PORT`` for TCP; ``unix pid N uid N`` for a unix socket (SO_PEERCRED)."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            pid, uid, _gid = _UCRED.unpack(raw)
+            return f"unix pid {pid} uid {uid}"
+        except OSError:
+            pass
+    return "unix" if peer == "" else str(peer or "socket")
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionError):
+        return "the client closed the connection"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return str(exc) or type(exc).__name__
