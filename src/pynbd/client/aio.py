@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import socket
 from collections.abc import Awaitable
 from types import TracebackType
@@ -46,12 +45,13 @@ from .base import (
     Target,
     Timeout,
     handshake_error,
-    raise_first_error,
     resolve_target,
     submit_all,
 )
 
 _T = TypeVar("_T")
+_DF = int(CmdFlag.DF)
+_FUA = int(CmdFlag.FUA)
 
 
 class _Protocol(asyncio.BufferedProtocol):
@@ -61,6 +61,8 @@ class _Protocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.core: ClientTransmission | None = None
         self.waiters: dict[int, asyncio.Future[Reply]] = {}
+        #: cookie -> (deadline, limit) of requests whose call has a time limit.
+        self.deadlines: dict[int, tuple[float, float]] = {}
         self.failure: NBDError | None = None
         # Handshake mode
         self._hs_buf = bytearray(65536)
@@ -69,7 +71,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.hs_wakeup: asyncio.Event = asyncio.Event()
         self.lost: asyncio.Event = asyncio.Event()
         # Flow control
-        self._paused = False
+        self.paused = False
         self._drain: asyncio.Future[None] | None = None
         # Small requests issued in one loop iteration leave in one write (a "cork").
         self._corked: list[Buffer] = []
@@ -97,8 +99,9 @@ class _Protocol(asyncio.BufferedProtocol):
         except NBDError as exc:
             self.fail(exc)
             return
-        waiters = self.waiters
+        waiters, deadlines = self.waiters, self.deadlines
         while (reply := core.next_event()) is not None:
+            deadlines.pop(reply.cookie, None)
             fut = waiters.pop(reply.cookie, None)
             if fut is not None and not fut.done():
                 fut.set_result(reply)
@@ -127,10 +130,10 @@ class _Protocol(asyncio.BufferedProtocol):
             self._drain.set_exception(self.failure or ConnectionClosed("connection lost"))
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.paused = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None
@@ -176,7 +179,7 @@ class _Protocol(asyncio.BufferedProtocol):
     async def drain(self) -> None:
         if self.failure is not None:
             raise self.failure
-        if not self._paused:
+        if not self.paused:
             return
         if self._drain is None:
             self._drain = asyncio.get_running_loop().create_future()
@@ -293,9 +296,9 @@ class AsyncClient(ClientBase):
         self._core = ClientTransmission(negotiated, initial_data)
         proto.core = self._core
         self._closed = False
-        self._deadlines: list[tuple[float, int, float, list[asyncio.Future[Reply]]]] = []
-        self._seq = 0
+        self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
+        self._period = 1.0
 
     @classmethod
     async def connect(
@@ -425,58 +428,94 @@ class AsyncClient(ClientBase):
 
     async def _run(self, ops: list[Op], timeout: Timeout) -> list[Reply]:
         """Submit ``ops`` and await all their replies (one deadline for the call)."""
+        proto = self._proto
+        futures = self._submit(ops, timeout)
+        if proto.paused:
+            await proto.drain()
+        replies = [await fut for fut in futures]
+        if self._core.shutdown_requested and self._core.in_flight == 0:
+            await self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
+        for reply in replies:
+            if reply.error is not None:
+                raise reply.error
+        return replies
+
+    async def _run_one(
+        self,
+        command: Cmd,
+        offset: int,
+        length: int,
+        flags: int,
+        timeout: Timeout,
+        payload: Buffer | None = None,
+        buffer: memoryview | None = None,
+    ) -> None:
+        """One request, the common case, without planning a list: submit and await."""
+        proto, core = self._proto, self._core
+        if proto.failure is not None or self._closed or proto.transport is None:
+            raise ConnectionClosed("the connection is closed")
+        cookie = core.request(command, offset, length, flags, payload=payload, buffer=buffer)
+        fut: asyncio.Future[Reply] = self._loop.create_future()
+        proto.waiters[cookie] = fut
+        limit = self.timeout if timeout is DEFAULT else timeout
+        if limit is not None:
+            proto.deadlines[cookie] = (self._loop.time() + limit, limit)
+            if self._timer is None or limit / 8 < self._period:
+                self._arm_watchdog(limit)
+        proto.send(core.buffers_to_send())
+        if proto.paused:
+            await proto.drain()
+        reply = await fut
+        if core.shutdown_requested and core.in_flight == 0:
+            await self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
+        if reply.error is not None:
+            raise reply.error
+
+    def _submit(self, ops: list[Op], timeout: Timeout) -> list[asyncio.Future[Reply]]:
         proto, core = self._proto, self._core
         if proto.failure is not None:
             raise ConnectionClosed(f"the connection is closed ({proto.failure})")
         if self._closed or proto.transport is None:
             raise ConnectionClosed("the connection is closed")
-        loop = asyncio.get_running_loop()
-        futures = []
-        for cookie in submit_all(core, ops):
-            fut: asyncio.Future[Reply] = loop.create_future()
-            proto.waiters[cookie] = fut
-            futures.append(fut)
-        proto.send(core.buffers_to_send())
+        loop = self._loop
         limit = self.timeout if timeout is DEFAULT else timeout
+        cookies = [ops[0].submit(core)] if len(ops) == 1 else submit_all(core, ops)
+        futures = []
+        waiters = proto.waiters
+        for cookie in cookies:
+            fut: asyncio.Future[Reply] = loop.create_future()
+            waiters[cookie] = fut
+            futures.append(fut)
         if limit is not None:
-            self._watch(loop, limit, futures)
-        await proto.drain()
-        replies = [await fut for fut in futures]
-        if core.shutdown_requested and core.in_flight == 0:
-            await self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
-        raise_first_error(replies)
-        return replies
+            entry = (loop.time() + limit, limit)
+            for cookie in cookies:
+                proto.deadlines[cookie] = entry
+            if self._timer is None or limit / 8 < self._period:
+                self._arm_watchdog(limit)
+        proto.send(core.buffers_to_send())
+        return futures
 
-    def _watch(
-        self, loop: asyncio.AbstractEventLoop, limit: float, futures: list[asyncio.Future[Reply]]
-    ) -> None:
-        """Arm the call's deadline. One timer serves the client: it fires at the earliest
-        deadline (a heap), drops finished calls and fails the connection on an expired one.
-        """
-        deadline = loop.time() + limit
-        self._seq += 1
-        heapq.heappush(self._deadlines, (deadline, self._seq, limit, futures))
-        if self._timer is None or deadline < self._timer.when():
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_at(deadline, self._check_deadlines)
+    def _arm_watchdog(self, limit: float) -> None:
+        """One periodic timer watches every deadline of the client (a dict scan of the
+        requests in flight), instead of a timer per call: a call fails at most an
+        eighth of its limit late."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._period = min(1.0, max(0.01, limit / 8))
+        self._timer = self._loop.call_later(self._period, self._watchdog)
 
-    def _check_deadlines(self) -> None:
+    def _watchdog(self) -> None:
         self._timer = None
-        loop = asyncio.get_running_loop()
-        heap = self._deadlines
-        now = loop.time()
-        while heap:
-            deadline, _, limit, futures = heap[0]
-            if all(f.done() for f in futures):
-                heapq.heappop(heap)
-            elif deadline <= now:
-                heap.clear()
+        deadlines = self._proto.deadlines
+        if not deadlines:
+            return
+        now = self._loop.time()
+        for deadline, limit in deadlines.values():
+            if deadline <= now:
+                deadlines.clear()
                 self._proto.fail(NBDTimeout(f"no reply within {limit} s; connection closed"))
                 return
-            else:
-                self._timer = loop.call_at(deadline, self._check_deadlines)
-                return
+        self._timer = self._loop.call_later(self._period, self._watchdog)
 
     # -- the API -----------------------------------------------------------------------
 
@@ -484,6 +523,10 @@ class AsyncClient(ClientBase):
         self, buf: Buffer, offset: int, *, df: bool = False, timeout: Timeout = DEFAULT
     ) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into the caller's writable buffer."""
+        view = self._single(buf)
+        if view is not None:
+            await self._run_one(Cmd.READ, offset, len(view), _DF if df else 0, timeout, None, view)
+            return
         ops = self._plan_read(buf, offset, df)
         if ops:
             await self._run(ops, timeout)
@@ -503,6 +546,10 @@ class AsyncClient(ClientBase):
 
         The buffer must not change until the call returns.
         """
+        view = self._single(data)
+        if view is not None:
+            await self._run_one(Cmd.WRITE, offset, len(view), _FUA if fua else 0, timeout, view)
+            return
         ops = self._plan_write(data, offset, fua)
         if ops:
             await self._run(ops, timeout)

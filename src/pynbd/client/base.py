@@ -218,6 +218,25 @@ class ClientBase:
         limit = min(n.maximum_payload, U32_MAX)
         return max(n.minimum_block, limit - limit % n.minimum_block)
 
+    def _single(self, buf: Buffer) -> memoryview | None:
+        """``buf`` as a byte view when one request can carry it (the fast path of a
+        read into the caller's buffer), else None (empty, too big: plan and split)."""
+        view = buf if type(buf) is memoryview else memoryview(buf)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        n = len(view)
+        if 0 < n <= self._max_payload_cached:
+            return view
+        return None
+
+    @property
+    def _max_payload_cached(self) -> int:
+        try:
+            return self._maxp
+        except AttributeError:
+            self._maxp: int = self._max_payload()
+            return self._maxp
+
     def _plan_read(self, buf: Buffer, offset: int, df: bool) -> list[Op]:
         view = memoryview(buf).cast("B")
         if view.readonly:

@@ -54,6 +54,8 @@ from .base import (
 )
 
 _IOV_MAX = 1024
+_DF = int(CmdFlag.DF)
+_FUA = int(CmdFlag.FUA)
 
 
 class _Deadline:
@@ -367,8 +369,27 @@ class Client(ClientBase):
 
         Raises the first failed request's error, in request order.
         """
+        _, core = self._live()
+        return self._exchange(submit_all(core, ops), timeout)
+
+    def _one(
+        self,
+        command: Cmd,
+        offset: int,
+        length: int,
+        flags: int,
+        timeout: Timeout,
+        payload: Buffer | None = None,
+        buffer: memoryview | None = None,
+    ) -> None:
+        """One request, the common case, without planning a list."""
+        _, core = self._live()
+        cookie = core.request(command, offset, length, flags, payload=payload, buffer=buffer)
+        self._exchange([cookie], timeout)
+
+    def _exchange(self, cookies: list[int], timeout: Timeout) -> list[Reply]:
+        """Send what the core queued for ``cookies`` and read until they completed."""
         sock, core = self._live()
-        cookies = submit_all(core, ops)
         limit = self.timeout if timeout is DEFAULT else timeout
         timer = self._timer
         end = None if limit is None else time.monotonic() + limit
@@ -431,6 +452,10 @@ class Client(ClientBase):
             RequestError: the server failed the read. InvalidRequest, UnsupportedError:
             nothing was sent. ConnectionClosed, ProtocolError, NBDTimeout: fatal.
         """
+        view = self._single(buf)
+        if view is not None:
+            self._one(Cmd.READ, offset, len(view), _DF if df else 0, timeout, None, view)
+            return
         ops = self._plan_read(buf, offset, df)
         if ops:
             self._run(ops, timeout)
@@ -451,6 +476,10 @@ class Client(ClientBase):
         Raises as :meth:`pread_into`; UnsupportedError for a read-only export or for
         ``fua`` when the server did not advertise it.
         """
+        view = self._single(data)
+        if view is not None:
+            self._one(Cmd.WRITE, offset, len(view), _FUA if fua else 0, timeout, view)
+            return
         ops = self._plan_write(data, offset, fua)
         if ops:
             self._run(ops, timeout)
