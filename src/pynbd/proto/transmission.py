@@ -74,6 +74,10 @@ _U64 = struct.Struct(">Q")
 _MAGIC = struct.Struct(">I")
 
 U32_MAX = 0xFFFFFFFF
+#: Reads of at least this many bytes are received straight into the caller's buffer
+#: (headers are then read on their own); smaller ones go through the receive buffer,
+#: where one recv can bring several replies.
+DIRECT_READ = 64 * 1024
 # Plain ints for the hot paths: IntFlag operators run Python code on every use.
 _DONE = int(ReplyFlag.DONE)
 _DF = int(CmdFlag.DF)
@@ -228,6 +232,17 @@ class ClientTransmission:
         self._align = negotiated.minimum_block if negotiated.block_size_advertised else 1
         self._max_payload = negotiated.maximum_payload
         self._verdicts: dict[tuple[int, int], Cmd | Exception] = {}
+        #: READs in flight big enough that their payload should skip the receive buffer.
+        self._big_reads = 0
+        # The bytes before a read's payload: the reply header, plus the offset that
+        # starts an OFFSET_DATA chunk.
+        self._lead = (
+            EXTENDED_REPLY_SIZE + 8
+            if self.extended
+            else STRUCTURED_REPLY_SIZE + 8
+            if self.structured
+            else SIMPLE_REPLY_SIZE
+        )
         self._in_flight: dict[int, _InFlight] = {}
         self._next_cookie = 1
         self._send: list[Buffer] = []
@@ -331,6 +346,8 @@ class ClientTransmission:
         if extra is not None and wire_len:
             self._send.append(extra)
         self._in_flight[cookie] = entry
+        if cmd is Cmd.READ and length >= DIRECT_READ:
+            self._big_reads += 1
         return cookie
 
     def savepoint(self) -> int:
@@ -343,6 +360,9 @@ class ClientTransmission:
         del self._send[savepoint:]
         for cookie in cookies:
             self._in_flight.pop(cookie, None)
+        self._big_reads = sum(
+            1 for e in self._in_flight.values() if e.command is Cmd.READ and e.length >= DIRECT_READ
+        )
 
     def disconnect(self) -> None:
         """Queue NBD_CMD_DISC; nothing may be sent after it and no reply comes (rule 11)."""
@@ -454,6 +474,10 @@ class ClientTransmission:
             return self._target[self._target_pos :]
         if self._start == self._end:
             self._start = self._end = 0
+            if self._big_reads:
+                # A big read's payload should land in the caller's buffer, not here:
+                # take only the bytes before it, so that the payload is read directly.
+                return self._view[: 8 if self._state == _DATA_OFFSET else self._lead]
         elif self._end == len(self._buf):
             # Compact: move the unparsed tail to the front.
             pending = self._end - self._start
@@ -507,6 +531,7 @@ class ClientTransmission:
         self._closed = True
         cookies = list(self._in_flight)
         self._in_flight.clear()
+        self._big_reads = 0
         return cookies
 
     def _on_eof(self) -> None:
@@ -616,6 +641,8 @@ class ClientTransmission:
         target[:] = self._view[start + 8 : start + length]
         self._start = start + length
         del self._in_flight[cookie]
+        if entry.length >= DIRECT_READ:
+            self._big_reads -= 1
         self._replies.append(Reply(cookie, Cmd.READ))
         return True
 
@@ -786,6 +813,8 @@ class ClientTransmission:
 
     def _complete(self, entry: _InFlight) -> None:
         del self._in_flight[entry.cookie]
+        if entry.command is Cmd.READ and entry.length >= DIRECT_READ:
+            self._big_reads -= 1
         self._current = None
         extents = None
         if entry.command is Cmd.BLOCK_STATUS and entry.error is None:
