@@ -19,28 +19,35 @@ the kernel of Debian's ``linux-image-amd64`` in qemu and runs a command in it:
   outer timeout on the host kills qemu if the guest does not boot or power off in time.
 
 The guest has its own network stack: servers a kernel test needs run inside the guest on
-127.0.0.1. Guest CPU work is about 25 times slower than the host's; booting takes about
-8-10 s.
+127.0.0.1. Guest CPU work is about 25 times slower than the host's: keep it small.
+Booting takes 5-10 s, because qemu boots the ELF kernel extracted once from the
+package's bzImage by its PVH entry (the bzImage's own decompressor takes 6 s more under
+TCG); each Python start in the guest takes a few seconds, and a pytest start 15-20 s.
 
 Debian packages needed on the host: ``qemu-system-x86 busybox-static kmod`` (and
 ``apt`` and ``dpkg`` to fetch the kernel the first time); the kernel tests also use
 ``nbdkit nbd-client e2fsprogs util-linux fio`` inside the guest. ``.ci/run`` installs
 them all; a missing one is reported by name.
 
-By hand::
+By hand, from the checkout (``.venv/bin/python`` is the interpreter ``.ci/run`` builds;
+any Python 3.11+ with pynbd importable will do)::
 
-    sudo apt-get update                      # once, so that apt knows linux-image-amd64
-    python3 -m pynbd.testing.vm --prepare    # fetch the kernel and build the initramfs
-    python3 -m pynbd.testing.vm -- sh -c 'modprobe nbd && ls /dev/nbd0'
-    python3 -m pynbd.testing.vm -v --timeout 300 -- python3 -m pytest tests/kernel
-    python3 -m pytest tests/kernel           # the pytest way: see tests/kernel/conftest.py
+    sudo apt-get update                  # once, so that apt knows linux-image-amd64
+    .venv/bin/python -m pynbd.testing.vm --prepare   # fetch the kernel, build the initramfs
+    .venv/bin/python -m pynbd.testing.vm -v -- sh -c 'modprobe nbd && ls -l /dev/nbd0'
+    .venv/bin/python -m pynbd.testing.vm -v --timeout 300 -- \
+        .venv/bin/python -m pytest -p no:cacheprovider tests/kernel   # tests, by hand
+    scripts/test tests/kernel            # the usual way: one guest, results reported here
 
-``python -m pynbd.testing.vm [OPTIONS] -- CMD...`` exits with CMD's exit status (130 when
-the guest's timeout interrupted it), or 125 when the guest could not be prepared,
-booted, or did not report a status; ``--help`` lists the options. ``PATH`` and
-``PYTHONPATH`` are passed to the guest, and ``--env NAME[=VALUE]`` passes more. With
-``--keep`` the xfer folder (the guest's ``/xfer``: the command script, its exit status,
-anything the command wrote there) is kept and named on stderr.
+``python -m pynbd.testing.vm [OPTIONS] -- CMD...`` exits with CMD's exit status, or 125
+when the guest could not be prepared, booted, or did not report a status (the reason,
+with the guest's console log, goes to stderr); ``--help`` lists the options. The
+command's stdin is /dev/null. ``PATH`` and ``PYTHONPATH`` are passed to the guest, and
+``--env NAME[=VALUE]`` passes more. When ``--timeout`` expires the command gets SIGINT
+(then SIGKILL) and a message says so. With ``--keep`` the xfer folder (the guest's
+``/xfer``: the command script, its exit status, anything the command wrote there) is
+kept and named on stderr. Give the interpreter by its path: a pyenv shim works in the
+guest, but slowly.
 
 From Python: ``guest = prepare()`` once, then ``run(guest, argv, ...)`` for each boot.
 Under pytest, ``tests/kernel/conftest.py`` boots one guest per session and runs every
@@ -51,10 +58,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import gzip
 import hashlib
+import importlib.util
 import io
 import lzma
 import os
@@ -85,6 +94,7 @@ __all__ = [
     "CaseResult",
     "Guest",
     "GuestPytest",
+    "Outcome",
     "RunResult",
     "VMError",
     "build_initrd",
@@ -308,10 +318,12 @@ def _kernel_package(apt_cache_depends: str) -> str | None:
 
 def _complete_kernels(cache: Path) -> list[str]:
     """Return the kernel versions fully unpacked in *cache*, newest first."""
+
+    def version(kver: str) -> list[int]:
+        return [int(n) for n in re.findall(r"\d+", kver)]
+
     kvers = [p.parent.parent.name for p in cache.glob("*/root/.complete")]
-    return sorted(kvers, key=lambda k: [int(n) if n.isdigit() else 0 for n in re.split(r"\D+", k)])[
-        ::-1
-    ]
+    return sorted(kvers, key=version, reverse=True)
 
 
 def _moddir(root: Path, kver: str) -> Path:
@@ -347,23 +359,28 @@ def fetch_kernel(
         cached = _complete_kernels(cache)
         package: str | None = None
         problem = ""
-        if _which("apt-cache") is None:
+        apt_cache = _which("apt-cache")
+        if apt_cache is None:
             problem = "apt-cache not found (Debian package apt)"
         else:
-            done = subprocess.run(
-                ["apt-cache", "depends", "linux-image-amd64"],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            package = _kernel_package(done.stdout)
-            if package is None:
-                problem = (
-                    "apt knows no linux-image-amd64 package: run apt-get update (as root) "
-                    f"first\n{done.stderr.strip()}"
+            try:
+                done = subprocess.run(
+                    [apt_cache, "depends", "linux-image-amd64"],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=False,
                 )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                problem = f"apt-cache depends linux-image-amd64 failed: {exc}"
+            else:
+                package = _kernel_package(done.stdout)
+                if package is None:
+                    problem = (
+                        "apt knows no linux-image-amd64 package: run apt-get update (as "
+                        f"root) first\n{done.stderr.strip()}"
+                    )
         if package is not None:
             kver = package.removeprefix("linux-image-")
             if kver in cached:
@@ -501,7 +518,8 @@ def build_initrd(kver: str, root: Path, *, busybox: str, modprobe: str) -> Path:
     It holds the static *busybox*, ``guest/init`` as ``/init``, ``guest/stage2``, and
     the modules of :data:`GUEST_MODULES` with their dependencies, decompressed, in
     ``/modules`` with their load order in ``/modules/order``. The image is named by a
-    hash of all that and stored next to *root*; older images there are removed.
+    hash of all that and stored next to *root*; images there older than a day are
+    removed.
 
     Raises:
         VMError: the modules could not be listed or read.
@@ -533,8 +551,9 @@ def build_initrd(kver: str, root: Path, *, busybox: str, modprobe: str) -> Path:
     # mtime=0: the same inputs give the same bytes.
     tmp.write_bytes(gzip.compress(buf.getvalue(), compresslevel=6, mtime=0))
     tmp.rename(target)
+    # Older images go, but not at once: another session may be about to boot one.
     for old in root.parent.glob("initrd-*.cpio.gz"):
-        if old != target:
+        if old != target and time.time() - old.stat().st_mtime > 86400:
             old.unlink(missing_ok=True)
     return target
 
@@ -617,8 +636,8 @@ def _boot_kernel(vmlinuz: Path) -> Path:
 def prepare(cache: Path | None = None, *, log: Callable[[str], None] | None = None) -> Guest:
     """Check the host's programs, fetch the kernel if needed, build the initramfs.
 
-    Fast (well under a second) once the cache is warm; the first time it downloads
-    about 70 MB and unpacks about 400 MB (some seconds to a minute).
+    A second or two once the cache is warm (mostly ``apt-cache``); the first time it
+    downloads about 70 MB and unpacks about 400 MB (some seconds to a minute).
 
     Args:
         cache: the cache folder (default :func:`cache_root`).
@@ -705,6 +724,24 @@ def _read_float(path: Path, index: int = 0) -> float | None:
         return None
 
 
+def _die_with_us() -> Callable[[], None] | None:
+    """Return a preexec_fn that makes the child get SIGKILL when we die, if possible.
+
+    The ``finally`` in :func:`run` stops qemu on every exception, KeyboardInterrupt
+    included; this covers our own SIGKILL, which no ``finally`` sees.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_pdeathsig() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+    return set_pdeathsig
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is not None:
         return
@@ -739,8 +776,8 @@ def run(
             ``["sh", "-c", "..."]`` for a shell command line).
         cwd: where it runs (default: the current folder; the guest sees the same path).
         env: variables exported to the command. The guest starts from an empty
-            environment with ``NBDVM=1``, ``HOME=/root``, ``LANG=C.UTF-8``; ``PATH`` is
-            the host's given here, or the system folders.
+            environment with ``NBDVM=1``, ``HOME=/root``, ``LANG=C.UTF-8``, and a
+            ``PATH`` of *env*'s ``PATH`` (if any) followed by the system folders.
         timeout: seconds the command may run; then it gets SIGINT, and SIGKILL
             :data:`KILL_AFTER` seconds later.
         boot_timeout: seconds from starting qemu until the command starts.
@@ -811,7 +848,11 @@ def run(
         with open(qemu_log, "wb") as qemu_err:
             try:
                 proc = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=output, stderr=qemu_err
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=qemu_err,
+                    preexec_fn=_die_with_us(),
                 )
             except OSError as exc:
                 raise VMError(f"cannot start {qemu_path}: {exc}") from exc
@@ -956,6 +997,13 @@ def junit_key(nodeid: str) -> tuple[str, str]:
     return ".".join(names[:-1]), names[-1]
 
 
+def _has_output(text: str | None) -> bool:
+    # With junit_logging=all pytest writes "--- Captured Out ---" headers even when
+    # nothing was captured.
+    lines = (text or "").splitlines()
+    return any(line.strip() and not re.fullmatch(r"-+ Captured \w+ -+", line) for line in lines)
+
+
 def parse_junit(source: str | os.PathLike[str] | IO[bytes]) -> list[CaseResult]:
     """Read the test cases of a junit xml report written by pytest.
 
@@ -980,8 +1028,8 @@ def parse_junit(source: str | os.PathLike[str] | IO[bytes]) -> list[CaseResult]:
                     messages.append(child.get("message", ""))
                 if child.text and child.text.strip():
                     details.append(child.text.rstrip())
-            elif child.tag in ("system-out", "system-err") and child.text and child.text.strip():
-                output.append(f"--- {child.tag}\n{child.text.rstrip()}")
+            elif child.tag in ("system-out", "system-err") and _has_output(child.text):
+                output.append(f"--- {child.tag}\n{(child.text or '').rstrip()}")
         try:
             seconds = float(case.get("time", "0"))
         except ValueError:
@@ -1024,6 +1072,7 @@ def run_pytest(
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     python: str = sys.executable,
+    plugins: Sequence[str] = ("pytest_timeout",),
     timeout: float = RUN_TIMEOUT,
     boot_timeout: float = BOOT_TIMEOUT,
     memory: str = "1G",
@@ -1032,14 +1081,19 @@ def run_pytest(
     """Boot *guest* once and run ``PYTHON -m pytest ARGS`` in it, reporting to junit xml.
 
     The host's interpreter and checkout are visible at the same paths in the guest, so
-    *python* defaults to ours. pytest runs without its cache provider and writes its
-    junit xml (captured output included) to the xfer share, which is read back here.
+    *python* defaults to ours. pytest runs without its cache provider, without its
+    report header (pytest_report_header hooks may run programs), and with only the
+    plugins named in *plugins* (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): under TCG each
+    auto-loaded plugin costs seconds (hypothesis alone 10-20 s). Its junit xml (captured
+    output included) is written to the xfer share and read back here.
 
     Args:
         guest: from :func:`prepare`.
         args: pytest arguments (test ids, options).
         cwd, env, timeout, boot_timeout, memory, cpus: as for :func:`run`.
         python: the interpreter to run pytest with.
+        plugins: modules loaded with ``-p`` (those *python* cannot import are left
+            out, so that a missing optional plugin is not an error).
 
     Raises:
         VMError: as :func:`run`. A pytest that ran but failed, or wrote no junit xml,
@@ -1048,12 +1102,18 @@ def run_pytest(
     argv = [
         python, "-m", "pytest",
         "-p", "no:cacheprovider",
+        "--no-header",
         "--junitxml=/xfer/junit.xml",
         "-o", "junit_family=xunit2",
         "-o", "junit_logging=all",
         "-o", "junit_log_passing_tests=false",
-        *args,
     ]  # fmt: skip
+    if python == sys.executable:
+        plugins = [name for name in plugins if importlib.util.find_spec(name) is not None]
+    for name in plugins:
+        argv += ["-p", name]
+    argv += args
+    env = {**(env or {}), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     with tempfile.TemporaryDirectory(prefix="pynbd-vm-pytest-") as tmp:
         xfer = Path(tmp) / "xfer"
         out_path = Path(tmp) / "output"
