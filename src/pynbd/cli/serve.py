@@ -31,7 +31,8 @@ lets the kernel choose, and the chosen port is printed on stdout) and ``--unix P
 from systemd socket activation (``LISTEN_PID``/``LISTEN_FDS``, as ``nbdinfo -- [ CMD
 ]`` passes them) are used whenever they are present, and ``--socket-activation``
 insists on them. Once listening, ``--ready-fd FD`` gets the server's URIs, one per
-line, and is closed; ``--pid-file FILE`` gets the pid (removed at exit).
+line, and is closed (with ``--inetd``, closed empty); ``--pid-file FILE`` gets the pid
+(removed at exit).
 
 TLS. ``--tls-certificates DIR`` (server-cert.pem, server-key.pem, ca-cert.pem: nbdkit's
 layout) or ``--tls-psk-file FILE`` (``user:hexkey`` lines; needs Python 3.13) turn TLS
@@ -54,6 +55,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,6 +74,7 @@ log = logging.getLogger("pynbd.server")
 #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.
 GRACE = 10.0
 _KINDS = ("memory", "file", "overlay", "python")
+NOTHING = "nothing to serve: give FILE, --memory SIZE, --python MODULE:NAME or --export NAME=SPEC"
 _TLS_MODES = {"require": TLSPolicy.REQUIRED, "optional": TLSPolicy.OPTIONAL, "off": TLSPolicy.NONE}
 
 
@@ -295,7 +298,7 @@ def _build(args: argparse.Namespace, built: _Built) -> None:
             _usage(f"export {name!r} is given twice")
         named.append((name, spec))
     if not unnamed and not named:
-        _usage("nothing to serve: give FILE, --memory SIZE, --python MODULE:NAME or --export")
+        _usage(NOTHING)
 
     backends: dict[str, AnyBackend] = {}
     if args.python is not None:
@@ -382,7 +385,10 @@ def _uri(address: Any, tls: bool) -> str:
     return f"{scheme}+unix:///?socket={path}"
 
 
-def _write_pid_file(path: str) -> None:
+def _write_pid_file(path: str | None) -> bool:
+    """Write our pid to ``path`` (atomically); False when there is no pid file."""
+    if path is None:
+        return False
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w") as f:
@@ -392,6 +398,7 @@ def _write_pid_file(path: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise CommandError(f"cannot write the pid file {path}: {exc.strerror or exc}") from exc
+    return True
 
 
 def _remove_pid_file(path: str) -> None:
@@ -406,6 +413,8 @@ def _remove_pid_file(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not (args.args or args.memory is not None or args.python or args.export):
+        _usage(NOTHING)
     if args.inetd and (args.tcp or args.unix or args.socket_activation):
         _usage("--inetd serves standard input: it excludes --tcp, --unix and socket activation")
     activated = not args.inetd and socket_activated()
@@ -474,27 +483,39 @@ async def _serve(
     pid_written = False
     try:
         if args.inetd:
-            await _serve_inetd(server, stop)
-            return 0
-        await _listen(server, args, activated)
-        if args.pid_file is not None:
-            _write_pid_file(args.pid_file)
-            pid_written = True
-        await stop.wait()
+            sock = _inetd_socket(args.ready_fd)
+            pid_written = _write_pid_file(args.pid_file)
+            await _serve_inetd(server, sock, stop)
+        else:
+            uris, chosen = await _listen(server, args, activated)
+            # The pid file first: whoever waits for the ready fd may read it at once.
+            pid_written = _write_pid_file(args.pid_file)
+            _announce(server, args, uris, chosen)
+            await stop.wait()
         return 0
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-        await server.close(GRACE)
-        if pid_written:
-            _remove_pid_file(args.pid_file)
+        try:
+            # Still under our signal handlers: a second signal aborts what is left.
+            await server.close(GRACE)
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            if pid_written:
+                _remove_pid_file(args.pid_file)
 
 
-async def _serve_inetd(server: Server, stop: asyncio.Event) -> None:
+def _inetd_socket(ready_fd: int | None) -> socket.socket:
     try:
         sock = inetd_socket()
     except ValueError as exc:
         raise CommandError(f"--inetd: {exc}") from exc
+    if ready_fd is not None:  # nothing listens: the connection is already there
+        with contextlib.suppress(OSError):
+            os.close(ready_fd)
+    return sock
+
+
+async def _serve_inetd(server: Server, sock: socket.socket, stop: asyncio.Event) -> None:
     serving = asyncio.ensure_future(server.serve_socket(sock))
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -506,7 +527,10 @@ async def _serve_inetd(server: Server, stop: asyncio.Event) -> None:
         stopping.cancel()
 
 
-async def _listen(server: Server, args: argparse.Namespace, activated: bool) -> None:
+async def _listen(
+    server: Server, args: argparse.Namespace, activated: bool
+) -> tuple[list[str], list[int]]:
+    """Start every listener; returns their URIs and the ports the kernel chose."""
     tls = server.tls_context is not None
     uris: list[str] = []
     chosen: list[int] = []
@@ -533,6 +557,11 @@ async def _listen(server: Server, args: argparse.Namespace, activated: bool) -> 
         if not sockets:
             raise CommandError("socket activation passed no sockets (LISTEN_FDS=0)")
         uris += [_uri(a, tls) for a in await server.start(sockets=sockets)]
+    return uris, chosen
+
+
+def _announce(server: Server, args: argparse.Namespace, uris: list[str], chosen: list[int]) -> None:
+    """Tell the world the server listens: ports on stdout, a log line, the ready fd."""
     for port in chosen:  # port 0: tell the caller which one the kernel picked
         print(port, flush=True)
     names = ", ".join(repr(n) for n in server.exports)

@@ -182,9 +182,16 @@ class Session(asyncio.BufferedProtocol):
     def abort(self, reason: str) -> None:
         """Hard disconnect now (the reason goes into the connection's log line)."""
         log.debug("%s: closing the connection: %s", self.peer, reason)
-        self._ending = self._ending or Disconnect(reason, soft=False)
+        if self._ending is not None and not self.transport_closed:
+            reason = f"{self._ending.reason}, then {reason}"  # a shutdown cut short
+        if self._ending is None or not self.transport_closed:
+            self._ending = Disconnect(reason, soft=False)
         if self.transport is not None:
             self.transport.abort()
+
+    @property
+    def transport_closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     def _pause(self, reason: str) -> None:
         transport = self._reading_transport()

@@ -1,0 +1,691 @@
+"""``pynbd serve`` as a subprocess (``python -m pynbd serve``), with our clients, libnbd
+(nbdinfo, and its Python module for connect_command), and raw sockets.
+
+Every server is started by the test and stopped by it, by pid, in a ``finally``.
+Readiness comes from ``--ready-fd`` (a pipe the server writes its URIs to, then
+closes), so no test polls or guesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pynbd.client import Client
+from pynbd.errors import ConnectionClosed, NBDError, OptionError, ProtocolError
+from pynbd.proto.constants import Rep
+from pynbd.transport.tls import TLSConfig
+from tests.peers import make_x509_dir, peer_env
+from tests.server.helpers import is_closed, raw_go, raw_request, read_simple_reply, recv_exactly
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MiB = 1 << 20
+
+DEVICE = textwrap.dedent(
+    """
+    import time
+    from pynbd.server import Backend, Capabilities, MemoryBackend
+
+    class Slow(Backend):
+        # Reads take a while: long enough to signal the server in the middle of one.
+        capabilities = Capabilities(can_write=False)
+
+        def __init__(self, delay="1.0"):
+            self.delay = float(delay)
+
+        @property
+        def size(self):
+            return 1 << 20
+
+        def pread_into(self, buf, offset):
+            time.sleep(self.delay)
+            buf[:] = b"s" * len(buf)
+
+    def memory(size="65536"):
+        return MemoryBackend(int(size))
+    """
+)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    return env
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[str]
+    uris: list[str]
+    log: Path
+
+    @property
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def serve(
+    tmp_path: Path,
+    *args: str,
+    stdin: int = subprocess.DEVNULL,
+    pass_fds: tuple[int, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[Served]:
+    """Run ``python -m pynbd serve ARGS --ready-fd W``; yield once it listens; kill it
+    (by pid) afterwards if the test did not stop it."""
+    r, w = os.pipe()
+    log = tmp_path / f"serve-{time.monotonic_ns()}.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pynbd", "serve", *args, "--ready-fd", str(w)],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=logf,
+            text=True,
+            env=env or child_env(),
+            pass_fds=(*pass_fds, w),
+        )
+    os.close(w)
+    try:
+        ready = b""
+        with os.fdopen(r, "rb") as pipe:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                readable, _, _ = select.select([pipe], [], [], 0.5)
+                if readable:
+                    chunk = os.read(pipe.fileno(), 4096)
+                    if not chunk:
+                        break
+                    ready += chunk
+        uris = ready.decode().split()
+        assert uris, f"pynbd serve did not get ready:\n{log.read_text()}"
+        yield Served(proc, uris, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def run_serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pynbd", "serve", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+    )
+
+
+def nbdinfo(*args: str, env: dict[str, str] | None = None) -> str:
+    e = peer_env()
+    if env:
+        e.update(env)
+    done = subprocess.run(["nbdinfo", *args], capture_output=True, text=True, timeout=60, env=e)
+    assert done.returncode == 0, f"nbdinfo {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def test_memory_on_a_unix_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "nbd.sock"
+    with serve(tmp_path, "--memory", "64M", "--unix", str(sock)) as srv:
+        assert srv.uris == [f"nbd+unix:///?socket={sock}"]
+        with Client(srv.uris[0]) as c:
+            assert c.size == 64 * MiB
+            data = os.urandom(MiB + 7)
+            c.pwrite(data, 3 * MiB + 1)
+            assert c.pread(len(data), 3 * MiB + 1) == data
+        info = json.loads(nbdinfo("--json", srv.uris[0]))
+        (export,) = info["exports"]
+        assert export["export-size"] == 64 * MiB
+        assert export["can_trim"] is True and export["is_read_only"] is False
+        assert srv.stop() == 0
+        log = srv.stderr
+    assert not sock.exists()
+    assert f"serving '' on nbd+unix:///?socket={sock}" in log
+    # One line per connection: the peer, the export, what was negotiated, the traffic.
+    ours = [line for line in log.splitlines() if f"unix pid {os.getpid()} " in line]
+    assert len(ours) == 1, log
+    assert "export ''" in ours[0] and "extended headers" in ours[0], ours[0]
+    assert "2 requests, 1.0 MiB read, 1.0 MiB written" in ours[0], ours[0]
+    assert "SIGTERM" in log
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_tcp_port_zero_prints_the_port(tmp_path: Path, host: str) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    with serve(tmp_path, "--memory", "1M", "--tcp", f"{shown}:0") as srv:
+        assert srv.proc.stdout is not None
+        port = int(srv.proc.stdout.readline())
+        assert srv.uris == [f"nbd://{shown}:{port}/"]
+        with Client(host=host, port=port) as c:
+            assert c.size == MiB
+        assert json.loads(nbdinfo("--json", srv.uris[0]))["exports"][0]["export-size"] == MiB
+        assert srv.stop(signal.SIGINT) == 0
+
+
+def test_file_read_write_and_read_only(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(8 * MiB)
+    sock = tmp_path / "s"
+    with serve(tmp_path, str(image), "--unix", str(sock), "--threads", "2") as srv:
+        with Client(srv.uris[0]) as c:
+            c.pwrite(b"\xab" * 65536, 65536, fua=True)
+            c.trim(65536, 4 * MiB)
+            c.flush()
+        assert srv.stop() == 0
+    assert image.read_bytes()[65536:131072] == b"\xab" * 65536
+    with serve(tmp_path, str(image), "--unix", str(sock), "--read-only") as srv:
+        with Client(srv.uris[0]) as c:
+            assert c.is_read_only()
+            assert c.pread(4, 65536) == b"\xab" * 4
+            with pytest.raises(NBDError):
+                c.pwrite(b"x", 0)
+        assert json.loads(nbdinfo("--json", srv.uris[0]))["exports"][0]["is_read_only"] is True
+        assert srv.stop() == 0
+
+
+def test_named_exports_of_every_kind(tmp_path: Path) -> None:
+    golden = tmp_path / "golden.img"
+    golden.write_bytes(b"G" * MiB)
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(bytes(MiB))
+    device = tmp_path / "dev.py"
+    device.write_text(DEVICE)
+    sock = tmp_path / "s"
+    args = [
+        *("--export", "mem=memory:2M"),
+        *("--export", f"file={'file:' + str(plain)}"),
+        *("--export", f"cow=overlay:{golden}"),
+        *("--export", f"cow2=overlay:file:{golden}"),
+        *("--export", f"py=python:{device}:memory,size=131072"),
+        *("--description", "mem=scratch space"),
+        *("--description", "cow=golden image, copy on write"),
+        *("--default-export", "cow"),
+        *("--overlay-dir", str(tmp_path)),
+        *("--unix", str(sock)),
+    ]
+    with serve(tmp_path, *args) as srv:
+        listing = json.loads(nbdinfo("--list", "--json", srv.uris[0]))
+        by_name = {e["export-name"]: e for e in listing["exports"]}
+        assert set(by_name) == {"mem", "file", "cow", "cow2", "py"}
+        assert by_name["mem"]["description"] == "scratch space"
+        assert by_name["cow"]["description"] == "golden image, copy on write"
+        assert by_name["py"]["export-size"] == 131072
+        with Client(srv.uris[0]) as c:  # the default export: cow
+            assert c.size == MiB
+            c.pwrite(b"new", 10)
+            assert c.pread(16, 0) == b"G" * 10 + b"new" + b"G" * 3
+        with Client(srv.uris[0], export_name="cow2") as c:
+            assert c.pread(16, 0) == b"G" * 16  # its own overlay
+        with Client(srv.uris[0], export_name="file") as c:
+            c.pwrite(b"written", 0)
+        assert srv.stop() == 0
+    assert golden.read_bytes() == b"G" * MiB  # overlays never write to their base
+    assert plain.read_bytes()[:7] == b"written"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pynbd-overlay")) == []
+
+
+def test_python_backend_with_arguments(tmp_path: Path) -> None:
+    device = tmp_path / "dev.py"
+    device.write_text(DEVICE)
+    sock = tmp_path / "s"
+    with serve(tmp_path, "--python", f"{device}:memory", "size=1048576", "--unix", str(sock)) as s:
+        with Client(s.uris[0]) as c:
+            assert c.size == MiB
+            c.pwrite(b"py", 100)
+            assert c.pread(2, 100) == b"py"
+        assert s.stop() == 0
+
+
+def test_block_sizes_and_protocol_switches(tmp_path: Path) -> None:
+    sock = tmp_path / "s"
+    args = ["--memory", "4M", "--unix", str(sock), "--block-size", "4096,65536,1M"]
+    with serve(tmp_path, *args) as srv:
+        with Client(srv.uris[0]) as c:
+            sizes = [c.get_block_size(k) for k in ("minimum", "preferred", "maximum")]
+            assert sizes == [4096, 65536, MiB]
+            assert c.extended_headers
+        export = json.loads(nbdinfo("--json", srv.uris[0]))["exports"][0]
+        assert export["block_size_minimum"] == 4096
+        assert export["block_size_maximum"] == MiB
+        assert srv.stop() == 0
+    with serve(tmp_path, "--memory", "4M", "--unix", str(sock), "--no-extended-headers") as srv:
+        with Client(srv.uris[0]) as c:
+            assert c.structured_replies and not c.extended_headers
+        assert srv.stop() == 0
+    with serve(tmp_path, "--memory", "4M", "--unix", str(sock), "--no-structured-replies") as srv:
+        with Client(srv.uris[0]) as c:
+            assert not c.structured_replies and not c.extended_headers
+            c.pwrite(b"simple", 0)
+            assert c.pread(6, 0) == b"simple"
+        assert srv.stop() == 0
+
+
+def test_tls_certificates(tmp_path: Path) -> None:
+    certs = make_x509_dir(tmp_path)
+    sock = tmp_path / "s"
+    base = ["--memory", "4M", "--unix", str(sock), "--tls-certificates", str(certs)]
+    with serve(tmp_path, *base) as srv:
+        assert srv.uris == [f"nbds+unix:///?socket={sock}"]
+        with Client(path=str(sock), tls=TLSConfig(certificates=str(certs))) as c:
+            assert c.negotiated.tls
+            c.pwrite(b"secret", 0)
+        with pytest.raises(OptionError) as refused:
+            Client(path=str(sock))
+        assert refused.value.reply == Rep.ERR_TLS_REQD
+        uri = f"nbds+unix:///?socket={sock}&tls-certificates={certs}"
+        assert json.loads(nbdinfo("--json", uri))["TLS"] is True
+        assert srv.stop() == 0
+        assert "TLSv1.3" in srv.stderr
+    with serve(tmp_path, *base, "--tls", "optional", "--tls-verify-peer") as srv:
+        with Client(path=str(sock)) as c:  # optional: plaintext is allowed
+            assert not c.negotiated.tls
+        with Client(path=str(sock), tls=TLSConfig(certificates=str(certs))) as c:
+            assert c.negotiated.tls  # with the client certificate of the directory
+        assert srv.stop() == 0
+
+
+def test_pid_file(tmp_path: Path) -> None:
+    pid_file = tmp_path / "serve.pid"
+    args = ["--memory", "1M", "--unix", str(tmp_path / "s"), "--pid-file", str(pid_file)]
+    with serve(tmp_path, *args) as srv:
+        assert pid_file.read_text() == f"{srv.proc.pid}\n"
+        assert srv.stop() == 0
+    assert not pid_file.exists()
+
+
+def test_max_connections_and_handshake_timeout(tmp_path: Path) -> None:
+    sock = tmp_path / "s"
+    args = ["--memory", "1M", "--unix", str(sock), "--max-connections", "1"]
+    with serve(tmp_path, *args, "--handshake-timeout", "0.5") as srv:
+        with Client(srv.uris[0]) as first:
+            with pytest.raises((ConnectionClosed, ProtocolError)):
+                Client(srv.uris[0], timeout=10)
+            assert first.pread(1, 0) == b"\0"
+        # A client that never finishes its handshake is dropped.
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(str(sock))
+            start = time.monotonic()
+            assert is_closed(raw, timeout=10)
+            assert time.monotonic() - start < 5
+        assert srv.stop() == 0
+        assert "too many connections" in srv.stderr
+        assert "handshake took too long" in srv.stderr
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_sigterm_during_a_write_completes_it(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(16 * MiB))
+    sock = tmp_path / "s"
+    data = os.urandom(8 * MiB)
+    with serve(tmp_path, str(image), "--unix", str(sock)) as srv:
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(20)
+            raw.connect(str(sock))
+            raw_go(raw)  # simple replies
+            raw.sendall(raw_request(1, MiB, len(data), cookie=42) + data[: 3 * MiB])
+            time.sleep(0.3)
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert srv.proc.poll() is None  # waiting for the rest of the payload
+            raw.sendall(data[3 * MiB :])
+            assert read_simple_reply(raw) == (0, 42)
+            assert is_closed(raw)  # then it closes the connection
+        assert srv.proc.wait(20) == 0
+    assert image.read_bytes()[MiB : 9 * MiB] == data
+
+
+def test_sigterm_during_a_slow_read_answers_it(tmp_path: Path) -> None:
+    device = tmp_path / "dev.py"
+    device.write_text(DEVICE)
+    sock = tmp_path / "s"
+    with serve(tmp_path, "--python", f"{device}:Slow", "delay=1.5", "--unix", str(sock)) as srv:
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(20)
+            raw.connect(str(sock))
+            raw_go(raw)
+            raw.sendall(raw_request(0, 4096, 512, cookie=7))
+            time.sleep(0.3)
+            srv.proc.send_signal(signal.SIGTERM)
+            assert read_simple_reply(raw) == (0, 7)
+            assert recv_exactly(raw, 512) == b"s" * 512
+            assert is_closed(raw)
+        assert srv.proc.wait(20) == 0
+
+
+def test_a_second_signal_aborts_requests_under_way(tmp_path: Path) -> None:
+    device = tmp_path / "dev.py"
+    device.write_text(DEVICE)
+    sock = tmp_path / "s"
+    with serve(tmp_path, "--python", f"{device}:Slow", "delay=3", "--unix", str(sock)) as srv:
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(20)
+            raw.connect(str(sock))
+            raw_go(raw)
+            raw.sendall(raw_request(0, 0, 512, cookie=9))
+            time.sleep(0.3)
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            srv.proc.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            assert raw.recv(16) == b""  # closed without the reply
+            assert time.monotonic() - start < 2
+        # The backend call itself cannot be interrupted: the exit waits for it.
+        assert srv.proc.wait(20) == 0
+        assert "SIGTERM again" in srv.stderr
+
+
+# --------------------------------------------------------------------------- inetd
+
+
+def test_inetd_with_our_client(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    log = tmp_path / "inetd.log"
+    with ours, theirs, open(log, "w") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pynbd", "serve", "--inetd", "--memory", "8M"],
+            stdin=theirs.fileno(),
+            stdout=theirs.fileno(),
+            stderr=logf,
+            env=child_env(),
+        )
+        try:
+            theirs.close()
+            with Client(sock=ours) as c:
+                assert c.size == 8 * MiB
+                c.pwrite(b"inetd", 0)
+                assert c.pread(5, 0) == b"inetd"
+            assert proc.wait(20) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+    assert "export ''" in log.read_text()
+
+
+LIBNBD_COMMAND = """
+import json, sys, nbd
+h = nbd.NBD()
+h.connect_command(sys.argv[1:])
+h.pwrite(b"via connect_command", 4096)
+print(json.dumps({"size": h.get_size(), "data": h.pread(19, 4096).decode(),
+                  "structured": h.get_structured_replies_negotiated()}))
+h.shutdown()
+"""
+
+
+def test_inetd_started_by_libnbd_connect_command() -> None:
+    done = subprocess.run(
+        [
+            "/usr/bin/python3",
+            "-c",
+            LIBNBD_COMMAND,
+            sys.executable,
+            "-m",
+            "pynbd",
+            "serve",
+            "--inetd",
+            "--memory",
+            "16M",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**peer_env(), "PYTHONPATH": str(SRC)},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result == {"size": 16 * MiB, "data": "via connect_command", "structured": True}
+
+
+def test_inetd_needs_a_socket() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pynbd", "serve", "--inetd", "--memory", "1M"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=child_env(),
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "pynbd: --inetd: standard input is not a socket (--inetd serves a socket on fd 0)"
+    )
+
+
+# --------------------------------------------------------------------------- socket activation
+
+
+def test_socket_activation_by_nbdinfo() -> None:
+    """nbdinfo -- [ CMD ] (libnbd 1.14's only subprocess form) uses socket activation."""
+    cmd = ["[", sys.executable, "-m", "pynbd", "serve", "--memory", "64M", "]"]
+    env = {"PYTHONPATH": str(SRC)}
+    info = json.loads(nbdinfo("--json", "--", *cmd, env=env))
+    assert info["exports"][0]["export-size"] == 64 * MiB
+    extents = json.loads(nbdinfo("--map", "--json", "--", *cmd, env=env))
+    assert [(e["offset"], e["length"], e["type"]) for e in extents] == [(0, 64 * MiB, 3)]
+
+
+def test_hand_made_socket_activation(tmp_path: Path) -> None:
+    """Two sockets (unix on fd 3, TCP on fd 4) and LISTEN_PID set after the fork, as
+    systemd does: a small launcher that execs the server keeps its pid."""
+    path = tmp_path / "activated.sock"
+    unix = socket.socket(socket.AF_UNIX)
+    tcp = socket.socket(socket.AF_INET)
+    with unix, tcp:
+        unix.bind(str(path))
+        unix.listen()
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        port = tcp.getsockname()[1]
+        env = {**child_env(), "TCP_FD": str(tcp.fileno())}
+        with _activated(tmp_path, unix, tcp, env) as srv:
+            assert srv.uris == [f"nbd+unix:///?socket={path}", f"nbd://127.0.0.1:{port}/"]
+            with Client(path=str(path)) as c:
+                c.pwrite(b"shared", 0)
+            with Client(host="127.0.0.1", port=port) as c:
+                assert c.pread(6, 0) == b"shared"
+            assert srv.stop() == 0
+    assert path.exists()  # the socket file belongs to whoever made it
+
+
+# What systemd does between fork and exec: the sockets to fds 3 and 4, LISTEN_PID = the
+# pid that exec keeps.
+LAUNCHER = """
+import os, sys
+os.dup2(0, 3)
+os.dup2(int(os.environ.pop("TCP_FD")), 4)
+null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(null, 0)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@contextlib.contextmanager
+def _activated(
+    tmp_path: Path, unix: socket.socket, tcp: socket.socket, env: dict[str, str]
+) -> Iterator[Served]:
+    r, w = os.pipe()
+    log = tmp_path / "activated.log"
+    argv = [sys.executable, "-m", "pynbd", "serve", "--memory", "2M", "--socket-activation"]
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, *argv, "--ready-fd", str(w)],
+            stdin=unix.fileno(),
+            stdout=subprocess.PIPE,
+            stderr=logf,
+            text=True,
+            env=env,
+            pass_fds=(tcp.fileno(), w),
+        )
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as pipe:
+            readable, _, _ = select.select([pipe], [], [], 30)
+            ready = pipe.read() if readable else b""
+        assert ready, f"not ready:\n{log.read_text()}"
+        yield Served(proc, ready.decode().split(), log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_socket_activation_for_another_process_is_ignored() -> None:
+    env = {**child_env(), "LISTEN_PID": "1", "LISTEN_FDS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pynbd", "serve", "--memory", "1M", "--socket-activation"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "pynbd: --socket-activation: LISTEN_PID/LISTEN_FDS do not name this process"
+    )
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+BAD: list[tuple[list[str], int, str]] = [
+    ([], 2, "nothing to serve"),
+    (["--memory", "1M"], 2, "nowhere to listen"),
+    (["--memory", "12Q", "--unix", "S"], 2, "not a byte count: '12Q'"),
+    (["--memory"], 2, "expected one argument"),
+    (["--memory", "1M", "--unix", "S", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["--memory", "1M", "IMG", "--unix", "S"], 2, "FILE and --memory both make the default"),
+    (["A", "B", "--unix", "S"], 2, "one FILE at most"),
+    (["/nonexistent/disk.img", "--unix", "S"], 1, "cannot open /nonexistent/disk.img: No such"),
+    (["--export", "x", "--unix", "S"], 2, "--export 'x' is not NAME=SPEC"),
+    (["--export", "x=tape:1", "--unix", "S"], 2, "'tape:1' is not memory:SIZE"),
+    (["--export", "x=memory:", "--unix", "S"], 2, "says nothing after memory:"),
+    (["--export", "x=memory:1M", "--export", "x=memory:2M", "--unix", "S"], 2, "given twice"),
+    (["--export", "x=overlay:/nonexistent", "--unix", "S"], 1, "cannot open /nonexistent"),
+    (["--export", "x=memory:1M", "--default-export", "y", "--unix", "S"], 2, "'y' is not an"),
+    (
+        [
+            "--export",
+            "a=memory:1M",
+            "--export",
+            "b=memory:1M",
+            "--description",
+            "z=t",
+            "--unix",
+            "S",
+        ],
+        2,
+        "--description 'z=t' is not NAME=TEXT",
+    ),
+    (["--memory", "1M", "--tcp", "localhost"], 2, "not HOST:PORT"),
+    (["--memory", "1M", "--tcp", "[::1]:99999"], 2, "port out of range"),
+    (["--memory", "1M", "--unix", "/nonexistent/dir/s"], 1, "cannot listen on unix socket"),
+    (["--memory", "1M", "--unix", "S", "--tls", "require"], 2, "needs --tls-certificates"),
+    (["--memory", "1M", "--unix", "S", "--tls", "maybe"], 2, "invalid choice: 'maybe'"),
+    (["--memory", "1M", "--unix", "S", "--tls-verify-peer"], 2, "needs --tls-certificates"),
+    (
+        ["--memory", "1M", "--unix", "S", "--tls", "off", "--tls-certificates", "/"],
+        2,
+        "--tls off contradicts",
+    ),
+    (
+        ["--memory", "1M", "--unix", "S", "--tls-certificates", "/", "--tls-psk-file", "/x"],
+        2,
+        "not both",
+    ),
+    (["--memory", "1M", "--unix", "S", "--tls-certificates", "/nonexistent"], 1, "does not exist"),
+    (["--memory", "1M", "--inetd", "--tcp", ":0"], 2, "--inetd serves standard input"),
+    (["--memory", "1M", "--socket-activation"], 1, "LISTEN_PID/LISTEN_FDS do not name"),
+    (["--memory", "1M", "--unix", "S", "--threads", "0"], 2, "must be at least 1"),
+    (["--memory", "1M", "--unix", "S", "--max-connections", "x"], 2, "not a number: 'x'"),
+    (["--memory", "1M", "--unix", "S", "--handshake-timeout", "-1"], 2, "not a valid number"),
+    (["--memory", "1M", "--unix", "S", "--block-size", "512,4096"], 2, "not MIN,PREF,MAX"),
+    (["--memory", "1M", "--unix", "S", "--block-size", "3,4096,1M"], 2, "not a power of 2"),
+    (["--memory", "1M", "--unix", "S", "--block-size", "512,4096,64M"], 2, "above the backend"),
+    (["--memory", "1M", "--unix", "S", "--ready-fd", "999"], 2, "descriptor 999 is not open"),
+    (["--memory", "1M", "--unix", "S", "--pid-file", "/nonexistent/p"], 1, "no such directory"),
+    (["--python", "no_such_mod_x:Dev", "--unix", "S"], 1, "no module named 'no_such_mod_x'"),
+    (["--python", "os:path", "bad", "--unix", "S"], 2, "'bad' is not KEY=VALUE"),
+    (
+        ["--export", "x=overlay:memory:1M", "--overlay-dir", "/nonexistent", "--unix", "S"],
+        1,
+        "overlay in",
+    ),
+]
+if sys.version_info < (3, 13):
+    BAD.append((["--memory", "1M", "--unix", "S", "--tls-psk-file", "F"], 1, "needs Python 3.13"))
+
+
+@pytest.mark.parametrize(("args", "status", "fragment"), BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_arguments_give_one_line(
+    tmp_path: Path, args: list[str], status: int, fragment: str
+) -> None:
+    image = tmp_path / "IMG"
+    image.write_bytes(bytes(4096))
+    (tmp_path / "F").write_text("alice:00ff\n")
+    args = [str(tmp_path / a) if a in ("S", "IMG", "F") else a for a in args]
+    done = subprocess.run(
+        [sys.executable, "-m", "pynbd", "serve", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=child_env(),
+    )
+    lines = done.stderr.splitlines()
+    assert done.returncode == status, done.stderr
+    assert len(lines) == 1, done.stderr
+    assert fragment in lines[0], lines[0]
+    assert lines[0].startswith("pynbd serve: error: " if status == 2 else "pynbd: "), lines[0]
+    assert done.stdout == ""
+
+
+def test_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_serve("--memory", "1M", "--tcp", f"127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert done.stderr == f"pynbd: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+def test_help() -> None:
+    done = run_serve("--help")
+    assert done.returncode == 0
+    for word in ("memory:SIZE", "overlay:PATH", "python:MODULE:NAME", "--tls-psk-file", "--inetd"):
+        assert word in done.stdout
+    assert "``" not in done.stdout
