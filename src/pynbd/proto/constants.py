@@ -190,3 +190,17 @@ class Err(enum.IntEnum):
 
 
 BASE_ALLOCATION = "base:allocation"
+
+#: The transmission flag a server must advertise before the client may send a command
+#: or a command flag (NBD-NOTES rule 8); both sides of the core check these.
+COMMAND_NEEDS: dict[Cmd, TransmissionFlag] = {
+    Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Cmd.TRIM: TransmissionFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+    Cmd.CACHE: TransmissionFlag.SEND_CACHE,
+}
+FLAG_NEEDS: dict[CmdFlag, TransmissionFlag] = {
+    CmdFlag.FUA: TransmissionFlag.SEND_FUA,
+    CmdFlag.DF: TransmissionFlag.SEND_DF,
+    CmdFlag.FAST_ZERO: TransmissionFlag.SEND_FAST_ZERO,
+}

@@ -31,8 +31,10 @@ from typing import TypeAlias
 
 from ..errors import ProtocolError
 from .constants import (
+    COMMAND_NEEDS,
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
+    FLAG_NEEDS,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
@@ -85,17 +87,6 @@ _CMD_FLAGS: dict[Cmd, CmdFlag] = {
     Cmd.CACHE: CmdFlag(0),
     Cmd.WRITE_ZEROES: CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
-}
-_CMD_NEEDS: dict[Cmd, TransmissionFlag] = {
-    Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
-    Cmd.TRIM: TransmissionFlag.SEND_TRIM,
-    Cmd.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
-    Cmd.CACHE: TransmissionFlag.SEND_CACHE,
-}
-_FLAG_NEEDS: dict[CmdFlag, TransmissionFlag] = {
-    CmdFlag.FUA: TransmissionFlag.SEND_FUA,
-    CmdFlag.DF: TransmissionFlag.SEND_DF,
-    CmdFlag.FAST_ZERO: TransmissionFlag.SEND_FAST_ZERO,
 }
 #: Commands with a nonzero effect length that succeed at once when the length is 0.
 _EMPTY_OK = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES})
@@ -429,10 +420,10 @@ class ServerTransmission:
         bad = flags & ~int(_CMD_FLAGS[command] | CmdFlag.FUA | CmdFlag.PAYLOAD_LEN)
         if bad:
             raise _Refused(Err.EINVAL, f"flags {bad:#x} are not valid for {name}")
-        for flag, needed in _FLAG_NEEDS.items():
+        for flag, needed in FLAG_NEEDS.items():
             if flags & flag and not self.flags & needed:
                 raise _Refused(Err.EINVAL, f"NBD_CMD_FLAG_{flag.name} was not advertised")
-        needed_flag = _CMD_NEEDS.get(command)
+        needed_flag = COMMAND_NEEDS.get(command)
         if needed_flag is not None and not self.flags & needed_flag:
             raise _Refused(Err.EINVAL, f"{name} was not advertised")
         if command is Cmd.BLOCK_STATUS and not self.contexts:

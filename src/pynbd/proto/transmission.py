@@ -41,7 +41,9 @@ from ..errors import (
 )
 from .constants import (
     CHUNK_ERROR_BIT,
+    COMMAND_NEEDS,
     EXTENDED_REPLY_MAGIC,
+    FLAG_NEEDS,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Chunk,
@@ -100,18 +102,6 @@ _ALLOWED_FLAGS: dict[Cmd, CmdFlag] = {
     Cmd.CACHE: CmdFlag(0),
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
-}
-#: The transmission flag that must be set before a command or flag may be sent (rule 8).
-_CMD_NEEDS: dict[Cmd, TransmissionFlag] = {
-    Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
-    Cmd.TRIM: TransmissionFlag.SEND_TRIM,
-    Cmd.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
-    Cmd.CACHE: TransmissionFlag.SEND_CACHE,
-}
-_FLAG_NEEDS: dict[CmdFlag, TransmissionFlag] = {
-    CmdFlag.FUA: TransmissionFlag.SEND_FUA,
-    CmdFlag.DF: TransmissionFlag.SEND_DF,
-    CmdFlag.FAST_ZERO: TransmissionFlag.SEND_FAST_ZERO,
 }
 
 
@@ -437,7 +427,7 @@ class ClientTransmission:
             raise InvalidRequest(f"unknown command {command}") from None
         if cmd in (Cmd.DISC, Cmd.RESIZE):
             raise InvalidRequest(f"NBD_CMD_{cmd.name} cannot be sent with request()")
-        need = _CMD_NEEDS.get(cmd)
+        need = COMMAND_NEEDS.get(cmd)
         if need is not None and not self.flags & need:
             raise UnsupportedError(f"the server does not support NBD_CMD_{cmd.name}")
         if cmd is Cmd.BLOCK_STATUS and not self._context_names:
@@ -449,7 +439,7 @@ class ClientTransmission:
         bad = int(flags) & ~int(_ALLOWED_FLAGS[cmd])
         if bad:
             raise InvalidRequest(f"flags {bad:#x} are not valid for NBD_CMD_{cmd.name}")
-        for flag, tflag in _FLAG_NEEDS.items():
+        for flag, tflag in FLAG_NEEDS.items():
             if flags & flag and not self.flags & tflag:
                 raise UnsupportedError(f"the server does not support NBD_CMD_FLAG_{flag.name}")
         if flags & CmdFlag.DF and not self.structured:
