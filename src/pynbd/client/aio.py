@@ -299,6 +299,7 @@ class AsyncClient(ClientBase):
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._period = 1.0
+        self._maxp = self._max_payload()
 
     @classmethod
     async def connect(

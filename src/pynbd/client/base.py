@@ -118,6 +118,8 @@ class ClientBase:
 
     _core: ClientTransmission | None
     negotiated: Negotiated
+    #: The largest payload one request carries (set once negotiation is done).
+    _maxp: int
 
     # -- getters -------------------------------------------------------------------
 
@@ -224,18 +226,9 @@ class ClientBase:
         view = buf if type(buf) is memoryview else memoryview(buf)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        n = len(view)
-        if 0 < n <= self._max_payload_cached:
+        if 0 < len(view) <= self._maxp:
             return view
         return None
-
-    @property
-    def _max_payload_cached(self) -> int:
-        try:
-            return self._maxp
-        except AttributeError:
-            self._maxp: int = self._max_payload()
-            return self._maxp
 
     def _plan_read(self, buf: Buffer, offset: int, df: bool) -> list[Op]:
         view = memoryview(buf).cast("B")

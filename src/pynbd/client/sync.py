@@ -266,6 +266,7 @@ class Client(ClientBase):
         # Bytes the server sent right after GO are checked, not dropped.
         self._core = ClientTransmission(self.negotiated, handshake.trailing_data)
         self._timer = _KernelTimeout(self._sock)
+        self._maxp = self._max_payload()
 
     # -- negotiation mode --------------------------------------------------------------
 
@@ -369,8 +370,8 @@ class Client(ClientBase):
 
         Raises the first failed request's error, in request order.
         """
-        _, core = self._live()
-        return self._exchange(submit_all(core, ops), timeout)
+        sock, core = self._live()
+        return self._exchange(submit_all(core, ops), timeout, sock, core)
 
     def _one(
         self,
@@ -383,13 +384,14 @@ class Client(ClientBase):
         buffer: memoryview | None = None,
     ) -> None:
         """One request, the common case, without planning a list."""
-        _, core = self._live()
-        cookie = core.request(command, offset, length, flags, payload=payload, buffer=buffer)
-        self._exchange([cookie], timeout)
-
-    def _exchange(self, cookies: list[int], timeout: Timeout) -> list[Reply]:
-        """Send what the core queued for ``cookies`` and read until they completed."""
         sock, core = self._live()
+        cookie = core.request(command, offset, length, flags, payload=payload, buffer=buffer)
+        self._exchange([cookie], timeout, sock, core)
+
+    def _exchange(
+        self, cookies: list[int], timeout: Timeout, sock: socket.socket, core: ClientTransmission
+    ) -> list[Reply]:
+        """Send what the core queued for ``cookies`` and read until they completed."""
         limit = self.timeout if timeout is DEFAULT else timeout
         timer = self._timer
         end = None if limit is None else time.monotonic() + limit
