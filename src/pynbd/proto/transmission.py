@@ -516,7 +516,7 @@ class ClientTransmission:
         """The next completed request, or None when nothing has completed."""
         return self._replies.popleft() if self._replies else None
 
-    def fail_all(self, exc: Exception | None = None) -> list[int]:
+    def fail_all(self) -> list[int]:
         """Mark the connection dead and forget every request; returns their cookies."""
         self._closed = True
         cookies = list(self._in_flight)
@@ -534,9 +534,6 @@ class ClientTransmission:
                 f"server closed the connection with {len(self._in_flight)} request(s) in flight"
             )
         raise ConnectionClosed("server closed the connection")
-
-    def _avail(self) -> int:
-        return self._end - self._start
 
     def _parse(self) -> None:
         while True:
@@ -564,7 +561,7 @@ class ClientTransmission:
                 self._start += 8
                 self._begin_data(offset)
             else:  # _CHUNK
-                if self._avail() < self._chunk_len:
+                if self._end - self._start < self._chunk_len:
                     return
                 data = bytes(self._view[self._start : self._start + self._chunk_len])
                 self._start += self._chunk_len
