@@ -35,6 +35,7 @@ from .. import __version__
 from ..errors import NBDError, OptionError
 from ..proto.constants import Rep
 from . import demo, exports, extents, info, serve
+from . import kernel as kernel_cli
 from .common import CommandError, Subparsers
 
 #: The ``register(sub)`` functions of the subcommands, in the order ``--help`` shows them.
@@ -44,6 +45,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     extents.register,
     demo.register,
     serve.register,
+    kernel_cli.register,
 )
 
 #: Options that take an optional value written ``--opt=VALUE``: bare, they get this value.

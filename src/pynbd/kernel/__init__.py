@@ -17,3 +17,28 @@ from __future__ import annotations
 from .errors import FamilyNotFound, KernelError, NetlinkFormatError
 
 __all__ = ["FamilyNotFound", "KernelError", "NetlinkFormatError"]
+
+# The device object, attach/detach and status (appended with pynbd.kernel part 2).
+from .attach import (
+    Attachment,
+    DeviceInfo,
+    attach,
+    attach_backend,
+    connect_for_kernel,
+    detach,
+    device_status,
+)
+from .device import NBDDevice, NetlinkControl, find_free_device
+
+__all__ += [
+    "Attachment",
+    "DeviceInfo",
+    "NBDDevice",
+    "NetlinkControl",
+    "attach",
+    "attach_backend",
+    "connect_for_kernel",
+    "detach",
+    "device_status",
+    "find_free_device",
+]

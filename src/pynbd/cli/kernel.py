@@ -1,0 +1,230 @@
+"""``pynbd attach``, ``pynbd detach``, ``pynbd status``: the Linux nbd driver.
+
+::
+
+    pynbd attach nbd://host/export                   # prints the device, e.g. /dev/nbd0
+    pynbd attach nbd+unix:///?socket=/tmp/s /dev/nbd3 --connections 4 --read-only
+    pynbd attach --memory 1G --foreground            # a RAM disk served by this process
+    pynbd attach --file disk.img /dev/nbd1           # a file, served by this process
+    pynbd detach /dev/nbd0
+    pynbd status [/dev/nbd0] [--json]
+
+``attach`` negotiates with the server itself and hands the connections to the kernel
+(netlink, or the ioctls with ``--ioctl``), waits until the device is usable (with its
+partitions scanned), and prints the device's path. With netlink the command then exits
+and the device stays attached until ``pynbd detach``; with ``--foreground`` (implied by
+``--ioctl``, ``--memory`` and ``--file``: a process must stay) it stays until SIGINT or
+SIGTERM, then detaches. ``--connections N`` opens N connections when the server allows
+multi-conn. ``--timeout`` is the kernel's request timeout (0: never); ``--dead-timeout``
+holds I/O that long while every connection is down. ``--block-size`` defaults to 512,
+or the server's minimum block size when that is larger.
+
+``status`` prints one line per device: path, ``attached`` or ``free``, size, the pid
+that attached it and the backend identifier; ``--json`` prints a list of objects
+(index, device, connected, size, pid, backend, read_only, block_size).
+
+Exit status 0 on success, 1 on an error (one line saying what to do: run as root,
+modprobe nbd, detach the busy device, ...), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import signal
+import sys
+import threading
+from types import FrameType
+
+from ..errors import InvalidRequest
+from ..kernel.attach import Attachment, attach, attach_backend, detach, device_status
+from ..kernel.device import sysfs_state
+from ..kernel.errors import FamilyNotFound, KernelError
+from .common import CommandError, Subparsers, human_size, parse_size
+
+
+def register(sub: Subparsers) -> None:
+    """Add ``attach``, ``detach`` and ``status`` to the ``pynbd`` parser."""
+    doc = __doc__ or ""
+    p = sub.add_parser(
+        "attach",
+        help="attach an NBD export to /dev/nbdX (Linux)",
+        description=doc[doc.index("``attach`` negotiates") :].split("\n\n")[0].replace("``", ""),
+        usage="pynbd attach (URI | --memory SIZE | --file PATH) [DEVICE] [OPTIONS]",
+    )
+    p.add_argument("args", nargs="*", metavar="URI DEVICE", help="the server and the device")
+    g = p.add_argument_group("served by this process (implies --foreground)")
+    g.add_argument("--memory", metavar="SIZE", type=parse_size, help="a sparse RAM disk")
+    g.add_argument("--file", metavar="PATH", help="a file or block device")
+    g = p.add_argument_group("device")
+    g.add_argument("--connections", "-C", type=_positive, default=1, metavar="N")
+    g.add_argument("--timeout", type=_seconds, default=30, metavar="S", help="default 30")
+    g.add_argument("--dead-timeout", type=_seconds, metavar="S")
+    g.add_argument("--block-size", type=parse_size, metavar="BYTES")
+    g.add_argument("--read-only", "-r", action="store_true")
+    g.add_argument("--ioctl", action="store_true", help="ioctls + NBD_DO_IT, not netlink")
+    g.add_argument("--backend-id", metavar="TEXT", help="shown in /sys/block/nbdX/backend")
+    g.add_argument("--foreground", "-f", action="store_true", help="detach on SIGINT/SIGTERM")
+    p.set_defaults(func=run_attach)
+
+    p = sub.add_parser("detach", help="detach /dev/nbdX (Linux)")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("--ioctl", action="store_true", help="NBD_DISCONNECT, not netlink")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.set_defaults(func=run_detach)
+
+    p = sub.add_parser("status", help="show the nbd devices (Linux)")
+    p.add_argument("device", metavar="DEVICE", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_status)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _explain(exc: KernelError, device: str | None = None) -> CommandError:
+    """One line that says what failed and what to do."""
+    text = str(exc)
+    if isinstance(exc, FamilyNotFound) or (
+        exc.errno == errno.ENOENT and exc.call in ("open", None)
+    ):
+        hint = "is the nbd driver loaded? (modprobe nbd)"
+    elif exc.errno in (errno.EPERM, errno.EACCES):
+        hint = "run as root"
+    elif exc.errno == errno.EBUSY:
+        what = exc.device or device or "the device"
+        hint = f"{what} is busy: detach it first (pynbd detach {what}) or choose another"
+    else:
+        return CommandError(text)
+    return CommandError(f"{text}: {hint}" if hint not in text else text)
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    """``pynbd attach``."""
+    positional: list[str] = args.args
+    local = args.memory is not None or args.file is not None
+    if args.memory is not None and args.file is not None:
+        raise CommandError("give --memory or --file, not both")
+    if len(positional) > (1 if local else 2) or (not local and not positional):
+        raise CommandError(
+            "usage: pynbd attach URI [DEVICE], or pynbd attach --memory SIZE [DEVICE]"
+        )
+    uri = None if local else positional[0]
+    device = positional[-1] if len(positional) == (1 if local else 2) else None
+    foreground = args.foreground or args.ioctl or local
+    options = {
+        "connections": args.connections,
+        "timeout": args.timeout,
+        "block_size": args.block_size,
+        "read_only": args.read_only,
+        "use_ioctl": args.ioctl,
+        "backend_id": args.backend_id,
+    }
+    try:
+        if uri is not None:
+            attachment = attach(uri, device, dead_timeout=args.dead_timeout, **options)
+        else:
+            attachment = attach_backend(_backend(args), device, **options)
+    except KernelError as exc:
+        raise _explain(exc, device) from exc
+    print(attachment.device, flush=True)
+    if not foreground:
+        return 0
+    return _stay(attachment)
+
+
+def _backend(args: argparse.Namespace) -> object:
+    from ..server import FileBackend, MemoryBackend
+
+    if args.memory is not None:
+        if args.memory <= 0:
+            raise CommandError("--memory needs a size above 0")
+        return MemoryBackend(args.memory)
+    try:
+        return FileBackend(args.file, read_only=args.read_only)
+    except OSError as exc:
+        raise CommandError(f"cannot open {args.file}: {exc.strerror}") from exc
+
+
+def _stay(attachment: Attachment) -> int:
+    """Wait for SIGINT or SIGTERM (or the device's end), then detach."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            if not attachment.attached:
+                print(f"pynbd: {attachment.device} was disconnected", file=sys.stderr)
+                break
+    finally:
+        try:
+            attachment.detach()
+        except KernelError as exc:
+            raise _explain(exc, attachment.device) from exc
+        finally:
+            for signum, handler in old.items():
+                signal.signal(signum, handler)
+    return 0
+
+
+def run_detach(args: argparse.Namespace) -> int:
+    """``pynbd detach``."""
+    try:
+        state = sysfs_state(args.device)
+    except InvalidRequest as exc:
+        raise CommandError(str(exc)) from exc
+    if not state.exists:
+        raise CommandError(f"{args.device}: no such nbd device (is the nbd driver loaded?)")
+    try:
+        detach(args.device, timeout=args.timeout, use_ioctl=args.ioctl)
+    except KernelError as exc:
+        raise _explain(exc, args.device) from exc
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """``pynbd status``."""
+    try:
+        devices = device_status(args.device)
+    except InvalidRequest as exc:
+        raise CommandError(str(exc)) from exc
+    except KernelError as exc:
+        raise _explain(exc, args.device) from exc
+    if args.json:
+        print(json.dumps([d.as_dict() for d in devices], indent=2))
+        return 0
+    for d in devices:
+        fields = [d.device, "attached" if d.size else ("in use" if d.connected else "free")]
+        if d.size:
+            fields.append(human_size(d.size))
+            if d.read_only:
+                fields.append("read-only")
+            if d.block_size:
+                fields.append(f"block {d.block_size}")
+        if d.pid is not None:
+            fields.append(f"pid {d.pid}")
+        if d.backend:
+            fields.append(f"backend {d.backend}")
+        print("  ".join(fields))
+    return 0
