@@ -383,10 +383,57 @@ class Client(ClientBase):
         payload: Buffer | None = None,
         buffer: memoryview | None = None,
     ) -> None:
-        """One request, the common case, without planning a list."""
-        sock, core = self._live()
-        cookie = core.request(command, offset, length, flags, payload=payload, buffer=buffer)
-        self._exchange([cookie], timeout, sock, core)
+        """One request, the common case: :meth:`_exchange` specialised for one cookie
+        (a blocking client has nothing else in flight, so the next reply is this one)."""
+        sock, core = self._sock, self._core
+        if sock is None or core is None or core.closed:
+            raise ConnectionClosed("the connection is closed")
+        core.request(command, offset, length, flags, payload=payload, buffer=buffer)
+        limit = self.timeout if timeout is DEFAULT else timeout
+        timer = self._timer
+        try:
+            if timer.current != limit:
+                timer.arm(limit)
+            buffers = core.buffers_to_send()
+            if len(buffers) == 1:
+                sock.sendall(buffers[0])
+            else:
+                _send_all(sock, buffers, _Deadline(limit), timer)
+            end = None if limit is None else time.monotonic() + limit
+            recv_into, receive_buffer = sock.recv_into, core.receive_buffer
+            updated, next_event = core.buffer_updated, core.next_event
+            while True:
+                updated(recv_into(receive_buffer()))
+                reply = next_event()
+                if reply is not None:
+                    break
+                if end is not None:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise NBDTimeout("deadline passed")
+                    if timer.current is not None and left < timer.current / 2:
+                        timer.arm(left)  # a trickling server cannot stretch the call
+        except (OSError, NBDError) as exc:
+            err = self._failure(exc, limit)
+            if err is exc:
+                raise
+            raise err from exc
+        if core.shutdown_requested:
+            self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
+        if reply.error is not None:
+            raise reply.error
+
+    def _failure(self, exc: BaseException, limit: float | None) -> BaseException:
+        """The connection is dead after ``exc``: close it, say what to raise."""
+        self._die()
+        if isinstance(
+            exc, TimeoutError | BlockingIOError | ssl.SSLWantReadError | ssl.SSLWantWriteError
+        ):
+            # EAGAIN from SO_RCVTIMEO/SO_SNDTIMEO, or our own deadline check.
+            return NBDTimeout(f"no reply within {limit} s; connection closed")
+        if isinstance(exc, ProtocolError | ConnectionClosed) or not isinstance(exc, OSError):
+            return exc
+        return ConnectionClosed(f"connection lost: {exc}")
 
     def _exchange(
         self, cookies: list[int], timeout: Timeout, sock: socket.socket, core: ClientTransmission
@@ -417,16 +464,11 @@ class Client(ClientBase):
                         raise NBDTimeout("deadline passed")
                     if timer.current is not None and left < timer.current / 2:
                         timer.arm(left)  # a trickling server cannot stretch the call
-        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
-            # EAGAIN from SO_RCVTIMEO/SO_SNDTIMEO, or our own deadline check.
-            self._die()
-            raise NBDTimeout(f"no reply within {limit} s; connection closed") from exc
-        except (ProtocolError, ConnectionClosed):
-            self._die()
-            raise
-        except OSError as exc:
-            self._die()
-            raise ConnectionClosed(f"connection lost: {exc}") from exc
+        except (OSError, NBDError) as exc:
+            err = self._failure(exc, limit)
+            if err is exc:
+                raise
+            raise err from exc
         replies = [done[c] for c in cookies]
         if core.shutdown_requested and core.in_flight == 0:
             self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
