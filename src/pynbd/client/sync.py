@@ -101,9 +101,16 @@ class _KernelTimeout:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self.current = seconds
 
-    def check(self, deadline: _Deadline) -> None:
-        left = deadline.left()  # raises NBDTimeout once the deadline passed
-        if left is not None and self.current is not None and left < self.current / 2:
+    def check(self, end: float | None) -> None:
+        """Between two socket calls of one request: raise NBDTimeout once ``end`` (a
+        ``time.monotonic()`` value, None for no limit) has passed, and shrink the kernel
+        limit when less than half of it is left."""
+        if end is None:
+            return
+        left = end - time.monotonic()
+        if left <= 0:
+            raise NBDTimeout("deadline passed")
+        if self.current is not None and left < self.current / 2:
             self.arm(left)
 
 
@@ -127,7 +134,7 @@ def _send_all(
         if timer is None:
             sock.settimeout(deadline.left())
         else:
-            timer.check(deadline)
+            timer.check(deadline.end)
         sent = sock.sendmsg(views[:_IOV_MAX])
         while sent:
             if sent >= len(views[0]):
@@ -407,12 +414,7 @@ class Client(ClientBase):
                 reply = next_event()
                 if reply is not None:
                     break
-                if end is not None:
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        raise NBDTimeout("deadline passed")
-                    if timer.current is not None and left < timer.current / 2:
-                        timer.arm(left)  # a trickling server cannot stretch the call
+                timer.check(end)  # a trickling server cannot stretch the call
         except (OSError, NBDError) as exc:
             err = self._failure(exc, limit)
             if err is exc:
@@ -458,12 +460,7 @@ class Client(ClientBase):
                 updated(recv_into(receive_buffer()))
                 while (reply := next_event()) is not None:
                     done[reply.cookie] = reply
-                if end is not None:
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        raise NBDTimeout("deadline passed")
-                    if timer.current is not None and left < timer.current / 2:
-                        timer.arm(left)  # a trickling server cannot stretch the call
+                timer.check(end)  # a trickling server cannot stretch the call
         except (OSError, NBDError) as exc:
             err = self._failure(exc, limit)
             if err is exc:
