@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from ..client.base import DEFAULT_TIMEOUT, ConnectOptions, resolve_target
+from ..client.base import DEFAULT_TIMEOUT, resolve
 from ..errors import ConnectionClosed, NBDTimeout, OptionError
 from ..proto.constants import Opt, Rep
 from ..proto.handshake import NEED_DATA, ClientHandshake, HandshakeDone, StartTLS
@@ -237,12 +237,8 @@ def list_exports(conn: Connection) -> tuple[str, tuple[ServerEntry, ...]]:
         OptionError: the server requires TLS and none was asked for.
         TLSError, ConnectionClosed, NBDTimeout, ProtocolError: connecting failed.
     """
-    target, name = resolve_target(
-        conn.uri, host=None, port=None, path=None, export_name=conn.export_name, tls=conn.tls
-    )
-    config = ConnectOptions(export_name=name, tls=target.tls).handshake_config(
-        go=False, list_exports=True, list_meta_contexts=False
-    )
+    target, options = resolve(conn.uri, export_name=conn.export_name, tls=conn.tls)
+    config = options.handshake_config(go=False, list_exports=True, list_meta_contexts=False)
     handshake = ClientHandshake(config)
     end = None if conn.timeout is None else time.monotonic() + conn.timeout
 

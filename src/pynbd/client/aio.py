@@ -45,7 +45,7 @@ from .base import (
     Target,
     Timeout,
     handshake_error,
-    resolve_target,
+    resolve,
     submit_all,
 )
 
@@ -319,15 +319,16 @@ class AsyncClient(ClientBase):
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> AsyncClient:
         """Connect and negotiate; arguments as for :class:`~pynbd.client.sync.Client`."""
-        target, name = resolve_target(
-            uri, host=host, port=port, path=path, export_name=export_name, tls=tls
-        )
-        options = ConnectOptions(
-            export_name=name,
-            tls=target.tls,
+        target, options = resolve(
+            uri,
+            host=host,
+            port=port,
+            path=path,
+            export_name=export_name,
+            tls=tls,
             structured_replies=structured_replies,
             extended_headers=extended_headers,
-            meta_contexts=tuple(meta_contexts),
+            meta_contexts=meta_contexts,
             request_block_size=request_block_size,
             timeout=timeout,
         )
@@ -366,10 +367,9 @@ class AsyncClient(ClientBase):
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> Negotiated:
         """Negotiation mode, as :meth:`pynbd.client.sync.Client.negotiate`."""
-        target, name = resolve_target(
-            uri, host=host, port=port, path=path, export_name=export_name, tls=tls
+        target, options = resolve(
+            uri, host=host, port=port, path=path, export_name=export_name, tls=tls, timeout=timeout
         )
-        options = ConnectOptions(export_name=name, tls=target.tls, timeout=timeout)
         config = options.handshake_config(
             go=go, list_exports=list_exports, list_meta_contexts=list_meta_contexts
         )

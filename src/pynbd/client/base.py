@@ -113,6 +113,37 @@ def resolve_target(
     return Target(host, port, path, tls), name
 
 
+def resolve(
+    uri: str | NBDURI | None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    path: str | None = None,
+    export_name: str | None = None,
+    tls: TLSConfig | None = None,
+    structured_replies: bool = True,
+    extended_headers: bool = True,
+    meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,),
+    request_block_size: bool = True,
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> tuple[Target, ConnectOptions]:
+    """:func:`resolve_target`, then the :class:`ConnectOptions` for that export and TLS
+    setting: what every way of connecting (both clients, the CLI) starts from."""
+    target, name = resolve_target(
+        uri, host=host, port=port, path=path, export_name=export_name, tls=tls
+    )
+    options = ConnectOptions(
+        export_name=name,
+        tls=target.tls,
+        structured_replies=structured_replies,
+        extended_headers=extended_headers,
+        meta_contexts=tuple(meta_contexts),
+        request_block_size=request_block_size,
+        timeout=timeout,
+    )
+    return target, options
+
+
 class ClientBase:
     """Getters and request planning shared by both clients (no I/O here)."""
 
@@ -419,6 +450,7 @@ __all__ = [
     "Target",
     "Timeout",
     "raise_first_error",
+    "resolve",
     "resolve_target",
     "submit_all",
 ]

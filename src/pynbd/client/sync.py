@@ -42,14 +42,13 @@ from .base import (
     DEFAULT_TIMEOUT,
     Buffer,
     ClientBase,
-    ConnectOptions,
     ExtentCollector,
     MappedExtent,
     Op,
     Target,
     Timeout,
     handshake_error,
-    resolve_target,
+    resolve,
     submit_all,
 )
 
@@ -246,19 +245,20 @@ class Client(ClientBase):
         request_block_size: bool = True,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
-        target, name = resolve_target(
-            uri, host=host, port=port, path=path, export_name=export_name, tls=tls
-        )
-        self.target = target
-        self.options = ConnectOptions(
-            export_name=name,
-            tls=target.tls,
+        target, self.options = resolve(
+            uri,
+            host=host,
+            port=port,
+            path=path,
+            export_name=export_name,
+            tls=tls,
             structured_replies=structured_replies,
             extended_headers=extended_headers,
-            meta_contexts=tuple(meta_contexts),
+            meta_contexts=meta_contexts,
             request_block_size=request_block_size,
             timeout=timeout,
         )
+        self.target = target
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._core = None
@@ -303,10 +303,9 @@ class Client(ClientBase):
             A :class:`~pynbd.proto.handshake.Negotiated`: ``exports`` (None if the
             server refused LIST), ``available_meta_contexts``, size, flags, block sizes.
         """
-        target, name = resolve_target(
-            uri, host=host, port=port, path=path, export_name=export_name, tls=tls
+        target, options = resolve(
+            uri, host=host, port=port, path=path, export_name=export_name, tls=tls, timeout=timeout
         )
-        options = ConnectOptions(export_name=name, tls=target.tls, timeout=timeout)
         config = options.handshake_config(
             go=go, list_exports=list_exports, list_meta_contexts=list_meta_contexts
         )
