@@ -60,6 +60,7 @@ GiB = 1 << 30
 CONTENDERS = ("pynbd-mem", "pynbd-file", "nbdkit-mem", "nbdkit-file", "qemu-nbd")
 CASES = ("write-256k", "write-4m", "read-256k", "read-4m", "randread-qd1", "randread-qd16")
 TRANSPORTS = ("unix", "tcp")
+FIO_RAMP_MS = 200
 #: (case prefix, our contender, reference contender, target ratio)
 COMPARISONS = (
     ("write", "pynbd-mem", "nbdkit-mem", 0.8),
@@ -249,6 +250,12 @@ class Sample:
     value: float  # MB/s (10^6 bytes per second) or IOPS
     seconds: float
     server_cpu: float  # server CPU seconds during the sample
+    units: float  # MB copied, or reads done (IOPS x the run, ramp included)
+
+    @property
+    def cpu_per_unit(self) -> float:
+        """Server CPU microseconds per MB copied or per 4 KiB read."""
+        return self.server_cpu / self.units * 1e6 if self.units else 0.0
 
 
 @dataclass
@@ -279,6 +286,7 @@ def measure(case: str, server: Running, s: Settings) -> Sample:
             run([require("nbdcopy"), request, server.uri, "null:"])
         seconds = time.perf_counter() - t0
         value = s.size / seconds / 1e6
+        units = s.size / 1e6
     else:
         depth = "16" if case.endswith("qd16") else "1"
         out = run(
@@ -293,14 +301,16 @@ def measure(case: str, server: Running, s: Settings) -> Sample:
                 f"--size={s.size}",
                 "--time_based",
                 f"--runtime={int(s.fio_seconds * 1000)}ms",
-                "--ramp_time=200ms",
+                f"--ramp_time={FIO_RAMP_MS}ms",
                 "--output-format=json",
             ]
         )
         seconds = time.perf_counter() - t0
         report = json.loads(out[out.index("{") :])
         value = float(report["jobs"][0]["read"]["iops"])
-    return Sample(value, seconds, cpu_seconds(server.pid) - cpu0)
+        # The server's CPU covers the ramp too, at about the same rate.
+        units = value * (s.fio_seconds + FIO_RAMP_MS / 1000)
+    return Sample(value, seconds, cpu_seconds(server.pid) - cpu0, units)
 
 
 # --------------------------------------------------------------------------- the run
@@ -314,11 +324,17 @@ class Results:
         got = self.samples.get((transport, case, contender))
         return statistics.median(x.value for x in got) if got else None
 
-    def cpu_per_unit(self, transport: str, case: str, contender: str) -> float | None:
+    def busy(self, transport: str, case: str, contender: str) -> float | None:
         got = self.samples.get((transport, case, contender))
         if not got:
             return None
         return statistics.median(x.server_cpu / x.seconds for x in got)
+
+    def cpu_per_unit(self, transport: str, case: str, contender: str) -> float | None:
+        got = self.samples.get((transport, case, contender))
+        if not got:
+            return None
+        return statistics.median(x.cpu_per_unit for x in got)
 
 
 def bench(s: Settings, selected: list[str], workdir: Path, python: str) -> Results:
@@ -349,7 +365,8 @@ def bench(s: Settings, selected: list[str], workdir: Path, python: str) -> Resul
                         busy = sample.server_cpu / sample.seconds
                         print(
                             f"round {rnd + 1}/{s.rounds} {transport}/{case} {server.name}: "
-                            f"{sample.value:,.0f} {unit}, server CPU {busy:.0%}",
+                            f"{sample.value:,.0f} {unit}, server CPU {busy:.0%}, "
+                            f"{sample.cpu_per_unit:,.0f} us/{'read' if unit == 'IOPS' else 'MB'}",
                             file=sys.stderr,
                         )
         finally:
@@ -392,16 +409,35 @@ def tables(results: Results, selected: list[str]) -> str:
                 verdict = "-" if target is None else ("ok" if ratio >= target else "MISSED")
                 tgt = "-" if target is None else f">= {target:.1f}x"
                 lines.append(f"| {case} | {ours} / {ref} | {ratio:.2f}x | {tgt} | {verdict} |")
-        lines.append("\nServer CPU (cores busy, median) during each case:\n")
-        lines.append("| case | " + " | ".join(CONTENDERS) + " |")
-        lines.append("|---" * (len(CONTENDERS) + 1) + "|")
-        for case in cases:
-            row = []
-            for c in CONTENDERS:
-                v = results.cpu_per_unit(transport, case, c)
-                row.append("-" if v is None else f"{v:.2f}")
-            lines.append(f"| {case} | " + " | ".join(row) + " |")
+        lines += cpu_tables(results, transport, cases)
     return "\n".join(lines)
+
+
+def cpu_tables(results: Results, transport: str, cases: list[str]) -> list[str]:
+    """Server CPU per unit of work (robust on a shared machine), and cores busy."""
+    lines = [
+        "\nServer CPU per unit of work (median; us of CPU per MB copied, per 4 KiB read;"
+        " lower is better), and ours / nbdkit's on the same backend:\n",
+        "| case | " + " | ".join(CONTENDERS) + " | mem: ours / nbdkit | file: ours / nbdkit |",
+        "|---" * (len(CONTENDERS) + 3) + "|",
+    ]
+    for case in cases:
+        per = {c: results.cpu_per_unit(transport, case, c) for c in CONTENDERS}
+        row = ["-" if v is None else f"{v:,.0f}" for v in per.values()]
+        refs = ("nbdkit-mem", "nbdkit-file")  # the same backend
+        for ours, ref in zip(("pynbd-mem", "pynbd-file"), refs, strict=True):
+            a, b = per[ours], per[ref]
+            row.append("-" if a is None or not b else f"{a / b:.2f}x")
+        lines.append(f"| {case} | " + " | ".join(row) + " |")
+    lines.append("\nServer CPU (cores busy, median) during each case:\n")
+    lines.append("| case | " + " | ".join(CONTENDERS) + " |")
+    lines.append("|---" * (len(CONTENDERS) + 1) + "|")
+    for case in cases:
+        busy = [results.busy(transport, case, c) for c in CONTENDERS]
+        lines.append(
+            f"| {case} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in busy) + " |"
+        )
+    return lines
 
 
 def make_source(path: Path, size: int) -> None:
@@ -463,7 +499,13 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "settings": {"size": size, "rounds": s.rounds, "fio_seconds": fio_seconds},
                     "samples": [
-                        {"transport": t, "case": c, "server": n, **vars(x)}
+                        {
+                            "transport": t,
+                            "case": c,
+                            "server": n,
+                            **vars(x),
+                            "cpu_per_unit": x.cpu_per_unit,
+                        }
                         for (t, c, n), xs in results.samples.items()
                         for x in xs
                     ],

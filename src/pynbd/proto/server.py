@@ -109,6 +109,11 @@ class ServerConnection:
         return self.transmission.in_flight if self.transmission is not None else 0
 
     @property
+    def events_pending(self) -> bool:
+        """True while transmission events wait for :meth:`next_event`."""
+        return self.transmission is not None and self.transmission.events_pending
+
+    @property
     def receiving_payload(self) -> bool:
         """True while a request's payload is still arriving."""
         return self.transmission is not None and self.transmission.receiving_payload

@@ -64,6 +64,9 @@ _EXT_REQ = struct.Struct(">IHHQQQ")
 _SIMPLE = struct.Struct(">IIQ")
 _STRUCTURED = struct.Struct(">IHHQI")
 _EXTENDED = struct.Struct(">IHHQQQ")
+#: A data chunk's header with the chunk's offset, packed at once.
+_STRUCTURED_DATA = struct.Struct(">IHHQIQ")
+_EXTENDED_DATA = struct.Struct(">IHHQQQQ")
 _ERROR = struct.Struct(">IH")
 _U64 = struct.Struct(">Q")
 _HOLE = struct.Struct(">QI")
@@ -90,6 +93,19 @@ _CMD_FLAGS: dict[Cmd, CmdFlag] = {
 }
 #: Commands with a nonzero effect length that succeed at once when the length is 0.
 _EMPTY_OK = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES})
+# The hot path compares plain ints and members bound once (an enum constructor or an
+# IntFlag operator costs a microsecond each, per request).
+_READ = Cmd.READ
+_WRITE = Cmd.WRITE
+_FLUSH = Cmd.FLUSH
+_BLOCK_STATUS = Cmd.BLOCK_STATUS
+_WRITE_ZEROES = Cmd.WRITE_ZEROES
+_INT_WRITE = int(Cmd.WRITE)
+_INT_DISC = int(Cmd.DISC)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_DF = int(CmdFlag.DF)
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(Chunk.OFFSET_DATA)
 
 # Receive states
 _HEADER = 0  # expecting a request header
@@ -112,7 +128,7 @@ class _Pending:
 
     __slots__ = ("command", "cookie", "flags", "length", "offset")
 
-    def __init__(self, command: Cmd, flags: int, cookie: int, offset: int, length: int) -> None:
+    def __init__(self, command: Cmd, flags: CmdFlag, cookie: int, offset: int, length: int) -> None:
         self.command = command
         self.flags = flags
         self.cookie = cookie
@@ -165,6 +181,10 @@ class ServerTransmission:
         self._target_buf: bytearray | None = None
         self._target_pos = 0
         self._discard = 0
+        # (command << 16 | flags) -> (command, flags as CmdFlag) for the pairs that
+        # passed _check_command: its verdict depends on nothing else but the shutdown,
+        # which empties this cache.
+        self._checked: dict[int, tuple[Cmd, CmdFlag]] = {}
         if initial_data:
             self.receive_data(initial_data)
 
@@ -174,6 +194,12 @@ class ServerTransmission:
     def in_flight(self) -> int:
         """Requests handed to the driver and not yet replied to."""
         return len(self._in_flight)
+
+    @property
+    def events_pending(self) -> bool:
+        """True while events wait for :meth:`next_event` (a driver that stops taking
+        requests, to let its replies drain, must not close before they are taken)."""
+        return bool(self._events)
 
     @property
     def finished(self) -> bool:
@@ -189,6 +215,7 @@ class ServerTransmission:
     def shutdown(self) -> None:
         """The server is shutting down: refuse further requests with NBD_ESHUTDOWN."""
         self._shutdown = True
+        self._checked.clear()
 
     # -- receiving --------------------------------------------------------------------
 
@@ -296,27 +323,30 @@ class ServerTransmission:
         # Whether a payload follows depends only on the header, even for a request
         # that will be refused: that keeps the stream in step (spec "Request message").
         if self.extended:
-            payload = length if flags & CmdFlag.PAYLOAD_LEN else 0
+            payload = length if flags & _PAYLOAD_LEN else 0
         else:
-            payload = length if type_ == Cmd.WRITE else 0
+            payload = length if type_ == _INT_WRITE else 0
         if payload > self._payload_limit:
             raise ProtocolError(f"request payload of {payload} bytes is too large")
-        if type_ == Cmd.DISC:
+        if type_ == _INT_DISC:
             # No reply; the session ends once in-flight requests are answered.
             self._state = _IGNORE
             self._start = self._end = 0
             self._events.append(Disconnect("client sent NBD_CMD_DISC", soft=True))
             return
         try:
-            command = self._check_command(type_, flags)
-            if not (command is Cmd.BLOCK_STATUS and payload):
+            checked = self._checked.get(type_ << 16 | flags)
+            if checked is None:
+                checked = self._check_flags(type_, flags)
+            command, cmd_flags = checked
+            if not (command is _BLOCK_STATUS and payload):
                 self._check_range(command, offset, length)
         except _Refused as refusal:
             self._refuse(cookie, offset, refusal)
             self._skip(payload)
             return
         if payload:
-            self._pending = _Pending(command, flags, cookie, offset, length)
+            self._pending = _Pending(command, cmd_flags, cookie, offset, length)
             self._target_buf = bytearray(payload)
             self._target = memoryview(self._target_buf)
             self._target_pos = 0
@@ -325,7 +355,14 @@ class ServerTransmission:
         if length == 0 and command in _EMPTY_OK:
             self._queue_ok(command, cookie, offset)  # nothing to do for a backend
             return
-        self._emit(command, flags, cookie, offset, length, None)
+        self._emit(command, cmd_flags, cookie, offset, length, None)
+
+    def _check_flags(self, type_: int, flags: int) -> tuple[Cmd, CmdFlag]:
+        """_check_command, remembered for the (command, flags) pair."""
+        command = self._check_command(type_, flags)
+        checked = (command, CmdFlag(flags & ~_PAYLOAD_LEN))
+        self._checked[type_ << 16 | flags] = checked
+        return checked
 
     def _skip(self, payload: int) -> None:
         if payload:
@@ -369,7 +406,7 @@ class ServerTransmission:
     def _emit(
         self,
         command: Cmd,
-        flags: int,
+        flags: CmdFlag,
         cookie: int,
         offset: int,
         length: int,
@@ -377,19 +414,13 @@ class ServerTransmission:
         contexts: tuple[int, ...] | None = None,
     ) -> None:
         self._seq += 1
-        if command is Cmd.BLOCK_STATUS and contexts is None:
+        if command is _BLOCK_STATUS and contexts is None:
             contexts = tuple(self.contexts)
-        request = RequestReceived(
-            cookie,
-            command,
-            CmdFlag(flags & ~int(CmdFlag.PAYLOAD_LEN)),
-            offset,
-            length,
-            payload,
-            contexts or (),
-            self._seq,
+        self._events.append(
+            RequestReceived(
+                cookie, command, flags, offset, length, payload, contexts or (), self._seq
+            )
         )
-        self._events.append(request)
 
     # -- validation -------------------------------------------------------------------
 
@@ -431,25 +462,28 @@ class ServerTransmission:
         return command
 
     def _check_range(self, command: Cmd, offset: int, length: int) -> None:
-        if command is Cmd.FLUSH:
+        if command is _FLUSH:
             if offset or length:
                 raise _Refused(Err.EINVAL, "NBD_CMD_FLUSH needs offset and length 0")
             return
-        if offset > self.size or length > self.size - offset:
+        size = self.size
+        if offset > size or length > size - offset:
             # Spec "Error values": ENOSPC for writes past the end, EINVAL otherwise.
-            error = Err.ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
-            raise _Refused(error, f"[{offset}, +{length}) is beyond the size {self.size}")
+            error = Err.ENOSPC if command is _WRITE or command is _WRITE_ZEROES else Err.EINVAL
+            raise _Refused(error, f"[{offset}, +{length}) is beyond the size {size}")
         minimum = self._minimum
-        end = offset + length
-        if minimum > 1 and (offset % minimum or (end % minimum and end != self.size)):
-            raise _Refused(Err.EINVAL, f"request is not aligned to {minimum} bytes")
-        if command is Cmd.READ and length > self._max_payload:
-            # A structured reply could split it, but the spec lets the server refuse.
-            error = Err.EOVERFLOW if self.structured else Err.EINVAL
-            raise _Refused(error, f"read of {length} bytes exceeds {self._max_payload}")
-        if command is Cmd.WRITE and length > self._max_payload:
-            raise _Refused(Err.EINVAL, f"write of {length} bytes exceeds {self._max_payload}")
-        if command is Cmd.BLOCK_STATUS and length == 0:
+        if minimum > 1:
+            end = offset + length
+            if offset % minimum or (end % minimum and end != size):
+                raise _Refused(Err.EINVAL, f"request is not aligned to {minimum} bytes")
+        if length > self._max_payload:
+            if command is _READ:
+                # A structured reply could split it, but the spec lets the server refuse.
+                error = Err.EOVERFLOW if self.structured else Err.EINVAL
+                raise _Refused(error, f"read of {length} bytes exceeds {self._max_payload}")
+            if command is _WRITE:
+                raise _Refused(Err.EINVAL, f"write of {length} bytes exceeds {self._max_payload}")
+        elif length == 0 and command is _BLOCK_STATUS:
             raise _Refused(Err.EINVAL, "block status of 0 bytes")
 
     def _refuse(self, cookie: int, offset: int, refusal: _Refused) -> None:
@@ -467,10 +501,10 @@ class ServerTransmission:
         return b"".join(self.buffers_to_send())
 
     def _finish(self, request: RequestReceived) -> None:
-        try:
-            self._in_flight.remove(request.seq)
-        except KeyError:
-            raise ValueError(f"request {request.seq} was already answered") from None
+        in_flight = self._in_flight
+        if request.seq not in in_flight:
+            raise ValueError(f"request {request.seq} was already answered")
+        in_flight.discard(request.seq)
 
     def reply_ok(self, request: RequestReceived) -> None:
         """Answer success to a request without reply data (anything but READ, BLOCK_STATUS).
@@ -487,23 +521,28 @@ class ServerTransmission:
 
         Raises ValueError if ``data`` has the wrong length or the request is not a READ.
         """
-        view = memoryview(data).cast("B")
-        if request.command is not Cmd.READ or len(view) != request.length:
+        if type(data) is not bytearray and type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        n = len(data)
+        if request.command is not _READ or n != request.length:
             raise ValueError(f"a read reply needs exactly {request.length} bytes")
         self._finish(request)
-        cookie, offset, n = request.cookie, request.offset, len(view)
+        cookie, offset, out = request.cookie, request.offset, self._out
         if self.extended:
-            head = _EXTENDED.pack(
-                EXTENDED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.OFFSET_DATA, cookie, offset, n + 8
+            out.append(
+                _EXTENDED_DATA.pack(
+                    EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, offset, n + 8, offset
+                )
             )
-            self._out += [head + _U64.pack(offset), view]
         elif self.structured:
-            head = _STRUCTURED.pack(
-                STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.OFFSET_DATA, cookie, n + 8
+            out.append(
+                _STRUCTURED_DATA.pack(
+                    STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, n + 8, offset
+                )
             )
-            self._out += [head + _U64.pack(offset), view]
         else:
-            self._out += [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie), view]
+            out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+        out.append(data)
 
     def reply_read_chunks(
         self, request: RequestReceived, chunks: Iterable[tuple[int, Buffer | int]]
@@ -524,7 +563,7 @@ class ServerTransmission:
             pos += size
         if request.command is not Cmd.READ or pos != request.offset + request.length:
             raise ValueError("read chunks must cover the request exactly")
-        if not self.structured or request.flags & CmdFlag.DF or len(pieces) <= 1:
+        if not self.structured or request.flags & _DF or len(pieces) <= 1:
             joined = b"".join(bytes(p) if isinstance(p, int) else p for _, p in pieces)
             self.reply_read(request, joined)
             return

@@ -112,6 +112,9 @@ ERRNO_TO_NBD: dict[int, Err] = {
     errno.ESHUTDOWN: Err.ESHUTDOWN,
 }
 
+_READ = Cmd.READ
+_FUA = int(CmdFlag.FUA)
+
 #: Largest buffer of zeroes written at once when WRITE_ZEROES or CACHE is emulated.
 _EMULATION_CHUNK = 1 << 20
 
@@ -161,6 +164,11 @@ class Capabilities:
         minimum_block, preferred_block, maximum_payload: size constraints.
         inline: the methods are cheap and never block: the server calls them in its
             event loop instead of a thread (blocking backends only).
+        inline_read_max, inline_write_max: READ requests, and WRITE requests without
+            FUA, of at most this many bytes run in the event loop although ``inline``
+            is False; bigger ones and other commands go to the thread pool. A copy
+            from or to the page cache costs less than the hop to a thread (0: never;
+            blocking, thread-safe backends only).
         thread_safe: several methods may run at once in different threads; when
             False the server calls one at a time.
     """
@@ -179,6 +187,8 @@ class Capabilities:
     preferred_block: int = 4096
     maximum_payload: int = DEFAULT_MAX_PAYLOAD
     inline: bool = False
+    inline_read_max: int = 0
+    inline_write_max: int = 0
     thread_safe: bool = True
 
     def __post_init__(self) -> None:
@@ -372,14 +382,14 @@ def run_request(backend: Backend, request: RequestReceived) -> Result:
     Returns the data of a READ (a new bytearray), the extents of a BLOCK_STATUS, or
     None. Raises whatever the backend raises (OSError, mapped by errno_to_nbd).
     """
-    caps = backend.capabilities
     cmd, offset, length = request.command, request.offset, request.length
-    fua = bool(request.flags & CmdFlag.FUA)
-    native_fua = fua and caps.can_fua is Support.NATIVE
-    if cmd is Cmd.READ:
+    if cmd is _READ:  # first, and before any IntFlag arithmetic: the common case
         buf = bytearray(length)
         backend.pread_into(memoryview(buf), offset)
         return buf
+    caps = backend.capabilities
+    fua = bool(int(request.flags) & _FUA)
+    native_fua = fua and caps.can_fua is Support.NATIVE
     if cmd is Cmd.WRITE:
         assert request.payload is not None
         backend.pwrite(request.payload, offset, native_fua)

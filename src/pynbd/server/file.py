@@ -6,7 +6,10 @@ punches holes and WRITE_ZEROES uses ``fallocate(2)`` (``PUNCH_HOLE|KEEP_SIZE`` w
 is allowed, else ``ZERO_RANGE|KEEP_SIZE``), called through ctypes; when the filesystem
 or device refuses, zeroing falls back to writing zeroes (and a fast zero request fails
 with ENOTSUP, as the spec asks). Block status comes from ``SEEK_DATA``/``SEEK_HOLE``.
-FLUSH is ``fdatasync``. The methods block: the server runs them in a thread pool.
+FLUSH is ``fdatasync``. The methods block: the server runs them in a thread pool,
+except a regular file's reads and small writes (``inline_read_max``,
+``inline_write_max``), which cost less than the hop to a thread and run in the event
+loop.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
 _MAX_EXTENTS = 1024
 _ZERO_CHUNK = 1 << 20
+#: A regular file's reads and writes up to these sizes run in the event loop: usually
+#: a copy from or to the page cache, cheaper than the hop to a thread (measured on
+#: tmpfs: a third of the server's CPU per byte at 256 KiB). A read that misses the
+#: cache holds the loop meanwhile; bigger writes overlap with receiving the next
+#: payload in a thread. A block device's requests all go to the thread pool.
+INLINE_READ_MAX = 4 * 1024 * 1024
+INLINE_WRITE_MAX = 256 * 1024
 #: errno values meaning "this file or kernel cannot do that", not "it failed".
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 
@@ -99,11 +109,28 @@ class FileBackend(Backend):
             can_extents=not self.is_block_device and hasattr(os, "SEEK_DATA"),
             # One descriptor for every connection; fdatasync covers all their writes.
             can_multi_conn=True,
+            inline_read_max=0 if self.is_block_device else INLINE_READ_MAX,
+            inline_write_max=0 if self.is_block_device else INLINE_WRITE_MAX,
         )
 
     @property
     def size(self) -> int:
         return self._size
+
+    def resize(self, new_size: int) -> None:
+        """Change the size of a regular file (ftruncate: growing adds a hole).
+
+        Raises:
+            ValueError: a negative size.
+            OSError: ENOTSUP for a block device (resize the device itself, then make
+                a new backend), or the truncate failed.
+        """
+        if new_size < 0:
+            raise ValueError("size must not be negative")
+        if self.is_block_device:
+            raise OSError(errno.ENOTSUP, "a block device backend cannot be resized")
+        os.ftruncate(self._fd, new_size)
+        self._size = new_size
 
     def close(self) -> None:
         with self._lock:

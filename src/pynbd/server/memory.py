@@ -61,6 +61,21 @@ class MemoryBackend(Backend):
     def size(self) -> int:
         return self._size
 
+    def resize(self, new_size: int) -> None:
+        """Change the size. Growing adds zeroes; shrinking frees the pages past the
+        end and zeroes the tail of the last one, so a later grow reads zeroes there.
+
+        Call it in the server's event loop (as its other methods), or while idle.
+
+        Raises:
+            ValueError: a negative size.
+        """
+        if new_size < 0:
+            raise ValueError("size must not be negative")
+        if new_size < self._size:
+            self._clear(self._size - new_size, new_size)
+        self._size = new_size
+
     @property
     def allocated(self) -> int:
         """Bytes of pages allocated."""

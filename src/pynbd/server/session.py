@@ -6,10 +6,17 @@ request and builds every reply; the session runs backends and upgrades the trans
 to TLS when the core says so (:class:`~pynbd.proto.server.StartTLS`).
 
 Backends run according to their capabilities: inline in the event loop when cheap
-(the memory backend), in the server's thread pool when blocking (one call at a time
-if not thread-safe), or awaited when async. Requests on a connection run
-concurrently; reading pauses while ``Limits.max_in_flight`` requests are pending, the
-transport's write buffer is full, or the TLS handshake runs.
+(the memory backend, a file's small reads and writes), in the server's thread pool when
+blocking (one call at a time if not thread-safe), or awaited when async. Requests on a
+connection run concurrently; reading pauses while ``Limits.max_in_flight`` requests are
+pending, the transport's write buffer is full, or the TLS handshake runs.
+
+Flow control: while the transport's write buffer is above its high-water mark no
+request is started (requests already parsed wait in the core), so replies are made
+only as fast as the client takes them. Without TLS, replies go out with one
+``writev`` of header and data straight to the socket while the transport has nothing
+buffered (what the transport's own ``write`` does, minus its copy of a partial send on
+Python 3.11); only a remainder is handed to the transport.
 
 When the connection ends, one line is logged at INFO on ``pynbd.server``: the peer,
 the export, what was negotiated, and the requests and bytes served.
@@ -18,22 +25,26 @@ the export, what was negotiated, and the requests and bytes served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import os
 import socket
 import ssl
 import struct
 import sys
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import ProtocolError
-from ..proto.constants import Cmd
+from ..proto.constants import Cmd, CmdFlag
 from ..proto.server import (
     NEED_DATA,
     Disconnect,
     RequestReceived,
     ServerConnection,
+    ServerTransmission,
     StartTLS,
     TransmissionStarted,
 )
@@ -62,6 +73,28 @@ _JOIN_LIMIT = 64 * 1024
 #: Seconds a closing TLS connection waits for the client's close_notify.
 _TLS_SHUTDOWN_TIMEOUT = 5.0
 _UCRED = struct.Struct("3i")
+#: The transport's write buffer above which no request is started (the low mark,
+#: where they start again, is a quarter of it).
+_WRITE_HIGH = 1024 * 1024
+#: The socket's send buffer (the kernel caps it at net.core.wmem_max). The default
+#: (about 200 KiB) takes a fraction of a big READ reply per send: the rest would wait in
+#: the transport's buffer, copied there (and shifted as it drains) on Python 3.11, and
+#: go out over several loop iterations. nbdkit's threads simply block in send instead.
+_SNDBUF = 4 * 1024 * 1024
+#: Inline read replies queued in the core beyond this are sent before the next request
+#: starts, so that the transport can pause us (flow control) mid-batch.
+_FLUSH_AT = 256 * 1024
+#: Most buffers one writev takes (Linux IOV_MAX).
+_IOV_MAX = 1024
+_READ = Cmd.READ
+_WRITE = Cmd.WRITE
+_FUA = int(CmdFlag.FUA)
+# How a session runs its export's backend (chosen once, at TransmissionStarted).
+_INLINE = 0  # in the event loop
+_SMALL_INLINE = 1  # small reads and writes in the event loop, the rest in the pool
+_POOL = 2  # in the thread pool, concurrently
+_LOCKED = 3  # in the thread pool, one at a time
+_ASYNC = 4  # awaited
 
 
 class SessionStats:
@@ -89,8 +122,16 @@ class Session(asyncio.BufferedProtocol):
         self.tls: str | None = None  # the TLS version once upgraded
         self.stats = SessionStats()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._paused: set[str] = set()
+        self._write_paused = False
+        self._tx: ServerTransmission | None = None
+        self._kind = _POOL
+        self._inline_read_max = 0
+        self._inline_write_max = 0
+        self._unflushed = 0
+        # The socket's descriptor for direct writes (-1: go through the transport).
+        self._fd = -1
         self._ending: Disconnect | None = None
         self._timer: asyncio.TimerHandle | None = None
         # While the TLS handshake runs, decrypted bytes may arrive before the core
@@ -111,6 +152,12 @@ class Session(asyncio.BufferedProtocol):
             transport.abort()
             return
         self.server.sessions.add(self)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self._fd = sock.fileno()
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
         timeout = self.server.limits.handshake_timeout
         if timeout is not None:
             loop = asyncio.get_running_loop()
@@ -157,10 +204,14 @@ class Session(asyncio.BufferedProtocol):
             self.done.set_result(None)
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         self._pause("writing")
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         self._resume("writing")
+        if self.core.events_pending:
+            self._process()  # the requests that waited for the client to read
 
     # -- the session ------------------------------------------------------------------
 
@@ -217,11 +268,13 @@ class Session(asyncio.BufferedProtocol):
         """Handle every event the core has for us, then send what it queued."""
         try:
             # Requests parsed before a Disconnect or a shutdown are still performed.
-            while True:
-                event = self.core.next_event()
+            # None is started while the client does not read its replies.
+            core = self.core
+            while not self._write_paused:
+                event = core.next_event()
                 if event is NEED_DATA:
                     break
-                if isinstance(event, RequestReceived):
+                if type(event) is RequestReceived:
                     self._dispatch(event)
                 elif isinstance(event, TransmissionStarted):
                     self._started(event)
@@ -247,6 +300,21 @@ class Session(asyncio.BufferedProtocol):
             self._timer = None
         self.export_name = event.export.name
         self.export = self.server.exports[event.export.name]
+        self._tx = self.core.transmission
+        backend = self.export.backend
+        caps = backend.capabilities
+        if isinstance(backend, AsyncBackend):
+            self._kind = _ASYNC
+        elif caps.inline:
+            self._kind = _INLINE
+        elif not caps.thread_safe:
+            self._kind = _LOCKED
+        elif caps.inline_read_max > 0 or caps.inline_write_max > 0:
+            self._kind = _SMALL_INLINE
+            self._inline_read_max = caps.inline_read_max
+            self._inline_write_max = caps.inline_write_max
+        else:
+            self._kind = _POOL
         log.debug("%s: serving export %r", self.peer, event.export.name)
 
     # -- TLS --------------------------------------------------------------------------
@@ -257,6 +325,7 @@ class Session(asyncio.BufferedProtocol):
             self.abort("TLS is not configured")
             return
         self._flush()  # the ACK of STARTTLS goes out in plaintext, first
+        self._fd = -1  # from now on every byte goes through the TLS transport
         self._pause("tls")
         self._upgrading = True
         self._spawn(self._upgrade(context))
@@ -308,10 +377,15 @@ class Session(asyncio.BufferedProtocol):
     # -- sending ----------------------------------------------------------------------
 
     def _flush(self) -> None:
+        self._unflushed = 0
         buffers = self.core.buffers_to_send()
         transport = self.transport
         if not buffers or transport is None or transport.is_closing():
             return
+        if self._fd >= 0 and not transport.get_write_buffer_size():
+            buffers = self._send_direct(buffers)
+            if not buffers:
+                return
         if len(buffers) == 1:
             transport.write(buffers[0])
         elif _WRITELINES_SENDMSG:
@@ -322,9 +396,29 @@ class Session(asyncio.BufferedProtocol):
             for buffer in buffers:
                 transport.write(buffer)
 
+    def _send_direct(self, buffers: list[Any]) -> list[Any]:
+        """Write what the socket takes now; returns the rest (views of what is left)."""
+        try:
+            sent = os.writev(self._fd, buffers[:_IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            return buffers
+        except OSError:
+            return buffers  # the transport meets the error again, and reports it
+        for i, buffer in enumerate(buffers):
+            n = len(buffer) if type(buffer) is not memoryview else buffer.nbytes
+            if sent < n:
+                rest = buffers[i:]
+                if sent:
+                    rest[0] = memoryview(buffer)[sent:]
+                return rest
+            sent -= n
+        return []
+
     def _maybe_close(self) -> None:
         if self._ending is None or self.core.in_flight or self._tasks:
             return
+        if self.core.events_pending:
+            return  # requests waiting for the client to read (resume_writing starts them)
         if self.core.receiving_payload:
             return  # a request still arriving (the server is shutting down)
         if self._timer is not None:
@@ -340,22 +434,44 @@ class Session(asyncio.BufferedProtocol):
         assert self.export is not None  # requests only come after TransmissionStarted
         stats = self.stats
         stats.requests += 1
-        if request.command is Cmd.READ:
+        command = request.command
+        if command is _READ:
             stats.bytes_read += request.length
-        elif request.command is Cmd.WRITE:
+        elif command is _WRITE:
             stats.bytes_written += request.length
         backend = self.export.backend
-        if isinstance(backend, AsyncBackend):
-            self._spawn(self._run_async(backend, request))
-        elif backend.capabilities.inline:
+        kind = self._kind
+        if kind == _SMALL_INLINE:
+            if command is _READ:
+                small = request.length <= self._inline_read_max
+            else:  # a FUA write waits for the disk: the pool
+                small = (
+                    command is _WRITE
+                    and request.length <= self._inline_write_max
+                    and not int(request.flags) & _FUA
+                )
+            kind = _INLINE if small else _POOL
+        if kind == _INLINE:
             try:
-                result = run_request(backend, request)
+                result = run_request(cast(Backend, backend), request)
             except Exception as exc:
                 self._answer_failure(request, exc)
             else:
                 self._answer(request, result)
+            if command is _READ:
+                self._unflushed += request.length
+                if self._unflushed >= _FLUSH_AT:
+                    self._flush()  # may pause writing: see _process
+        elif kind == _POOL:
+            future = asyncio.get_running_loop().run_in_executor(
+                self.server._pool(), run_request, cast(Backend, backend), request
+            )
+            self._tasks.add(future)
+            future.add_done_callback(functools.partial(self._pool_done, request))
+        elif kind == _ASYNC:
+            self._spawn(self._run_async(cast(AsyncBackend, backend), request))
         else:
-            self._spawn(self._run_blocking(backend, request))
+            self._spawn(self._run_blocking(cast(Backend, backend), request))
         if self.core.in_flight >= self.server.limits.max_in_flight:
             self._pause("in flight")
 
@@ -364,11 +480,32 @@ class Session(asyncio.BufferedProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _pool_done(self, request: RequestReceived, future: asyncio.Future[Result]) -> None:
+        """A backend call in the thread pool ended: answer it, then as _task_done."""
+        self._tasks.discard(future)
+        if future.cancelled():
+            return  # the connection is gone
+        exc = future.exception()
+        try:
+            if exc is None:
+                self._answer(request, future.result())
+            elif isinstance(exc, Exception):
+                self._answer_failure(request, exc)
+            else:  # pragma: no cover - a BaseException from a backend thread
+                raise exc
+        except Exception as err:
+            self.abort(f"internal error: {err!r}")
+            return
+        self._request_done()
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.abort(f"internal error: {task.exception()!r}")
             return
+        self._request_done()
+
+    def _request_done(self) -> None:
         self._flush()
         if self.core.in_flight < self.server.limits.max_in_flight:
             self._resume("in flight")
@@ -398,15 +535,17 @@ class Session(asyncio.BufferedProtocol):
             self._answer(request, result)
 
     def _answer(self, request: RequestReceived, result: Result) -> None:
+        tx = self._tx
+        assert tx is not None  # requests only come after TransmissionStarted
         command = request.command
-        if command is Cmd.READ:
+        if command is _READ:
             assert isinstance(result, bytearray)
-            self.core.reply_read(request, result)
+            tx.reply_read(request, result)
         elif command is Cmd.BLOCK_STATUS:
             assert isinstance(result, list)
-            self.core.reply_block_status(request, dict.fromkeys(request.contexts, result))
+            tx.reply_block_status(request, dict.fromkeys(request.contexts, result))
         else:
-            self.core.reply_ok(request)
+            tx.reply_ok(request)
 
     def _answer_failure(self, request: RequestReceived, exc: Exception) -> None:
         error, message = exception_to_nbd(exc)
