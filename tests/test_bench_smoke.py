@@ -78,3 +78,101 @@ def test_quick_run_prints_a_markdown_table(tmp_path: Path) -> None:
     assert row["pynbd"] > 0 and row["libnbd"] > 0
     assert {r["contender"] for r in doc["results"]} == {"pynbd Client.pread", "libnbd pread"}
     assert all(len(r["samples"]) == 2 for r in doc["results"])
+
+
+# --------------------------------------------------------------------------- bench_kernel
+# bench/bench_kernel.py runs fio in the kernel test guest; here only its host-side code:
+# arguments, the fio job file, parsing fio's JSON and the CPU marks, and the tables.
+
+
+def test_bench_kernel_arguments() -> None:
+    from bench import bench_kernel as bk
+
+    args = bk.parse_args([])
+    assert (args.size, args.runtime, args.rounds, args.profile) == (64, 2.0, 3, False)
+    assert args.contenders == list(bk.CONTENDERS) and args.in_guest is None
+    args = bk.parse_args(["--contenders", "nbdkit-mem,pynbd-inproc", "--rounds", "1"])
+    assert args.contenders == ["nbdkit-mem", "pynbd-inproc"] and args.rounds == 1
+    assert [j.name for j in bk.selected_jobs("^rand-read")] == [
+        "rand-read-4k-qd1",
+        "rand-read-4k-qd16",
+    ]
+    for bad in (
+        ["--contenders", "pynbd-inproc"],
+        ["--contenders", "x,nbdkit-mem"],
+        ["--size", "1"],
+        ["--only", "nothing-matches"],
+    ):
+        with pytest.raises(SystemExit):
+            bk.parse_args(bad)
+
+
+def test_bench_kernel_job_file_interleaves_contenders() -> None:
+    from bench import bench_kernel as bk
+
+    text = bk.job_file({"b": ("/dev/nbd1", 20), "a": ("/dev/nbd0", 10)}, 1.5)
+    sections = [line[1:-1] for line in text.splitlines() if line.startswith("[")]
+    assert sections[0] == "global"
+    assert sections[1:] == [f"{job.name}@{n}" for job in bk.JOBS for n in ("b", "a")]
+    assert "runtime=1500ms" in text and text.count("stonewall") == 2 * len(bk.JOBS)
+    assert text.count("exec_prerun=cat /proc/20/stat") == len(bk.JOBS)
+    assert text.count("exec_postrun=cat /proc/10/stat") == len(bk.JOBS)
+    assert ";" not in text  # fio would take the rest of the line for a comment
+    assert "exec_" not in bk.job_file({"a": ("/dev/nbd0", 10)}, 1, marks=False)
+
+
+def _fake_fio(scale: dict[str, float]) -> dict[str, object]:
+    from bench import bench_kernel as bk
+
+    jobs: list[dict[str, object]] = []
+    for name, factor in scale.items():
+        for job in bk.JOBS:
+            side = {"bw_bytes": 100e6 * factor, "iops": 1000 * factor, "total_ios": 2000,
+                    "runtime": 2000}  # fmt: skip
+            jobs.append({"jobname": f"{job.name}@{name}", "error": 0, job.direction: side})
+    return {"jobs": jobs}
+
+
+def test_bench_kernel_parses_fio_and_marks(tmp_path: Path) -> None:
+    from bench import bench_kernel as bk
+
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = "1 (a b) c) S" + " 0" * 10 + " {u} {s} 0 0\n"  # comm may hold spaces and ")"
+    (tmp_path / "seq-write-1m@x.prerun.txt").write_text(stat.format(u=100, s=50))
+    (tmp_path / "seq-write-1m@x.postrun.txt").write_text(stat.format(u=100 + hz, s=50 + hz))
+    (tmp_path / "seq-read-1m@x.prerun.txt").write_text("garbage")
+    cpu = bk.parse_marks(tmp_path, ["seq-write-1m@x", "seq-read-1m@x", "rand-read-4k-qd1@x"])
+    assert cpu == {"seq-write-1m@x": 2.0}
+    figures = bk.parse_fio(_fake_fio({"x": 1.0}), cpu)
+    expected = {"mbps": 100.0, "iops": 1000.0, "ops": 2000, "seconds": 2.0, "server_cpu": 2.0}
+    assert figures["x"]["seq-write-1m"] == {**expected, "error": 0}
+    unknown = figures["x"]["rand-read-4k-qd1"]["server_cpu"]
+    assert unknown != unknown  # NaN: no marks for this job
+
+
+def test_bench_kernel_tables() -> None:
+    from bench import bench_kernel as bk
+
+    scale = {"pynbd-inproc": 0.5, "nbdkit-mem": 1.0, "pynbd-serve": 0.8}
+    rounds = [bk.parse_fio(_fake_fio(scale), {}) for _ in range(3)]
+    doc = {
+        "settings": {"contenders": list(bk.CONTENDERS)},
+        "results": [{"round": i, "contender": n, "jobs": jobs}
+                    for i, r in enumerate(rounds) for n, jobs in r.items()]
+        + [{"round": 0, "contender": "pynbd-serve", "error": "boom"}],
+    }  # fmt: skip
+    table, cpu_table, errors = bk.markdown(doc).split("\n\n")
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| case | pynbd-inproc | nbdkit-mem | pynbd-serve | pynbd-inproc / nbdkit-mem "
+        "| pynbd-serve / nbdkit-mem | target | verdict |"
+    )
+    assert len(lines) == 2 + len(bk.JOBS) + 1
+    assert lines[-1].endswith("|  |  |  | 0.50x | 0.80x | >= 0.7x (pynbd-inproc) | misses by 29% |")
+    seq = lines[2].split(" | ")
+    assert seq[1:6] == ["50.0 MB/s", "100 MB/s", "80.0 MB/s", "0.50x", "0.80x"]
+    assert seq[6:] == [">= 0.7x (pynbd-inproc)", "misses by 29% |"]
+    rand = next(line for line in lines if line.startswith("| 4 KiB random read, QD16"))
+    assert "500 IOPS | 1.0k IOPS | 800 IOPS" in rand
+    assert cpu_table.splitlines()[2].endswith("| - | - | - |")  # no marks: no CPU figure
+    assert errors == "Errors:\n- pynbd-serve round 1: boom"

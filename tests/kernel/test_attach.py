@@ -9,6 +9,7 @@ fails on kernel warnings, bugs, oopses and hung tasks.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -20,8 +21,15 @@ from pathlib import Path
 import pytest
 
 from pynbd.client.sync import Client
-from pynbd.kernel.attach import Attachment, attach, attach_backend, device_status
-from pynbd.kernel.device import sysfs_state
+from pynbd.kernel.attach import (
+    Attachment,
+    attach,
+    attach_backend,
+    connect_for_kernel,
+    detach,
+    device_status,
+)
+from pynbd.kernel.device import NetlinkControl, device_path, sysfs_state
 from pynbd.server import FileBackend, MemoryBackend
 from tests.peers import Server, make_raw_image
 
@@ -162,56 +170,146 @@ def test_ext4_on_in_process_backend(nbd_module: None, mnt_cleanup: Path, use_ioc
 # --------------------------------------------------------------------------- partitions
 
 
+# sfdisk's script: 16 MiB at 1 MiB, then the rest. Offsets and sizes in bytes, so that
+# one script serves every block size (sfdisk converts them to the device's sectors).
+SFDISK_SCRIPT = "label: dos\nstart=1MiB, size=16MiB, type=83\nstart=17MiB, type=83\n"
+# Where each partition lies, in bytes: (start, size).
+PARTITIONS = [(1 << 20, 16 << 20), (17 << 20, SIZE - (17 << 20))]
+
+
 def _partitions(index: int) -> list[str]:
     base = Path(f"/sys/block/nbd{index}")
     return sorted(p.name for p in base.iterdir() if p.name.startswith(f"nbd{index}p"))
 
 
-def _mbr(block_size: int) -> bytes:
-    """An MS-DOS partition table (sector 0): 16 MiB at 1 MiB, then the rest, in units
-    of the logical block size, as sfdisk writes it (written here by hand: sfdisk is
-    not installed everywhere)."""
-    table = bytearray(512)
-    first, second = (1 << 20) // block_size, (17 << 20) // block_size
-    entries = [(first, (16 << 20) // block_size), (second, SIZE // block_size - second)]
-    for i, (start, count) in enumerate(entries):
-        entry = bytes([0, 0xFE, 0xFF, 0xFF, 0x83, 0xFE, 0xFF, 0xFF])
-        entry += start.to_bytes(4, "little") + count.to_bytes(4, "little")
-        table[446 + 16 * i : 462 + 16 * i] = entry
-    table[510:512] = b"\x55\xaa"
-    return bytes(table)
+def _sfdisk() -> str:
+    found = shutil.which("sfdisk")
+    assert found, "sfdisk is missing: install the Debian package fdisk (.ci/run does)"
+    return found
+
+
+def _write_partition_table(device: str) -> str:
+    """Run sfdisk on the device; returns its output."""
+    done = subprocess.run(
+        [_sfdisk(), "--wipe", "always", device],
+        input=SFDISK_SCRIPT,
+        capture_output=True,
+        text=True,
+        timeout=CMD_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, f"sfdisk: {done.returncode}\n{done.stdout}{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def _check_partitions(att: Attachment, block_size: int) -> None:
+    """The kernel's partitions are sfdisk's, where sfdisk put them, in the right units."""
+    index = att.index
+    names = _partitions(index)
+    assert names == [f"nbd{index}p1", f"nbd{index}p2"]
+    for name, (start, size) in zip(names, PARTITIONS, strict=True):
+        part = Path(f"/sys/block/nbd{index}/{name}")
+        # sysfs counts 512-byte sectors, whatever the logical block size.
+        assert int((part / "start").read_text()) * 512 == start, name
+        assert int((part / "size").read_text()) * 512 == size, name
+        assert os.path.exists(f"/dev/{name}")
+    table = json.loads(_run(_sfdisk(), "--json", att.device))["partitiontable"]
+    assert table["label"] == "dos" and table["sectorsize"] == block_size
+    # sfdisk wrote the table in units of the device's logical block size.
+    found = [(p["start"] * block_size, p["size"] * block_size) for p in table["partitions"]]
+    assert found == PARTITIONS
+
+
+def _write_through(path: str, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_through(path: str, size: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _forget_partitions(index: int, block_size: int) -> None:
+    """Attach a blank export to the device and detach it: the kernel's partitions of
+    the device are then none. (A detach leaves the partitions of the last scan in
+    sysfs; only the next scan drops them.)"""
+    with attach_backend(MemoryBackend(SIZE), index, timeout=TIMEOUT, block_size=block_size):
+        assert _partitions(index) == []
 
 
 @pytest.mark.parametrize("block_size", [512, 4096])
 def test_partitions_appear_without_partprobe(
     nbd_module: None, mnt_cleanup: Path, block_size: int
 ) -> None:
-    image = mnt_cleanup / "disk.img"
-    make_raw_image(image, SIZE)
+    image = make_raw_image(mnt_cleanup / "disk.img", SIZE)
     backend = FileBackend(image)
+    data = os.urandom(8192)
     try:
         with attach_backend(backend, timeout=TIMEOUT, block_size=block_size) as att:
-            assert sysfs_state(att.index).block_size == block_size
-            assert _partitions(att.index) == []
-            fd = os.open(att.device, os.O_WRONLY)
-            try:
-                os.pwrite(fd, _mbr(block_size).ljust(block_size, b"\0"), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        # A fresh attach scans the table by itself: no partprobe, no blockdev --rereadpt.
-        with attach_backend(backend, timeout=TIMEOUT, block_size=block_size) as att:
-            parts = _partitions(att.index)
-            assert parts == [f"nbd{att.index}p1", f"nbd{att.index}p2"]
-            p1 = Path(f"/sys/block/nbd{att.index}/{parts[0]}")
-            assert int((p1 / "size").read_text()) * 512 == 16 << 20
-            assert int((p1 / "start").read_text()) * 512 == 1 << 20
-            assert os.path.exists(f"{att.device}p1")
-            if shutil.which("sfdisk"):
-                listing = _run("sfdisk", "--dump", att.device)
-                assert f"sector-size: {block_size}" in listing
+            index = att.index
+            assert sysfs_state(index).block_size == block_size
+            assert _partitions(index) == []
+            # sfdisk asks the kernel to re-read the table itself (BLKRRPART).
+            assert "re-read partition table" in _write_partition_table(att.device)
+            _check_partitions(att, block_size)
+            _write_through(f"{att.device}p2", data, 3 * 4096)
+        # The data went through the partition to its offset on the server (the file).
+        with open(image, "rb") as f:
+            f.seek(PARTITIONS[1][0] + 3 * 4096)
+            assert f.read(len(data)) == data
+        _forget_partitions(index, block_size)
+        # A fresh attach finds the table by itself: no partprobe, no blockdev --rereadpt.
+        with attach_backend(backend, index, timeout=TIMEOUT, block_size=block_size) as att:
+            _check_partitions(att, block_size)
+            assert _read_through(f"{att.device}p2", len(data), 3 * 4096) == data
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("block_size", [512, 4096])
+def test_partition_scan_comes_from_the_first_open(
+    nbd_module: None, nbdkit: Callable[..., Server], mnt_cleanup: Path, block_size: int
+) -> None:
+    """What makes partitions appear: the first open after CONNECT, which attach() does
+    as it settles. Before it (netlink CONNECT alone) the kernel shows none."""
+    image = make_raw_image(mnt_cleanup / "disk.img", SIZE)
+    server = nbdkit("file", os.fspath(image))
+    try:
+        with attach(server.uri, timeout=TIMEOUT, block_size=block_size) as att:
+            index = att.index
+            _write_partition_table(att.device)
+        print(f"\nafter detach, sysfs still lists {_partitions(index)}")
+        _forget_partitions(index, block_size)
+        sock, negotiated = connect_for_kernel(server.uri)
+        with sock, NetlinkControl() as nl:
+            nl.connect(
+                [sock.fileno()],
+                SIZE,
+                index=index,
+                block_size=block_size,
+                timeout=TIMEOUT,
+                server_flags=int(negotiated.flags),
+            )
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while sysfs_state(index).size != SIZE:
+                assert time.monotonic() < deadline, "the device never got its size"
+                time.sleep(0.05)
+            assert _partitions(index) == []
+            os.close(os.open(device_path(index), os.O_RDONLY))
+            assert _partitions(index) == [f"nbd{index}p1", f"nbd{index}p2"]
+        finally:
+            detach(index)
+    finally:
+        server.stop()
 
 
 # --------------------------------------------------------------------------- read-only

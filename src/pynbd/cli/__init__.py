@@ -36,6 +36,7 @@ from ..errors import NBDError, OptionError
 from ..proto.constants import Rep
 from . import demo, exports, extents, info, serve
 from . import kernel as kernel_cli
+from . import resize as resize_cli
 from .common import CommandError, Subparsers
 
 #: The ``register(sub)`` functions of the subcommands, in the order ``--help`` shows them.
@@ -46,6 +47,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     demo.register,
     serve.register,
     kernel_cli.register,
+    resize_cli.register,
 )
 
 #: Options that take an optional value written ``--opt=VALUE``: bare, they get this value.

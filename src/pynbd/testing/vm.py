@@ -139,6 +139,9 @@ GUEST_TEST_PROGRAMS: Mapping[str, str] = {
     "mkfs.ext4": "e2fsprogs",
     "blockdev": "util-linux",
     "fio": "fio",
+    "sfdisk": "fdisk",
+    "qemu-nbd": "qemu-utils",
+    "nbd-server": "nbd-server",
 }
 # Only needed to fetch a kernel that is not cached yet.
 _FETCH_PROGRAMS: Mapping[str, str] = {"apt-cache": "apt", "apt-get": "apt", "dpkg": "dpkg"}
