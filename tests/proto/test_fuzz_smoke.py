@@ -59,7 +59,7 @@ def mutated(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
             data[pos:pos] = draw(st.binary(min_size=1, max_size=24))
         elif op == 3:
             del data[pos:]
-        elif len(data) >= 2:
+        elif len(data) >= 3:
             data[draw(st.integers(0, 2))] = draw(U8)  # another config / read size
     return bytes(data)
 

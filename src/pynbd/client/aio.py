@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -50,7 +51,10 @@ from .base import (
 )
 
 _T = TypeVar("_T")
+#: The clock of request deadlines: a C call, where the default loop's time() is Python.
+_now = time.monotonic
 _DF = int(CmdFlag.DF)
+_READ = Cmd.READ
 _FUA = int(CmdFlag.FUA)
 
 
@@ -75,7 +79,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self._drain: asyncio.Future[None] | None = None
         # Small requests issued in one loop iteration leave in one write (a "cork").
         self._corked: list[Buffer] = []
-        self._cork_scheduled = False
+        self.flush_pending = False
 
     # -- asyncio callbacks --
 
@@ -95,14 +99,18 @@ class _Protocol(asyncio.BufferedProtocol):
             self.hs_wakeup.set()
             return
         try:
-            core.buffer_updated(nbytes)
+            if not core.buffer_updated(nbytes):
+                return
         except NBDError as exc:
             self.fail(exc)
             return
-        waiters, deadlines = self.waiters, self.deadlines
-        while (reply := core.next_event()) is not None:
-            deadlines.pop(reply.cookie, None)
-            fut = waiters.pop(reply.cookie, None)
+        waiters, deadlines, replies = self.waiters, self.deadlines, core.replies
+        while replies:
+            reply = replies.popleft()
+            cookie = reply.cookie
+            if deadlines:
+                deadlines.pop(cookie, None)
+            fut = waiters.pop(cookie, None)
             if fut is not None and not fut.done():
                 fut.set_result(reply)
 
@@ -151,12 +159,22 @@ class _Protocol(asyncio.BufferedProtocol):
                 transport.write(buf)
             return
         self._corked += buffers
-        if not self._cork_scheduled:
-            self._cork_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        if not self.flush_pending:
+            self.schedule_flush()
+
+    def schedule_flush(self) -> None:
+        """Write what is queued (here and in the core) at the end of this loop iteration.
+
+        A request whose bytes the core still holds (a read's header) needs only this:
+        :meth:`flush` takes them from the core, after what :meth:`send` queued before."""
+        self.flush_pending = True
+        asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        self._cork_scheduled = False
+        self.flush_pending = False
+        core = self.core
+        if core is not None:
+            self._corked += core.buffers_to_send()
         if self._corked and self.transport is not None and self.failure is None:
             data = b"".join(self._corked)
             self._corked.clear()
@@ -441,7 +459,7 @@ class AsyncClient(ClientBase):
                 raise reply.error
         return replies
 
-    async def _run_one(
+    def _submit_one(
         self,
         command: Cmd,
         offset: int,
@@ -450,25 +468,43 @@ class AsyncClient(ClientBase):
         timeout: Timeout,
         payload: Buffer | None = None,
         buffer: memoryview | None = None,
-    ) -> None:
-        """One request, the common case, without planning a list: submit and await."""
+    ) -> asyncio.Future[Reply]:
+        """Queue one request, the common case (no plan, no list); return its future.
+
+        A plain function, not a coroutine: the calling coroutine awaits the future
+        itself, which saves a coroutine per request."""
         proto, core = self._proto, self._core
         if proto.failure is not None or self._closed or proto.transport is None:
             raise ConnectionClosed("the connection is closed")
-        cookie = core.request(command, offset, length, flags, payload=payload, buffer=buffer)
+        if buffer is not None:
+            cookie = core.read(buffer, offset, flags)
+            if not proto.flush_pending:
+                proto.schedule_flush()  # the header leaves with this iteration's others
+        else:
+            cookie = core.request(command, offset, length, flags, payload=payload)
+            proto.send(core.buffers_to_send())
         fut: asyncio.Future[Reply] = self._loop.create_future()
         proto.waiters[cookie] = fut
         limit = self.timeout if timeout is DEFAULT else timeout
         if limit is not None:
-            proto.deadlines[cookie] = (self._loop.time() + limit, limit)
+            proto.deadlines[cookie] = (_now() + limit, limit)
             if self._timer is None or limit / 8 < self._period:
                 self._arm_watchdog(limit)
-        proto.send(core.buffers_to_send())
-        if proto.paused:
-            await proto.drain()
+        return fut
+
+    async def _await_one(self, fut: asyncio.Future[Reply]) -> None:
+        """Await what :meth:`_submit_one` queued; raise its error."""
+        if self._proto.paused:
+            await self._proto.drain()
         reply = await fut
-        if core.shutdown_requested and core.in_flight == 0:
-            await self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
+        if reply.error is not None or self._core.shutdown_requested:
+            await self._finish(reply)
+
+    async def _finish(self, reply: Reply) -> None:
+        """The rare end of a request: a soft disconnect after NBD_ESHUTDOWN (as the
+        spec wants), the request's error."""
+        if self._core.shutdown_requested and self._core.in_flight == 0:
+            await self.close()
         if reply.error is not None:
             raise reply.error
 
@@ -488,7 +524,7 @@ class AsyncClient(ClientBase):
             waiters[cookie] = fut
             futures.append(fut)
         if limit is not None:
-            entry = (loop.time() + limit, limit)
+            entry = (_now() + limit, limit)
             for cookie in cookies:
                 proto.deadlines[cookie] = entry
             if self._timer is None or limit / 8 < self._period:
@@ -510,7 +546,7 @@ class AsyncClient(ClientBase):
         deadlines = self._proto.deadlines
         if not deadlines:
             return
-        now = self._loop.time()
+        now = _now()
         for deadline, limit in deadlines.values():
             if deadline <= now:
                 deadlines.clear()
@@ -526,7 +562,9 @@ class AsyncClient(ClientBase):
         """Read ``len(buf)`` bytes at ``offset`` into the caller's writable buffer."""
         view = self._single(buf)
         if view is not None:
-            await self._run_one(Cmd.READ, offset, len(view), _DF if df else 0, timeout, None, view)
+            await self._await_one(
+                self._submit_one(_READ, offset, 0, _DF if df else 0, timeout, None, view)
+            )
             return
         ops = self._plan_read(buf, offset, df)
         if ops:
@@ -537,7 +575,16 @@ class AsyncClient(ClientBase):
     ) -> bytearray:
         """Read ``length`` bytes at ``offset`` into a new bytearray."""
         buf = bytearray(length)
-        await self.pread_into(buf, offset, df=df, timeout=timeout)
+        if not 0 < length <= self._maxp:
+            await self.pread_into(buf, offset, df=df, timeout=timeout)
+            return buf
+        # pread_into's fast path, inline: the hot path of small random reads.
+        fut = self._submit_one(_READ, offset, 0, _DF if df else 0, timeout, None, memoryview(buf))
+        if self._proto.paused:
+            await self._proto.drain()
+        reply = await fut
+        if reply.error is not None or self._core.shutdown_requested:
+            await self._finish(reply)
         return buf
 
     async def pwrite(
@@ -549,7 +596,9 @@ class AsyncClient(ClientBase):
         """
         view = self._single(data)
         if view is not None:
-            await self._run_one(Cmd.WRITE, offset, len(view), _FUA if fua else 0, timeout, view)
+            await self._await_one(
+                self._submit_one(Cmd.WRITE, offset, len(view), _FUA if fua else 0, timeout, view)
+            )
             return
         ops = self._plan_write(data, offset, fua)
         if ops:

@@ -54,6 +54,7 @@ from .base import (
 
 _IOV_MAX = 1024
 _DF = int(CmdFlag.DF)
+_READ = Cmd.READ
 _FUA = int(CmdFlag.FUA)
 
 
@@ -392,9 +393,12 @@ class Client(ClientBase):
         """One request, the common case: :meth:`_exchange` specialised for one cookie
         (a blocking client has nothing else in flight, so the next reply is this one)."""
         sock, core = self._sock, self._core
-        if sock is None or core is None or core.closed:
+        if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
-        core.request(command, offset, length, flags, payload=payload, buffer=buffer)
+        if buffer is not None:
+            core.read(buffer, offset, flags)  # raises ConnectionClosed when the core is closed
+        else:
+            core.request(command, offset, length, flags, payload=payload)
         limit = self.timeout if timeout is DEFAULT else timeout
         timer = self._timer
         try:
@@ -406,23 +410,41 @@ class Client(ClientBase):
             else:
                 _send_all(sock, buffers, _Deadline(limit), timer)
             end = None if limit is None else time.monotonic() + limit
-            recv_into, receive_buffer = sock.recv_into, core.receive_buffer
-            updated, next_event = core.buffer_updated, core.next_event
-            while True:
-                updated(recv_into(receive_buffer()))
-                reply = next_event()
-                if reply is not None:
-                    break
-                timer.check(end)  # a trickling server cannot stretch the call
+            recv_into, receive_buffer, updated = (
+                sock.recv_into,
+                core.receive_buffer,
+                core.buffer_updated,
+            )
+            if not updated(recv_into(receive_buffer())):
+                self._receive_rest(sock, core, end)
         except (OSError, NBDError) as exc:
             err = self._failure(exc, limit)
             if err is exc:
                 raise
             raise err from exc
+        reply = core.replies.popleft()
         if core.shutdown_requested:
             self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
         if reply.error is not None:
             raise reply.error
+
+    def _receive_rest(
+        self, sock: socket.socket, core: ClientTransmission, end: float | None
+    ) -> None:
+        """Receive until a reply completes (the first recv did not bring it whole).
+
+        No MSG_WAITALL for a payload of known length: it saved a syscall per 256 KiB
+        read, but measured, those reads took longer (median 185 against 152 us)."""
+        recv_into, receive_buffer, updated = (
+            sock.recv_into,
+            core.receive_buffer,
+            core.buffer_updated,
+        )
+        timer = self._timer
+        while True:
+            timer.check(end)  # a trickling server cannot stretch the call
+            if updated(recv_into(receive_buffer())):
+                return
 
     def _failure(self, exc: BaseException, limit: float | None) -> BaseException:
         """The connection is dead after ``exc``: close it, say what to raise."""
@@ -494,7 +516,7 @@ class Client(ClientBase):
         """
         view = self._single(buf)
         if view is not None:
-            self._one(Cmd.READ, offset, len(view), _DF if df else 0, timeout, None, view)
+            self._one(_READ, offset, 0, _DF if df else 0, timeout, None, view)
             return
         ops = self._plan_read(buf, offset, df)
         if ops:
@@ -505,7 +527,10 @@ class Client(ClientBase):
     ) -> bytearray:
         """Read ``length`` bytes at ``offset`` into a new bytearray (see :meth:`pread_into`)."""
         buf = bytearray(length)
-        self.pread_into(buf, offset, df=df, timeout=timeout)
+        if 0 < length <= self._maxp:
+            self._one(_READ, offset, 0, _DF if df else 0, timeout, None, memoryview(buf))
+        else:
+            self.pread_into(buf, offset, df=df, timeout=timeout)
         return buf
 
     def pwrite(

@@ -1,0 +1,201 @@
+"""The read fast path of the client transmission core (pynbd.proto.transmission).
+
+A read's usual reply (one OFFSET_DATA chunk with DONE covering it, or a simple reply
+without error) is matched byte for byte against the header it must have and completed
+in one step; anything else must take the general path, with every rule checked. Each
+test here gives the core a reply that starts like the usual one and then differs, or
+arrives in pieces, and checks that the outcome is exactly the general path's.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+from pynbd.errors import ProtocolError
+from pynbd.proto.constants import Cmd, CmdFlag
+from pynbd.proto.transmission import DIRECT_READ, ClientTransmission
+
+from .test_transmission import R, feed_buffer, neg, pattern, simple
+
+STYLES = ["simple", "structured", "extended"]
+
+
+def usual(style: str, cookie: int, offset: int, data: bytes) -> bytes:
+    """The usual reply of a read of ``data`` at ``offset``."""
+    if style == "simple":
+        return simple(cookie, 0, data)
+    return R(style, cookie, offset).data(offset, data, done=True)
+
+
+def lead(style: str) -> int:
+    """The bytes before a usual reply's data."""
+    return {"simple": 16, "structured": 28, "extended": 40}[style]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_read_matches_request(style: str) -> None:
+    """read() queues exactly the bytes request(Cmd.READ, ...) does."""
+    a, b = ClientTransmission(neg(style)), ClientTransmission(neg(style))
+    ca = a.read(bytearray(512), 4096)
+    cb = b.request(Cmd.READ, 4096, 512, buffer=bytearray(512))
+    assert ca == cb
+    assert a.data_to_send() == b.data_to_send()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_whole_reply_completes_at_once(style: str) -> None:
+    core = ClientTransmission(neg(style))
+    buf = bytearray(4096)
+    c = core.read(buf, 8192)
+    reply = usual(style, c, 8192, pattern(4096))
+    view = core.receive_buffer()
+    view[: len(reply)] = reply
+    assert core.buffer_updated(len(reply)) is True
+    got = core.next_event()
+    assert got is not None and got.cookie == c and got.error is None
+    assert buf == pattern(4096) and core.in_flight == 0
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("length", [4096, DIRECT_READ])
+def test_rest_of_payload_lands_in_callers_buffer(style: str, length: int) -> None:
+    """Once the usual header is in, the rest of the data is received into the
+    caller's buffer itself."""
+    core = ClientTransmission(neg(style))
+    buf = bytearray(length)
+    c = core.read(buf, 0)
+    data = pattern(length)
+    reply = usual(style, c, 0, data)
+    feed_buffer(core, reply[: lead(style) + 10])
+    view = core.receive_buffer()
+    assert len(view) == length - 10
+    view[:] = data[10:]
+    assert core.buffer_updated(length - 10) is True
+    got = core.next_event()
+    assert got is not None and got.error is None and buf == data
+    view[:1] = b"!"  # the caller's buffer itself
+    assert buf[10:11] == b"!"
+
+
+@pytest.mark.parametrize("style", ["structured", "extended"])
+def test_lying_length_takes_the_general_path(style: str) -> None:
+    """A header like the usual one but with a longer chunk is a protocol error."""
+    core = ClientTransmission(neg(style))
+    c = core.read(bytearray(100), 0)
+    with pytest.raises(ProtocolError):
+        core.receive_data(R(style, c).data(0, pattern(101), done=True))
+
+
+@pytest.mark.parametrize("style", ["structured", "extended"])
+def test_shorter_chunk_then_hole(style: str) -> None:
+    """Several chunks: data without DONE, then a hole with DONE; all checked."""
+    core = ClientTransmission(neg(style))
+    buf = bytearray(b"\xff" * 200)
+    c = core.read(buf, 0)
+    r = R(style, c)
+    core.receive_data(r.data(0, pattern(100)) + r.hole(100, 100, done=True))
+    got = core.next_event()
+    assert got is not None and got.error is None
+    assert buf == pattern(100) + bytes(100)
+
+
+@pytest.mark.parametrize("style", ["structured", "extended"])
+def test_data_chunk_after_a_chunk_does_not_complete_twice(style: str) -> None:
+    """A chunk covering the whole read, after another chunk of it: overlap."""
+    core = ClientTransmission(neg(style))
+    c = core.read(bytearray(200), 0)
+    r = R(style, c)
+    with pytest.raises(ProtocolError):
+        core.receive_data(r.hole(0, 100) + r.data(0, pattern(200), done=True))
+
+
+@pytest.mark.parametrize("style", ["structured", "extended"])
+def test_error_chunk(style: str) -> None:
+    core = ClientTransmission(neg(style))
+    c = core.read(bytearray(64), 0)
+    core.receive_data(R(style, c).error(errno.EIO, "bad"))
+    got = core.next_event()
+    assert got is not None and got.error is not None and got.error.errno == errno.EIO
+
+
+def test_simple_error_reply() -> None:
+    core = ClientTransmission(neg("simple"))
+    c = core.read(bytearray(64), 0)
+    core.receive_data(simple(c, errno.EPERM))
+    got = core.next_event()
+    assert got is not None and got.error is not None and got.error.errno == errno.EPERM
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_wrong_cookie(style: str) -> None:
+    core = ClientTransmission(neg(style))
+    c = core.read(bytearray(64), 0)
+    with pytest.raises(ProtocolError):
+        core.receive_data(usual(style, c + 1, 0, pattern(64)))
+
+
+def test_wrong_offset() -> None:
+    """The data offset must be the read's: else the general path judges the chunk."""
+    core = ClientTransmission(neg("structured"))
+    c = core.read(bytearray(64), 4096)
+    with pytest.raises(ProtocolError):
+        core.receive_data(R("structured", c).data(0, pattern(64), done=True))
+
+
+def test_extended_header_offset_must_echo() -> None:
+    core = ClientTransmission(neg("extended"))
+    c = core.read(bytearray(64), 4096)
+    wrong_echo = R("extended", c, offset=0).data(4096, pattern(64), done=True)
+    with pytest.raises(ProtocolError):
+        core.receive_data(wrong_echo)
+
+
+def test_simple_reply_to_read_after_structured() -> None:
+    core = ClientTransmission(neg("structured"))
+    c = core.read(bytearray(64), 0)
+    with pytest.raises(ProtocolError):
+        core.receive_data(simple(c, 0, pattern(64)))
+
+
+def test_df_read_still_uses_the_fast_path() -> None:
+    core = ClientTransmission(neg("structured"))
+    buf = bytearray(64)
+    c = core.read(buf, 0, int(CmdFlag.DF))
+    core.receive_data(usual("structured", c, 0, pattern(64)))
+    got = core.next_event()
+    assert got is not None and got.error is None and buf == pattern(64)
+
+
+def test_replies_out_of_order_in_one_buffer() -> None:
+    """Several usual replies in one recv, in another order than sent."""
+    core = ClientTransmission(neg("structured"))
+    bufs = [bytearray(100) for _ in range(4)]
+    cookies = [core.read(b, i * 100) for i, b in enumerate(bufs)]
+    data = b"".join(
+        usual("structured", cookies[i], i * 100, pattern(100, seed=i)) for i in (2, 0, 3, 1)
+    )
+    feed_buffer(core, data)
+    assert [r.cookie for r in core.replies] == [cookies[i] for i in (2, 0, 3, 1)]
+    for i, b in enumerate(bufs):
+        assert b == pattern(100, seed=i)
+
+
+def test_empty_read_takes_the_general_path() -> None:
+    """No usual reply for 0 bytes: OFFSET_DATA needs at least one byte."""
+    core = ClientTransmission(neg("structured"))
+    c = core.read(bytearray(0), 0)
+    with pytest.raises(ProtocolError):
+        core.receive_data(R("structured", c).raw(1, struct.pack(">Q", 0), done=True))
+
+
+def test_bytewise_usual_reply() -> None:
+    core = ClientTransmission(neg("extended"))
+    buf = bytearray(300)
+    c = core.read(buf, 512)
+    for byte in usual("extended", c, 512, pattern(300)):
+        core.receive_data(bytes([byte]))
+    got = core.next_event()
+    assert got is not None and got.error is None and buf == pattern(300)
