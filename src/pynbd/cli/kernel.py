@@ -6,7 +6,8 @@
     pynbd attach nbd+unix:///?socket=/tmp/s /dev/nbd3 --connections 4 --read-only
     pynbd attach --memory 1G --foreground            # a RAM disk served by this process
     pynbd attach --file disk.img /dev/nbd1           # a file, served by this process
-    pynbd detach /dev/nbd0
+    pynbd attach nbd://host/export --persist         # reconnects while the server restarts
+    pynbd detach /dev/nbd0 [--force]
     pynbd status [/dev/nbd0] [--json]
 
 ``attach`` negotiates with the server itself and hands the connections to the kernel
@@ -18,6 +19,19 @@ SIGTERM, then detaches. ``--connections N`` opens N connections when the server 
 multi-conn. ``--timeout`` is the kernel's request timeout (0: never); ``--dead-timeout``
 holds I/O that long while every connection is down. ``--block-size`` defaults to 512,
 or the server's minimum block size when that is larger.
+
+``--persist`` keeps this process running a reconnect supervisor (see
+pynbd.kernel.supervisor): when connections die it re-dials with backoff, checks the
+export is the same and hands the new connections to the kernel, which holds I/O for
+``--dead-timeout`` seconds (default 60) meanwhile; it gives up after ``--give-up``
+seconds (default 300). TCP connections get keepalive (``--keepalive IDLE,INTVL,CNT``,
+default 30,10,3, or ``off``) and TCP_USER_TIMEOUT (``--user-timeout S``, default
+IDLE+INTVL*CNT, 0 for none) so that a peer that vanished is noticed while idle.
+
+``detach`` refuses a device that is mounted or held open, naming who holds it;
+``--force`` disconnects it anyway (the holders then get EIO). It works when the
+server is gone or hung: netlink DISCONNECT, then the NBD_DISCONNECT and NBD_CLEAR_SOCK
+ioctls, each with a time limit.
 
 ``status`` prints one line per device: path, ``attached`` or ``free``, size, the pid
 that attached it and the backend identifier; ``--json`` prints a list of objects
@@ -32,6 +46,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import signal
 import sys
 import threading
@@ -40,7 +55,8 @@ from types import FrameType
 from ..errors import InvalidRequest
 from ..kernel.attach import Attachment, attach, attach_backend, detach, device_status
 from ..kernel.device import sysfs_state
-from ..kernel.errors import FamilyNotFound, KernelError
+from ..kernel.errors import DeviceBusy, FamilyNotFound, KernelError
+from ..kernel.supervisor import Keepalive, ReconnectPolicy, SupervisorState
 from .common import CommandError, Subparsers, human_size, parse_size
 
 
@@ -60,18 +76,33 @@ def register(sub: Subparsers) -> None:
     g = p.add_argument_group("device")
     g.add_argument("--connections", "-C", type=_positive, default=1, metavar="N")
     g.add_argument("--timeout", type=_seconds, default=30, metavar="S", help="default 30")
-    g.add_argument("--dead-timeout", type=_seconds, metavar="S")
+    g.add_argument("--dead-timeout", type=_seconds, metavar="S",
+                   help="hold I/O while every connection is down (60 with --persist)")  # fmt: skip
     g.add_argument("--block-size", type=parse_size, metavar="BYTES")
     g.add_argument("--read-only", "-r", action="store_true")
     g.add_argument("--ioctl", action="store_true", help="ioctls + NBD_DO_IT, not netlink")
     g.add_argument("--backend-id", metavar="TEXT", help="shown in /sys/block/nbdX/backend")
     g.add_argument("--foreground", "-f", action="store_true", help="detach on SIGINT/SIGTERM")
+    g = p.add_argument_group("surviving the server")
+    g.add_argument("--persist", action="store_true", help="stay, and reconnect dead connections")
+    g.add_argument(
+        "--give-up",
+        type=_seconds,
+        default=300,
+        metavar="S",
+        help="stop reconnecting after S (default 300; 0: never)",
+    )
+    g.add_argument("--keepalive", type=_keepalive, metavar="IDLE,INTVL,CNT|off",
+                   help="TCP keepalive (default 30,10,3)")  # fmt: skip
+    g.add_argument("--user-timeout", type=_seconds, metavar="S",
+                   help="TCP_USER_TIMEOUT (default IDLE+INTVL*CNT; 0: none)")  # fmt: skip
     p.set_defaults(func=run_attach)
 
     p = sub.add_parser("detach", help="detach /dev/nbdX (Linux)")
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("--ioctl", action="store_true", help="NBD_DISCONNECT, not netlink")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.add_argument("--force", action="store_true", help="even when mounted or held open")
     p.set_defaults(func=run_detach)
 
     p = sub.add_parser("status", help="show the nbd devices (Linux)")
@@ -100,9 +131,22 @@ def _seconds(text: str) -> int:
     return value
 
 
+def _keepalive(text: str) -> Keepalive:
+    if text == "off":
+        return Keepalive.off()
+    try:
+        idle, interval, count = (int(part) for part in text.split(","))
+        return Keepalive(idle, interval, count)
+    except (ValueError, InvalidRequest) as exc:
+        raise argparse.ArgumentTypeError(f"want IDLE,INTVL,CNT (seconds, seconds, probes) "
+                                         f"or off, not {text!r}") from exc  # fmt: skip
+
+
 def _explain(exc: KernelError, device: str | None = None) -> CommandError:
     """One line that says what failed and what to do."""
     text = str(exc)
+    if isinstance(exc, DeviceBusy):
+        return CommandError(f"{text}: unmount or close it first, or use --force")
     if isinstance(exc, FamilyNotFound) or (
         exc.errno == errno.ENOENT and exc.call in ("open", None)
     ):
@@ -129,7 +173,9 @@ def run_attach(args: argparse.Namespace) -> int:
         )
     uri = None if local else positional[0]
     device = positional[-1] if len(positional) == (1 if local else 2) else None
-    foreground = args.foreground or args.ioctl or local
+    foreground = args.foreground or args.ioctl or local or args.persist
+    if args.persist and args.ioctl:
+        raise CommandError("--persist needs netlink: drop --ioctl")
     options = {
         "connections": args.connections,
         "timeout": args.timeout,
@@ -137,10 +183,15 @@ def run_attach(args: argparse.Namespace) -> int:
         "read_only": args.read_only,
         "use_ioctl": args.ioctl,
         "backend_id": args.backend_id,
+        "dead_timeout": args.dead_timeout,
+        "persist": args.persist,
+        "policy": ReconnectPolicy(give_up_after=args.give_up or None),
     }
+    if args.persist:
+        _log_events()
     try:
         if uri is not None:
-            attachment = attach(uri, device, dead_timeout=args.dead_timeout, **options)
+            attachment = attach(uri, device, keepalive=_tcp_options(args), **options)
         else:
             attachment = attach_backend(_backend(args), device, **options)
     except KernelError as exc:
@@ -149,6 +200,27 @@ def run_attach(args: argparse.Namespace) -> int:
     if not foreground:
         return 0
     return _stay(attachment)
+
+
+def _tcp_options(args: argparse.Namespace) -> Keepalive:
+    keepalive: Keepalive = args.keepalive or Keepalive()
+    if args.user_timeout is None:
+        return keepalive
+    return Keepalive(
+        keepalive.idle, keepalive.interval, keepalive.count, args.user_timeout,
+        keepalive.enabled,
+    )  # fmt: skip
+
+
+def _log_events() -> None:
+    """The supervisor's events, one line each, on stderr (unless --debug set up more)."""
+    logger = logging.getLogger("pynbd.kernel")
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("pynbd: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _backend(args: argparse.Namespace) -> object:
@@ -172,10 +244,19 @@ def _stay(attachment: Attachment) -> int:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    supervisor = attachment.supervisor
+    status = 0
     try:
         while not stop.wait(0.5):
             if not attachment.attached:
                 print(f"pynbd: {attachment.device} was disconnected", file=sys.stderr)
+                break
+            if supervisor is not None and supervisor.done.is_set():
+                # It said why (gave up, or saw the device detached). A device given up
+                # on stays attached, failing I/O, for its holders to notice.
+                if supervisor.state is not SupervisorState.DETACHED:
+                    status = 1
+                attachment._detached = True
                 break
     finally:
         try:
@@ -185,7 +266,7 @@ def _stay(attachment: Attachment) -> int:
         finally:
             for signum, handler in old.items():
                 signal.signal(signum, handler)
-    return 0
+    return status
 
 
 def run_detach(args: argparse.Namespace) -> int:
@@ -197,9 +278,13 @@ def run_detach(args: argparse.Namespace) -> int:
     if not state.exists:
         raise CommandError(f"{args.device}: no such nbd device (is the nbd driver loaded?)")
     try:
-        detach(args.device, timeout=args.timeout, use_ioctl=args.ioctl)
+        holders = detach(args.device, timeout=args.timeout, use_ioctl=args.ioctl, force=args.force)
     except KernelError as exc:
         raise _explain(exc, args.device) from exc
+    if holders:
+        who = "; ".join(str(h) for h in holders)
+        print(f"pynbd: {args.device} disconnected; its holders now get I/O errors and it "
+              f"is released once they let go: {who}", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -44,28 +44,33 @@ from ..transport.uri import NBDURI, parse_uri
 from . import ioctl
 from .device import (
     AsyncRun,
+    Holder,
     NBDDevice,
     NetlinkControl,
     device_index,
     device_path,
+    find_holders,
     list_devices,
     netlink_available,
     sysfs_state,
     validate_block_size,
     wait_disconnected,
 )
-from .errors import FamilyNotFound, KernelError
+from .errors import DeviceBusy, FamilyNotFound, KernelError
 from .netlink import CFlag
+from .supervisor import ExportIdentity, Keepalive, Opener, ReconnectPolicy, Supervisor
 
 __all__ = [
     "Attachment",
     "DeviceInfo",
     "attach",
     "attach_backend",
+    "attach_opener",
     "choose_block_size",
     "connect_for_kernel",
     "detach",
     "device_status",
+    "kernel_opener",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,10 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 30.0
 #: Seconds to wait for the device to become usable, or free after a detach.
 SETTLE_TIMEOUT = 30.0
+#: Seconds a kernel call of detach() gets at least (DISCONNECT to a hung server).
+KERNEL_CALL_TIMEOUT = 5.0
+#: The dead-connection timeout of a supervised (``persist``) device, when not given.
+PERSIST_DEAD_TIMEOUT = 60
 
 
 @dataclass
@@ -89,6 +98,7 @@ class Attachment:
         connections: how many sockets the device uses.
         method: ``"netlink"`` or ``"ioctl"``.
         negotiated: what the first connection negotiated.
+        supervisor: the reconnect supervisor of a ``persist`` attachment, else None.
     """
 
     device: str
@@ -99,9 +109,11 @@ class Attachment:
     connections: int
     method: str
     negotiated: Negotiated
+    supervisor: Supervisor | None = None
     _nbd: NBDDevice | None = field(default=None, repr=False)
     _job: AsyncRun | None = field(default=None, repr=False)
     _server: threading.Thread | None = field(default=None, repr=False)
+    _cleanup: Callable[[], None] | None = field(default=None, repr=False)
     _detached: bool = field(default=False, repr=False)
 
     @property
@@ -127,27 +139,44 @@ class Attachment:
                 time.sleep(0.2)
         return True
 
-    def detach(self, timeout: float = SETTLE_TIMEOUT) -> None:
-        """Disconnect the device and wait until it is free; stop the in-process server.
+    def detach(self, timeout: float = SETTLE_TIMEOUT, *, force: bool = True) -> None:
+        """Stop the supervisor, disconnect the device and wait until it is free; stop
+        the in-process server.
 
         Idempotent. The ioctl path sends NBD_DISCONNECT and NBD_CLEAR_SOCK and joins
-        the NBD_DO_IT thread; the netlink path sends NBD_CMD_DISCONNECT.
+        the NBD_DO_IT thread; the netlink path is :func:`detach`.
+
+        Args:
+            timeout: seconds to wait for the device to be free.
+            force: False refuses, as :func:`detach` does, when the device is mounted
+                or held open; True (the owner's call) disconnects anyway.
 
         Raises:
+            DeviceBusy: the device is held: not disconnected when ``force`` is False;
+                disconnected (its holders get EIO) but not free when it is True.
             KernelError: the kernel refused, or the device was still connected after
                 ``timeout`` seconds.
         """
         if self._detached:
             return
+        if not force:
+            _refuse_if_held(self.index)
         self._detached = True
         try:
+            if self.supervisor is not None:
+                self.supervisor.stop(timeout)
             if self._nbd is not None:
                 self._nbd.kill_async(timeout)
                 self._nbd.close()
             else:
-                detach(self.index, timeout=timeout)
+                holders = detach(self.index, timeout=timeout, force=True)
+                if holders and sysfs_state(self.index).busy:
+                    # Disconnected, but the holders keep the device: waiting is vain.
+                    raise DeviceBusy(self.device, holders)
             wait_disconnected(self.index, timeout)
         finally:
+            if self._cleanup is not None:
+                self._cleanup()
             if self._server is not None:
                 self._server.join(timeout)
 
@@ -179,7 +208,7 @@ def _kernel_options(export_name: str) -> ConnectOptions:
 
 
 def _negotiate(
-    sock: socket.socket, export_name: str, timeout: float
+    sock: socket.socket, export_name: str, timeout: float, keepalive: Keepalive | None = None
 ) -> tuple[socket.socket, Negotiated]:
     """Run the handshake on ``sock`` and leave it ready for the kernel.
 
@@ -195,15 +224,13 @@ def _negotiate(
         if not result.size:
             raise InvalidRequest("the export's size is 0: nothing to attach")
         # The kernel owns the socket from now on: blocking, no Python timeout (which
-        # would leave O_NONBLOCK on the file), no Nagle delay, keepalive to find a peer
-        # that vanished while the device is idle (the request timeout cannot).
+        # would leave O_NONBLOCK on the file), no Nagle delay, keepalive and a user
+        # timeout to find a peer that vanished while the device is idle (the request
+        # timeout cannot).
         sock.settimeout(None)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            for opt, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
-                if hasattr(socket, opt):
-                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+            (keepalive or Keepalive()).apply(sock)
     except BaseException:
         sock.close()
         raise
@@ -211,10 +238,12 @@ def _negotiate(
 
 
 def connect_for_kernel(
-    uri: str | NBDURI, *, timeout: float = HANDSHAKE_TIMEOUT
+    uri: str | NBDURI, *, timeout: float = HANDSHAKE_TIMEOUT, keepalive: Keepalive | None = None
 ) -> tuple[socket.socket, Negotiated]:
     """Connect to a server and negotiate as the kernel needs it (GO, simple replies
     only); return the socket, ready for :meth:`NBDDevice.socket`, and the result.
+
+    A TCP socket gets TCP_NODELAY and ``keepalive`` (default :class:`Keepalive`()).
 
     Raises:
         URIError, InvalidRequest (a TLS URI or an empty export), ConnectionClosed,
@@ -223,7 +252,31 @@ def connect_for_kernel(
     parsed = parse_uri(uri) if isinstance(uri, str) else uri
     if parsed.tls:
         raise InvalidRequest("the kernel's nbd driver cannot use TLS: use an nbd:// URI")
-    return _negotiate(open_stream(parsed, timeout=timeout), parsed.export_name, timeout)
+    return _negotiate(open_stream(parsed, timeout=timeout), parsed.export_name, timeout, keepalive)
+
+
+def kernel_opener(
+    stream: Callable[[], socket.socket],
+    export_name: str = "",
+    *,
+    timeout: float = HANDSHAKE_TIMEOUT,
+    keepalive: Keepalive | None = None,
+) -> Opener:
+    """Make an :data:`~pynbd.kernel.supervisor.Opener` from a callable that opens a
+    raw byte stream to a server: each call opens one, negotiates as the kernel needs
+    it, and returns ``(socket, negotiated)``.
+
+    Args:
+        stream: returns a connected stream socket before the NBD handshake.
+        export_name: the export to ask for.
+        timeout: seconds for the handshake.
+        keepalive: TCP settings for TCP sockets (default :class:`Keepalive`()).
+    """
+
+    def opener() -> tuple[socket.socket, Negotiated]:
+        return _negotiate(stream(), export_name, timeout, keepalive)
+
+    return opener
 
 
 def _check_same(first: Negotiated, other: Negotiated) -> None:
@@ -272,6 +325,9 @@ def attach(
     backend_id: str | None = None,
     client_flags: int = 0,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    persist: bool = False,
+    policy: ReconnectPolicy | None = None,
+    keepalive: Keepalive | None = None,
 ) -> Attachment:
     """Connect to an NBD server and attach its export to an nbd device.
 
@@ -282,14 +338,24 @@ def attach(
         connections: sockets to open; more than one only when the server advertises
             CAN_MULTI_CONN (else one is used, and a warning logged).
         timeout: the kernel's request timeout in seconds (0: never time out).
-        dead_timeout: netlink only: seconds to hold I/O while every connection is dead.
+        dead_timeout: netlink only: seconds to hold I/O while every connection is dead
+            (default with ``persist``: 60).
         block_size: the logical block size (default: see :func:`choose_block_size`).
         read_only: make the device read-only even if the export is writable.
         use_ioctl: use the ioctls and NBD_DO_IT in a thread of this process instead of
             netlink; the device then lives as long as this process.
-        backend_id: netlink only: shown in /sys/block/nbdX/backend.
+        backend_id: netlink only: shown in /sys/block/nbdX/backend (default with
+            ``persist``: the URI, so that the kernel checks each reconnection).
         client_flags: netlink only: :class:`~pynbd.kernel.netlink.CFlag` bits.
-        handshake_timeout: seconds for connecting and negotiating each connection.
+        handshake_timeout: seconds for connecting and negotiating each connection
+            (each reconnection attempt too).
+        persist: run a :class:`~pynbd.kernel.supervisor.Supervisor` in a thread of this
+            process (``Attachment.supervisor``) that reconnects dead connections;
+            needs netlink and a request timeout. The supervision lasts as long as
+            this process; :meth:`Attachment.detach` stops it.
+        policy: how the supervisor retries (backoff, give-up time).
+        keepalive: TCP keepalive and user timeout of TCP connections (default
+            :class:`~pynbd.kernel.supervisor.Keepalive`()).
 
     Raises:
         URIError: a bad URI. InvalidRequest: a TLS URI, bad settings, an empty export.
@@ -301,13 +367,14 @@ def attach(
     parsed = parse_uri(uri) if isinstance(uri, str) else uri
     if parsed.tls:
         raise InvalidRequest("the kernel's nbd driver cannot use TLS: use an nbd:// URI")
+    if persist and backend_id is None:
+        backend_id = uri if isinstance(uri, str) else parsed.export_name
 
-    def opener() -> socket.socket:
+    def stream() -> socket.socket:
         return open_stream(parsed, timeout=handshake_timeout)
 
     return _attach(
-        opener,
-        parsed.export_name,
+        kernel_opener(stream, parsed.export_name, timeout=handshake_timeout, keepalive=keepalive),
         device,
         connections=connections,
         timeout=timeout,
@@ -317,8 +384,49 @@ def attach(
         use_ioctl=use_ioctl,
         backend_id=backend_id,
         client_flags=client_flags,
-        handshake_timeout=handshake_timeout,
         server=None,
+        persist=policy or ReconnectPolicy() if persist else None,
+    )
+
+
+def attach_opener(
+    opener: Opener,
+    device: str | int | None = None,
+    *,
+    connections: int = 1,
+    timeout: int = 30,
+    dead_timeout: int | None = None,
+    block_size: int | None = None,
+    read_only: bool = False,
+    backend_id: str | None = None,
+    client_flags: int = 0,
+    persist: bool = False,
+    policy: ReconnectPolicy | None = None,
+) -> Attachment:
+    """Attach through netlink whatever ``opener`` connects to (a TLS relay, a test
+    proxy...): each call returns one socket ready for the kernel and its
+    negotiation; with ``persist`` the supervisor calls it again to reconnect.
+
+    Args:
+        opener: see :data:`~pynbd.kernel.supervisor.Opener` and :func:`kernel_opener`.
+        others: as for :func:`attach`.
+
+    Raises:
+        As :func:`attach`, and whatever ``opener`` raises.
+    """
+    return _attach(
+        opener,
+        device,
+        connections=connections,
+        timeout=timeout,
+        dead_timeout=dead_timeout,
+        block_size=block_size,
+        read_only=read_only,
+        use_ioctl=False,
+        backend_id=backend_id,
+        client_flags=client_flags,
+        server=None,
+        persist=policy or ReconnectPolicy() if persist else None,
     )
 
 
@@ -333,6 +441,9 @@ def attach_backend(
     use_ioctl: bool = False,
     backend_id: str | None = None,
     client_flags: int = 0,
+    dead_timeout: int | None = None,
+    persist: bool = False,
+    policy: ReconnectPolicy | None = None,
     **server_options: Any,
 ) -> Attachment:
     """Serve ``backend`` in this process and attach it to an nbd device.
@@ -345,7 +456,9 @@ def attach_backend(
         backend: a :class:`~pynbd.server.Backend`, an :class:`~pynbd.server.Export`, or
             anything :class:`~pynbd.server.aio.Server` takes as its exports.
         device, connections, timeout, block_size, read_only, use_ioctl, backend_id,
-            client_flags: as for :func:`attach`.
+            client_flags, dead_timeout, policy: as for :func:`attach`.
+        persist: as for :func:`attach`: a dead connection is replaced by a new
+            socketpair served by the same in-process server.
         server_options: more :class:`~pynbd.server.aio.Server` keyword arguments.
 
     Raises:
@@ -391,31 +504,34 @@ def attach_backend(
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(state["done"].set)
 
-    def opener() -> socket.socket:
+    def stream() -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         sessions.append(asyncio.run_coroutine_threadsafe(server.serve_socket(theirs), loop))
         return ours
 
     try:
         attachment = _attach(
-            opener,
-            "",
+            kernel_opener(stream, ""),
             device,
             connections=connections,
             timeout=timeout,
-            dead_timeout=None,
+            dead_timeout=dead_timeout,
             block_size=block_size,
             read_only=read_only,
             use_ioctl=use_ioctl,
             backend_id=backend_id,
             client_flags=client_flags,
-            handshake_timeout=HANDSHAKE_TIMEOUT,
             server=thread,
+            persist=policy or ReconnectPolicy() if persist else None,
         )
     except BaseException:
         stop_server()
         thread.join(SETTLE_TIMEOUT)
         raise
+    if persist:
+        # Sessions end and are replaced while supervised: the server stops on detach.
+        attachment._cleanup = stop_server
+        return attachment
     # Once every session ended (the kernel sent NBD_CMD_DISC and closed the socket),
     # stop the server's loop; that ends the server thread, which detach() joins.
     watcher = threading.Thread(
@@ -433,8 +549,7 @@ def _wait_all(sessions: Sequence[Any], then: Any) -> None:
 
 
 def _attach(
-    opener: Callable[[], socket.socket],
-    export_name: str,
+    opener: Opener,
     device: str | int | None,
     *,
     connections: int,
@@ -445,27 +560,38 @@ def _attach(
     use_ioctl: bool,
     backend_id: str | None,
     client_flags: int,
-    handshake_timeout: float,
     server: threading.Thread | None,
+    persist: ReconnectPolicy | None,
 ) -> Attachment:
     if connections < 1:
         raise InvalidRequest(f"connections must be at least 1, not {connections}")
     if timeout < 0:
         raise InvalidRequest(f"timeout must not be negative, not {timeout}")
+    if persist is not None:
+        if use_ioctl:
+            raise InvalidRequest("persist needs netlink (RECONFIGURE), not the ioctls")
+        if timeout == 0:
+            # The kernel requeues a dead connection's requests on their timeout, and
+            # marks the sockets it adopts with it (how the supervisor checks a handover).
+            raise InvalidRequest("persist needs a request timeout above 0")
+        if dead_timeout is None:
+            dead_timeout = PERSIST_DEAD_TIMEOUT
     index = device_index(device) if device is not None else None
     if not use_ioctl and not netlink_available():
+        if persist is not None:
+            raise FamilyNotFound("nbd")
         if not list_devices():
             raise FamilyNotFound("nbd")
         use_ioctl = True  # a driver without netlink (or netlink refused): ioctls
     socks: list[socket.socket] = []
     try:
-        sock, first = _negotiate(opener(), export_name, handshake_timeout)
+        sock, first = opener()
         socks.append(sock)
         if connections > 1 and not first.flags & TransmissionFlag.CAN_MULTI_CONN:
             log.warning("the server does not advertise multi-conn: using one connection")
             connections = 1
         while len(socks) < connections:
-            sock, other = _negotiate(opener(), export_name, handshake_timeout)
+            sock, other = opener()
             socks.append(sock)
             _check_same(first, other)
         bs = choose_block_size(first, block_size)
@@ -475,14 +601,45 @@ def _attach(
         flags = first.flags | (TransmissionFlag.READ_ONLY if read_only else 0)
         if use_ioctl:
             return _attach_ioctl(socks, first, index, size, bs, flags, timeout, server)
-        return _attach_netlink(
+        attachment = _attach_netlink(
             socks, first, index, size, bs, flags, timeout, dead_timeout, backend_id,
             client_flags, server,
         )  # fmt: skip
+        if persist is not None:
+            _supervise(attachment, opener, socks, first, backend_id, dead_timeout, persist)
+        return attachment
     finally:
-        # The kernel holds its own reference to every socket it took.
+        # The kernel holds its own reference to every socket it took (and the
+        # supervisor its duplicates).
         for sock in socks:
             sock.close()
+
+
+def _supervise(
+    attachment: Attachment,
+    opener: Opener,
+    socks: Sequence[socket.socket],
+    negotiated: Negotiated,
+    backend_id: str | None,
+    dead_timeout: int | None,
+    policy: ReconnectPolicy,
+) -> None:
+    try:
+        attachment.supervisor = Supervisor(
+            attachment.index,
+            opener,
+            ExportIdentity.of(negotiated, backend_id),
+            socks,
+            dead_timeout=dead_timeout,
+            backoff=policy.backoff,
+            give_up_after=policy.give_up_after,
+            poll_interval=policy.poll_interval,
+            hand_over_timeout=policy.hand_over_timeout,
+        ).start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            attachment.detach()
+        raise
 
 
 def _attach_netlink(
@@ -607,39 +764,127 @@ def _settle(attachment: Attachment, *, scan: bool = True) -> None:
 # --- detaching and status -------------------------------------------------------------
 
 
-def detach(device: str | int, *, timeout: float = SETTLE_TIMEOUT, use_ioctl: bool = False) -> None:
+def detach(
+    device: str | int,
+    *,
+    timeout: float = SETTLE_TIMEOUT,
+    use_ioctl: bool = False,
+    force: bool = False,
+) -> list[Holder]:
     """Disconnect an nbd device, whoever attached it, and wait until it is free.
 
-    Netlink DISCONNECT when the driver has netlink (and ``use_ioctl`` is false), else
-    NBD_DISCONNECT and NBD_CLEAR_SOCK on the opened device. A device that is not
-    connected is left alone.
+    Safe for a device whose server is gone or hung. First, the device must not be held:
+    mounted, held open by a process, or used by another block device (device mapper,
+    md); else :class:`DeviceBusy` names the holders, unless ``force``. Then netlink
+    DISCONNECT (unless ``use_ioctl`` or the driver has no netlink), then, when the
+    device is still connected, NBD_DISCONNECT and NBD_CLEAR_SOCK on the opened device.
+    Every kernel call runs in a worker thread with a time limit, so this never hangs
+    (the kernel itself may spend up to the request timeout per connection sending
+    NBD_CMD_DISC to a hung server). A device that is not connected is left alone.
+
+    With ``force`` the holders get EIO from then on; the device is released once they
+    let go of it (unmount, close), so this returns without waiting for that.
+
+    Returns:
+        The holders found (empty unless ``force``).
 
     Raises:
         InvalidRequest: not an nbd device name.
+        DeviceBusy: the device is held and ``force`` is false.
         KernelError: the kernel refused (EPERM: run as root), or the device was still
             connected after ``timeout`` seconds.
     """
     index = device_index(device)
-    path = device_path(index)
+    holders = _refuse_if_held(index) if not force else find_holders(index)
+    deadline = time.monotonic() + timeout
+    # A kernel call gets at least a few seconds, whatever is left of the wait.
+    limit = max(timeout, KERNEL_CALL_TIMEOUT)
     done = False
     if not use_ioctl:
         try:
-            with NetlinkControl() as nl:
-                nl.disconnect(index)
+            _bounded(lambda: _netlink_disconnect(index), limit, "NBD_CMD_DISCONNECT", index)
             done = True
         except FamilyNotFound:
             pass
-    if not done:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise KernelError(exc.errno or errno.EIO, call="open", device=path) from exc
-        try:
+    if holders:
+        # The holders keep the device's configuration (its pid and size) alive.
+        if not done:
+            _bounded(lambda: _ioctl_disconnect(index), limit, "NBD_CLEAR_SOCK", index)
+        with contextlib.suppress(KernelError):
+            wait_disconnected(index, min(1.0, timeout))
+        return holders
+    if done:
+        with contextlib.suppress(KernelError):
+            wait_disconnected(index, max(0.0, deadline - time.monotonic()))
+            return []
+    # No netlink, or still connected: the ioctls shut the sockets down whatever the
+    # server does.
+    _bounded(lambda: _ioctl_disconnect(index), limit, "NBD_CLEAR_SOCK", index)
+    wait_disconnected(index, max(1.0, deadline - time.monotonic()))
+    return []
+
+
+def _refuse_if_held(index: int) -> list[Holder]:
+    """Raise DeviceBusy when the device is held; a holder seen once may be a passing
+    probe (udev, blkid): look again before refusing."""
+    holders = find_holders(index)
+    for _ in range(2):
+        if not holders:
+            return []
+        time.sleep(0.2)
+        holders = find_holders(index)
+    if holders:
+        raise DeviceBusy(device_path(index), holders)
+    return []
+
+
+def _netlink_disconnect(index: int) -> None:
+    with NetlinkControl(timeout=SETTLE_TIMEOUT) as nl:
+        nl.disconnect(index)  # a device that is not attached: a no-op
+
+
+def _ioctl_disconnect(index: int) -> None:
+    path = device_path(index)
+    state = sysfs_state(index)
+    if state.exists and not state.busy:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KernelError(exc.errno or errno.EIO, call="open", device=path) from exc
+    try:
+        # DISCONNECT may fail on a device whose sockets are already gone; CLEAR_SOCK
+        # is what frees it.
+        with contextlib.suppress(KernelError):
             ioctl.disconnect(fd, device=path)
-            ioctl.clear_sock(fd, device=path)
-        finally:
-            os.close(fd)
-    wait_disconnected(index, timeout)
+        ioctl.clear_sock(fd, device=path)
+    finally:
+        os.close(fd)
+
+
+def _bounded(call: Callable[[], None], timeout: float, what: str, index: int) -> None:
+    """Run ``call`` in a daemon thread; raise its error, or ETIMEDOUT after ``timeout``
+    (the thread is left to finish in the kernel)."""
+    box: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the caller
+            box.append(exc)
+
+    worker = threading.Thread(target=run, name=f"pynbd {what}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise KernelError(
+            errno.ETIMEDOUT,
+            f"the kernel did not finish in {timeout:g} s (a hung server?)",
+            call=what,
+            device=device_path(index),
+        )
+    if box:
+        raise box[0]
 
 
 @dataclass(frozen=True, slots=True)

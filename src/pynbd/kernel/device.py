@@ -28,7 +28,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -57,12 +57,14 @@ __all__ = [
     "AsyncRun",
     "CFlag",
     "DeviceStatus",
+    "Holder",
     "NBDDevice",
     "NetlinkControl",
     "SysfsState",
     "device_index",
     "device_path",
     "find_free_device",
+    "find_holders",
     "list_devices",
     "max_block_size",
     "netlink_available",
@@ -194,6 +196,91 @@ def sysfs_state(device: str | os.PathLike[str] | int) -> SysfsState:
         read_only=_read(base / "ro") == "1",
         block_size=int(lbs) if lbs and lbs.isdigit() else None,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Something that holds an nbd device (or one of its partitions).
+
+    Attributes:
+        kind: ``"process"`` (an open descriptor), ``"mount"`` or ``"device"`` (a
+            device-mapper or md device stacked on it).
+        what: the holder: a command name, a mount point, a device name.
+        pid: the process, for ``"process"``.
+        detail: which partition, descriptor or filesystem.
+    """
+
+    kind: str
+    what: str
+    pid: int | None = None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "process":
+            return f"pid {self.pid} ({self.what}) {self.detail}".rstrip()
+        if self.kind == "mount":
+            return f"mounted on {self.what} {self.detail}".rstrip()
+        return f"{self.what} {self.detail}".rstrip()
+
+
+def find_holders(device: str | os.PathLike[str] | int) -> list[Holder]:
+    """Who holds ``/dev/nbdX`` or a partition of it: open descriptors of every process
+    (``/proc/*/fd``), mounts of this mount namespace (``/proc/self/mountinfo``), and
+    stacked block devices (``/sys/block/nbdX/holders``).
+
+    Raises:
+        InvalidRequest: not an nbd device name.
+    """
+    index = device_index(device)
+    shift = _part_shift()
+    first, last = index << shift, ((index + 1) << shift) - 1
+
+    def ours(major: int, minor: int) -> bool:
+        return major == NBD_MAJOR and first <= minor <= last
+
+    out = _mount_holders(ours) + _process_holders(ours)
+    base = SYS_BLOCK / f"nbd{index}"
+    for holders_dir in [base / "holders", *base.glob(f"nbd{index}p*/holders")]:
+        with contextlib.suppress(OSError):
+            for entry in sorted(holders_dir.iterdir()):
+                part = holders_dir.parent.name
+                out.append(Holder("device", entry.name, detail=f"(on {part})"))
+    return out
+
+
+def _mount_holders(ours: Callable[[int, int], bool]) -> list[Holder]:
+    out = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 5 or ":" not in fields[2]:
+                continue
+            major, _, minor = fields[2].partition(":")
+            if major.isdigit() and minor.isdigit() and ours(int(major), int(minor)):
+                fstype = fields[fields.index("-") + 1] if "-" in fields[6:] else ""
+                point = fields[4].replace("\\040", " ")
+                out.append(Holder("mount", point, detail=f"({fstype})" if fstype else ""))
+    return out
+
+
+def _process_holders(ours: Callable[[int, int], bool]) -> list[Holder]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue  # gone, or not ours to look at
+        for fd in fds:
+            try:
+                st = os.stat(fd)
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and ours(os.major(st.st_rdev), os.minor(st.st_rdev)):
+                comm = _read(proc / "comm") or "?"
+                out.append(Holder("process", comm, int(proc.name), f"fd {fd.name}"))
+    return out
 
 
 def wait_disconnected(device: str | int, timeout: float = 30.0) -> None:

@@ -7,6 +7,8 @@ They extend the tree drawn in :mod:`pynbd.errors`::
         │                        the device and the call that failed
         ├── FamilyNotFound       the generic-netlink family is not registered (for
         │                        "nbd": the driver is not loaded)
+        ├── DeviceBusy           the device is mounted or held open (errno EBUSY);
+        │                        names the holders
         └── NetlinkFormatError   a netlink message could not be parsed (errno EBADMSG)
 
 None of them closes an NBD connection: the kernel interface keeps no connection state
@@ -19,10 +21,11 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from collections.abc import Sequence
 
 from ..errors import NBDError
 
-__all__ = ["FamilyNotFound", "KernelError", "NetlinkFormatError"]
+__all__ = ["DeviceBusy", "FamilyNotFound", "KernelError", "NetlinkFormatError"]
 
 
 class KernelError(NBDError, OSError):
@@ -75,6 +78,20 @@ class FamilyNotFound(KernelError):
         # The whole message is the explanation: "No such file or directory" adds nothing.
         self.strerror = text
         self.args = (_errno.ENOENT, text)
+
+
+class DeviceBusy(KernelError):
+    """The device is mounted, held open, or used by another block device (EBUSY).
+
+    Attributes:
+        holders: who holds it (objects whose ``str()`` says who: ``pid 42 (sleep)``,
+            ``mounted on /mnt``, ``dm-0``).
+    """
+
+    def __init__(self, device: str, holders: Sequence[object]) -> None:
+        who = "; ".join(str(h) for h in holders) or "unknown"
+        super().__init__(_errno.EBUSY, f"held by {who}", call="detach", device=device)
+        self.holders = tuple(holders)
 
 
 class NetlinkFormatError(KernelError):
