@@ -26,7 +26,8 @@ from pynbd.cli.kernel import _explain
 from pynbd.kernel import FamilyNotFound, KernelError
 from pynbd.kernel.attach import detach
 from pynbd.kernel.device import sysfs_state
-from tests.peers import Server, make_raw_image
+from pynbd.kernel.resize import read_state
+from tests.peers import Server, make_raw_image, make_x509_dir
 
 SIZE = 64 * 1024 * 1024
 CMD_TIMEOUT = 120
@@ -126,7 +127,11 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stdout.readline().strip()
 
 
-def _foreground(args: Sequence[str], cleanup: list[str]) -> None:
+def _foreground(
+    args: Sequence[str], cleanup: list[str], during: Callable[[str], None] | None = None
+) -> None:
+    """``pynbd attach ARGS`` stays in the foreground: data through the device, then
+    ``during(device)`` while attached, then SIGTERM detaches."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pynbd", "attach", *args],
         stdin=subprocess.DEVNULL,
@@ -148,6 +153,8 @@ def _foreground(args: Sequence[str], cleanup: list[str]) -> None:
             assert os.pread(fd, len(data), 4096) == data
         finally:
             os.close(fd)
+        if during is not None:
+            during(device)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert sysfs_state(device).pid is None
@@ -176,6 +183,34 @@ def test_attach_file_ioctl_foreground(nbd_module: None, cleanup: list[str], tmp_
 
 def test_uri_foreground_until_sigterm(server: Server, cleanup: list[str]) -> None:
     _foreground([server.uri, "--foreground", "--connections", "2"], cleanup)
+
+
+def test_tls_uri_relayed_and_recorded_for_resize(
+    nbd_module: None,
+    nbdkit: Callable[..., Server],
+    cleanup: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # nbds:// stays in the foreground (the relay lives there) without --foreground,
+    # records its URI for `pynbd resize`, and forgets it on detach.
+    monkeypatch.setenv("PYNBD_STATE_DIR", os.fspath(tmp_path / "state"))
+    srv = nbdkit("memory", str(SIZE), tcp=True, tls="x509", tls_creds=make_x509_dir(tmp_path))
+    recorded: list[str] = []
+
+    def during(device: str) -> None:
+        state = read_state(device)
+        assert state is not None and state["uri"] == srv.uri
+        done = _pynbd("resize", device)  # asks the server again, through TLS
+        assert done.returncode == 0, done.stderr
+        assert str(SIZE) in done.stdout
+        recorded.append(device)
+
+    try:
+        _foreground([srv.uri, "--connections", "2"], cleanup, during)
+    finally:
+        srv.stop()
+    assert recorded and read_state(recorded[0]) is None
 
 
 def test_error_not_root(nbd_module: None) -> None:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import subprocess
@@ -19,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -32,7 +30,6 @@ from pynbd.kernel.resize import (
     _reconfigure_size,
     read_state,
     remove_state,
-    resize_backend,
     write_state,
 )
 from pynbd.server import FileBackend, MemoryBackend
@@ -58,22 +55,6 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
     yield path
     if os.path.ismount(path):
         subprocess.run(["umount", os.fspath(path)], timeout=CMD_TIMEOUT, check=False)
-
-
-def _serve_of(att: Attachment) -> tuple[Any, asyncio.AbstractEventLoop]:
-    """The in-process server and loop: ``Attachment._serve`` once attach_backend
-    records it; until then, dug out of the server thread's closure (test only)."""
-    serve = getattr(att, "_serve", None)
-    if serve is not None:
-        return serve  # type: ignore[no-any-return]
-    from pynbd.server import Server as NBDServer
-
-    cells = [c.cell_contents for c in att._server._target.__closure__]  # type: ignore[union-attr]
-    main = next(c for c in cells if callable(c) and c.__name__ == "main")
-    found = {type(v): v for v in (c.cell_contents for c in main.__closure__)}
-    state = next(v for v in found.values() if isinstance(v, dict))
-    server = next(v for v in found.values() if isinstance(v, NBDServer))
-    return server, state["loop"]
 
 
 def _files(mnt: Path, prefix: str, n: int, size: int) -> dict[str, bytes]:
@@ -112,14 +93,13 @@ def test_ext4_grows_and_shrinks_with_the_backend(
 
 def _grow_then_shrink(att: Attachment, backend: MemoryBackend, mnt: Path) -> None:
     """Grow a mounted ext4 online, then shrink it offline; the files survive."""
-    server, loop = _serve_of(att)
     dev = att.device
     _run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev)
     _run("mount", dev, mnt)
     files = _files(mnt, "f", 4, MiB)
     before = _fs_blocks(mnt)
     # Grow online: backend, server, device; then the filesystem.
-    assert resize_backend(att, 64 * MiB, server=server, loop=loop) == 64 * MiB
+    assert att.resize(64 * MiB) == 64 * MiB
     assert sysfs_state(att.index).size == 64 * MiB
     assert backend.size == 64 * MiB
     _run("resize2fs", dev)
@@ -133,7 +113,7 @@ def _grow_then_shrink(att: Attachment, backend: MemoryBackend, mnt: Path) -> Non
     _run("umount", mnt)
     _run("e2fsck", "-f", "-y", dev)
     _run("resize2fs", dev, "40M")
-    assert resize_backend(att, 40 * MiB, server=server, loop=loop) == 40 * MiB
+    assert att.resize(40 * MiB) == 40 * MiB
     assert sysfs_state(att.index).size == 40 * MiB
     assert backend.size == 40 * MiB
     _run("e2fsck", "-f", "-n", dev)
@@ -145,8 +125,7 @@ def _grow_then_shrink(att: Attachment, backend: MemoryBackend, mnt: Path) -> Non
 def test_new_connections_see_the_new_size(nbd_module: None) -> None:
     backend = MemoryBackend(8 * MiB)
     with attach_backend(backend, timeout=TIMEOUT) as att:
-        server, loop = _serve_of(att)
-        resize_backend(att, 24 * MiB, server=server, loop=loop)
+        att.resize(24 * MiB)
         fd = os.open(att.device, os.O_RDWR)
         try:
             # A write past the old end reaches the backend through the live connection.
@@ -157,7 +136,8 @@ def test_new_connections_see_the_new_size(nbd_module: None) -> None:
         buf = memoryview(bytearray(4096))
         backend.pread_into(buf, 20 * MiB)
         assert bytes(buf) == b"z" * 4096
-        spec = next(iter(server.config.exports.values()))
+        assert att._serve is not None
+        spec = next(iter(att._serve[0].config.exports.values()))
         assert spec.size == 24 * MiB  # what a later handshake reports
 
 

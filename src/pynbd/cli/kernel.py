@@ -7,6 +7,7 @@
     pynbd attach --memory 1G --foreground            # a RAM disk served by this process
     pynbd attach --file disk.img /dev/nbd1           # a file, served by this process
     pynbd attach nbd://host/export --persist         # reconnects while the server restarts
+    pynbd attach nbds://host/export?tls-certificates=DIR   # TLS, relayed by this process
     pynbd detach /dev/nbd0 [--force]
     pynbd status [/dev/nbd0] [--json]
 
@@ -14,7 +15,7 @@
 (netlink, or the ioctls with ``--ioctl``), waits until the device is usable (with its
 partitions scanned), and prints the device's path. With netlink the command then exits
 and the device stays attached until ``pynbd detach``; with ``--foreground`` (implied by
-``--ioctl``, ``--memory`` and ``--file``: a process must stay) it stays until SIGINT or
+``--ioctl``, ``--memory``, ``--file`` and ``nbds://``: a process must stay) it stays until SIGINT or
 SIGTERM, then detaches. ``--connections N`` opens N connections when the server allows
 multi-conn. ``--timeout`` is the kernel's request timeout (0: never); ``--dead-timeout``
 holds I/O that long while every connection is down. ``--block-size`` defaults to 512,
@@ -27,6 +28,10 @@ export is the same and hands the new connections to the kernel, which holds I/O 
 seconds (default 300). TCP connections get keepalive (``--keepalive IDLE,INTVL,CNT``,
 default 30,10,3, or ``off``) and TCP_USER_TIMEOUT (``--user-timeout S``, default
 IDLE+INTVL*CNT, 0 for none) so that a peer that vanished is noticed while idle.
+
+The kernel cannot speak TLS: for ``nbds://`` this process relays each connection
+(pynbd.kernel.relay): a socketpair to the kernel, TLS to the server. Do not swap onto
+such a device. ``attach`` records the URI in /run/pynbd/nbdX.json for ``pynbd resize``.
 
 ``detach`` refuses a device that is mounted or held open, naming who holds it;
 ``--force`` disconnects it anyway (the holders then get EIO). It works when the
@@ -44,6 +49,7 @@ modprobe nbd, detach the busy device, ...), 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -56,6 +62,7 @@ from ..errors import InvalidRequest
 from ..kernel.attach import Attachment, attach, attach_backend, detach, device_status
 from ..kernel.device import sysfs_state
 from ..kernel.errors import DeviceBusy, FamilyNotFound, KernelError
+from ..kernel.resize import write_state
 from ..kernel.supervisor import Keepalive, ReconnectPolicy, SupervisorState
 from .common import CommandError, Subparsers, human_size, parse_size
 
@@ -173,7 +180,10 @@ def run_attach(args: argparse.Namespace) -> int:
         )
     uri = None if local else positional[0]
     device = positional[-1] if len(positional) == (1 if local else 2) else None
-    foreground = args.foreground or args.ioctl or local or args.persist
+    # These need this process: the NBD_DO_IT thread, the in-process server, the
+    # supervisor, the TLS relay.
+    tls = uri is not None and uri.startswith("nbds")
+    foreground = args.foreground or args.ioctl or local or args.persist or tls
     if args.persist and args.ioctl:
         raise CommandError("--persist needs netlink: drop --ioctl")
     options = {
@@ -196,6 +206,9 @@ def run_attach(args: argparse.Namespace) -> int:
             attachment = attach_backend(_backend(args), device, **options)
     except KernelError as exc:
         raise _explain(exc, device) from exc
+    if uri is not None:
+        with contextlib.suppress(OSError):  # only `pynbd resize` without --uri needs it
+            write_state(attachment.index, uri)
     print(attachment.device, flush=True)
     if not foreground:
         return 0

@@ -24,21 +24,33 @@ from .attach import (
     DeviceInfo,
     attach,
     attach_backend,
+    attach_opener,
     connect_for_kernel,
     detach,
     device_status,
 )
 from .device import NBDDevice, NetlinkControl, find_free_device
+from .relay import TLSRelay
+from .resize import reread_size, resize_backend
+from .supervisor import Backoff, Keepalive, ReconnectPolicy, Supervisor
 
 __all__ += [
     "Attachment",
+    "Backoff",
     "DeviceInfo",
+    "Keepalive",
     "NBDDevice",
     "NetlinkControl",
+    "ReconnectPolicy",
+    "Supervisor",
+    "TLSRelay",
     "attach",
     "attach_backend",
+    "attach_opener",
     "connect_for_kernel",
     "detach",
     "device_status",
     "find_free_device",
+    "reread_size",
+    "resize_backend",
 ]

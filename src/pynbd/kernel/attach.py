@@ -8,15 +8,17 @@ gives the negotiated sockets to the driver: by netlink CONNECT (the default; not
 has to stay running), or by the ioctls and NBD_DO_IT in a thread of this process (when
 asked, or when the driver has no netlink family).
 
-- :func:`attach`: a server given by URI (``nbd://``, ``nbd+unix://``; not TLS: the
-  driver cannot speak it).
+- :func:`attach`: a server given by URI (``nbd://``, ``nbd+unix://``; ``nbds://``
+  through a TLS relay in this process, :class:`~pynbd.kernel.relay.TLSRelay`, since the
+  driver cannot speak TLS).
 - :func:`attach_backend`: a backend of this process (:class:`~pynbd.server.MemoryBackend`,
   :class:`~pynbd.server.FileBackend`...), served over socketpairs by a server thread.
   The device then lives only as long as this process. Beware that a process serving
   its own device can deadlock under memory pressure (writeback waits for the server,
   which waits for memory): use it for tests and tools, not for swap or big page caches.
-- :func:`detach`: disconnect any nbd device.
-- :func:`device_status`: what each device is doing.
+- :func:`~pynbd.kernel.control.detach` and :func:`~pynbd.kernel.control.device_status`
+  (in :mod:`pynbd.kernel.control`, re-exported here): disconnect any nbd device, and
+  what each device is doing.
 """
 
 from __future__ import annotations
@@ -41,15 +43,13 @@ from ..proto.constants import TransmissionFlag
 from ..proto.handshake import ClientHandshake, Negotiated
 from ..transport.connect import open_stream
 from ..transport.uri import NBDURI, parse_uri
-from . import ioctl
+from .control import SETTLE_TIMEOUT, DeviceInfo, detach, device_status, refuse_if_held
 from .device import (
     AsyncRun,
-    Holder,
     NBDDevice,
     NetlinkControl,
     device_index,
     device_path,
-    find_holders,
     list_devices,
     netlink_available,
     sysfs_state,
@@ -58,6 +58,8 @@ from .device import (
 )
 from .errors import DeviceBusy, FamilyNotFound, KernelError
 from .netlink import CFlag
+from .relay import TLSRelay
+from .resize import remove_state, resize_backend
 from .supervisor import ExportIdentity, Keepalive, Opener, ReconnectPolicy, Supervisor
 
 __all__ = [
@@ -77,10 +79,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds given to connecting and negotiating each connection.
 HANDSHAKE_TIMEOUT = 30.0
-#: Seconds to wait for the device to become usable, or free after a detach.
-SETTLE_TIMEOUT = 30.0
-#: Seconds a kernel call of detach() gets at least (DISCONNECT to a hung server).
-KERNEL_CALL_TIMEOUT = 5.0
 #: The dead-connection timeout of a supervised (``persist``) device, when not given.
 PERSIST_DEAD_TIMEOUT = 60
 
@@ -115,6 +113,8 @@ class Attachment:
     _server: threading.Thread | None = field(default=None, repr=False)
     _cleanup: Callable[[], None] | None = field(default=None, repr=False)
     _detached: bool = field(default=False, repr=False)
+    # attach_backend: the in-process server and its loop, for resize().
+    _serve: tuple[Any, asyncio.AbstractEventLoop] | None = field(default=None, repr=False)
 
     @property
     def attached(self) -> bool:
@@ -160,7 +160,7 @@ class Attachment:
         if self._detached:
             return
         if not force:
-            _refuse_if_held(self.index)
+            refuse_if_held(self.index)
         self._detached = True
         try:
             if self.supervisor is not None:
@@ -175,10 +175,24 @@ class Attachment:
                     raise DeviceBusy(self.device, holders)
             wait_disconnected(self.index, timeout)
         finally:
+            remove_state(self.index)
             if self._cleanup is not None:
                 self._cleanup()
             if self._server is not None:
                 self._server.join(timeout)
+
+    def resize(self, new_size: int) -> int:
+        """Resize the in-process backend of an :func:`attach_backend` attachment and
+        the device with it (grow: backend first; shrink: device first); later
+        handshakes see the new size. Returns the device's new size (``new_size``
+        rounded down to the block size).
+
+        Raises:
+            InvalidRequest: not served by this process, a backend that cannot resize,
+                a size below one block.
+            OSError: the backend refused. KernelError: the kernel refused the size.
+        """
+        return resize_backend(self, new_size)
 
     def __enter__(self) -> Attachment:
         return self
@@ -251,7 +265,10 @@ def connect_for_kernel(
     """
     parsed = parse_uri(uri) if isinstance(uri, str) else uri
     if parsed.tls:
-        raise InvalidRequest("the kernel's nbd driver cannot use TLS: use an nbd:// URI")
+        raise InvalidRequest(
+            "the kernel's nbd driver cannot use TLS: attach() relays nbds:// URIs "
+            "(pynbd.kernel.relay.TLSRelay)"
+        )
     return _negotiate(open_stream(parsed, timeout=timeout), parsed.export_name, timeout, keepalive)
 
 
@@ -332,7 +349,9 @@ def attach(
     """Connect to an NBD server and attach its export to an nbd device.
 
     Args:
-        uri: ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``.
+        uri: ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``;
+            ``nbds://`` and ``nbds+unix://`` go through a TLS relay in this process
+            (:class:`~pynbd.kernel.relay.TLSRelay`), which must then stay running.
         device: ``/dev/nbdX``, ``nbdX`` or X; None: a free device (netlink lets the
             kernel pick, or create, one).
         connections: sockets to open; more than one only when the server advertises
@@ -358,35 +377,53 @@ def attach(
             :class:`~pynbd.kernel.supervisor.Keepalive`()).
 
     Raises:
-        URIError: a bad URI. InvalidRequest: a TLS URI, bad settings, an empty export.
+        URIError: a bad URI. InvalidRequest: bad settings, an empty export.
+        TLSError: the TLS handshake with an ``nbds://`` server failed.
         ConnectionClosed, NBDTimeout, OptionError, ExportNotFound, ProtocolError: the
             server could not be reached or refused.
         KernelError: the driver refused (EBUSY: the device is in use; EPERM: run as
             root), or is not loaded (modprobe nbd).
     """
     parsed = parse_uri(uri) if isinstance(uri, str) else uri
-    if parsed.tls:
-        raise InvalidRequest("the kernel's nbd driver cannot use TLS: use an nbd:// URI")
     if persist and backend_id is None:
         backend_id = uri if isinstance(uri, str) else parsed.export_name
+    relay: TLSRelay | None = None
+    opener: Opener
+    if parsed.tls:
+        # The driver cannot speak TLS: a relay in this process carries it.
+        tune = (keepalive or Keepalive()).apply
+        relay = TLSRelay(parsed, handshake_timeout=handshake_timeout, tune=tune)
+        opener = relay.dial
+    else:
 
-    def stream() -> socket.socket:
-        return open_stream(parsed, timeout=handshake_timeout)
+        def stream() -> socket.socket:
+            return open_stream(parsed, timeout=handshake_timeout)
 
-    return _attach(
-        kernel_opener(stream, parsed.export_name, timeout=handshake_timeout, keepalive=keepalive),
-        device,
-        connections=connections,
-        timeout=timeout,
-        dead_timeout=dead_timeout,
-        block_size=block_size,
-        read_only=read_only,
-        use_ioctl=use_ioctl,
-        backend_id=backend_id,
-        client_flags=client_flags,
-        server=None,
-        persist=policy or ReconnectPolicy() if persist else None,
-    )
+        opener = kernel_opener(
+            stream, parsed.export_name, timeout=handshake_timeout, keepalive=keepalive
+        )
+    try:
+        attachment = _attach(
+            opener,
+            device,
+            connections=connections,
+            timeout=timeout,
+            dead_timeout=dead_timeout,
+            block_size=block_size,
+            read_only=read_only,
+            use_ioctl=use_ioctl,
+            backend_id=backend_id,
+            client_flags=client_flags,
+            server=None,
+            persist=policy or ReconnectPolicy() if persist else None,
+        )
+    except BaseException:
+        if relay is not None:
+            relay.close()
+        raise
+    if relay is not None:
+        attachment._cleanup = relay.close  # after detach: joins the pump threads
+    return attachment
 
 
 def attach_opener(
@@ -528,6 +565,7 @@ def attach_backend(
         stop_server()
         thread.join(SETTLE_TIMEOUT)
         raise
+    attachment._serve = (server, loop)
     if persist:
         # Sessions end and are replaced while supervised: the server stops on detach.
         attachment._cleanup = stop_server
@@ -759,205 +797,3 @@ def _settle(attachment: Attachment, *, scan: bool = True) -> None:
     except OSError as exc:
         raise KernelError(exc.errno or errno.EIO, call="open", device=attachment.device) from exc
     os.close(fd)
-
-
-# --- detaching and status -------------------------------------------------------------
-
-
-def detach(
-    device: str | int,
-    *,
-    timeout: float = SETTLE_TIMEOUT,
-    use_ioctl: bool = False,
-    force: bool = False,
-) -> list[Holder]:
-    """Disconnect an nbd device, whoever attached it, and wait until it is free.
-
-    Safe for a device whose server is gone or hung. First, the device must not be held:
-    mounted, held open by a process, or used by another block device (device mapper,
-    md); else :class:`DeviceBusy` names the holders, unless ``force``. Then netlink
-    DISCONNECT (unless ``use_ioctl`` or the driver has no netlink), then, when the
-    device is still connected, NBD_DISCONNECT and NBD_CLEAR_SOCK on the opened device.
-    Every kernel call runs in a worker thread with a time limit, so this never hangs
-    (the kernel itself may spend up to the request timeout per connection sending
-    NBD_CMD_DISC to a hung server). A device that is not connected is left alone.
-
-    With ``force`` the holders get EIO from then on; the device is released once they
-    let go of it (unmount, close), so this returns without waiting for that.
-
-    Returns:
-        The holders found (empty unless ``force``).
-
-    Raises:
-        InvalidRequest: not an nbd device name.
-        DeviceBusy: the device is held and ``force`` is false.
-        KernelError: the kernel refused (EPERM: run as root), or the device was still
-            connected after ``timeout`` seconds.
-    """
-    index = device_index(device)
-    holders = _refuse_if_held(index) if not force else find_holders(index)
-    deadline = time.monotonic() + timeout
-    # A kernel call gets at least a few seconds, whatever is left of the wait.
-    limit = max(timeout, KERNEL_CALL_TIMEOUT)
-    done = False
-    if not use_ioctl:
-        try:
-            _bounded(lambda: _netlink_disconnect(index), limit, "NBD_CMD_DISCONNECT", index)
-            done = True
-        except FamilyNotFound:
-            pass
-    if holders:
-        # The holders keep the device's configuration (its pid and size) alive.
-        if not done:
-            _bounded(lambda: _ioctl_disconnect(index), limit, "NBD_CLEAR_SOCK", index)
-        with contextlib.suppress(KernelError):
-            wait_disconnected(index, min(1.0, timeout))
-        return holders
-    if done:
-        with contextlib.suppress(KernelError):
-            wait_disconnected(index, max(0.0, deadline - time.monotonic()))
-            return []
-    # No netlink, or still connected: the ioctls shut the sockets down whatever the
-    # server does.
-    _bounded(lambda: _ioctl_disconnect(index), limit, "NBD_CLEAR_SOCK", index)
-    wait_disconnected(index, max(1.0, deadline - time.monotonic()))
-    return []
-
-
-def _refuse_if_held(index: int) -> list[Holder]:
-    """Raise DeviceBusy when the device is held; a holder seen once may be a passing
-    probe (udev, blkid): look again before refusing."""
-    holders = find_holders(index)
-    for _ in range(2):
-        if not holders:
-            return []
-        time.sleep(0.2)
-        holders = find_holders(index)
-    if holders:
-        raise DeviceBusy(device_path(index), holders)
-    return []
-
-
-def _netlink_disconnect(index: int) -> None:
-    with NetlinkControl(timeout=SETTLE_TIMEOUT) as nl:
-        nl.disconnect(index)  # a device that is not attached: a no-op
-
-
-def _ioctl_disconnect(index: int) -> None:
-    path = device_path(index)
-    state = sysfs_state(index)
-    if state.exists and not state.busy:
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise KernelError(exc.errno or errno.EIO, call="open", device=path) from exc
-    try:
-        # DISCONNECT may fail on a device whose sockets are already gone; CLEAR_SOCK
-        # is what frees it.
-        with contextlib.suppress(KernelError):
-            ioctl.disconnect(fd, device=path)
-        ioctl.clear_sock(fd, device=path)
-    finally:
-        os.close(fd)
-
-
-def _bounded(call: Callable[[], None], timeout: float, what: str, index: int) -> None:
-    """Run ``call`` in a daemon thread; raise its error, or ETIMEDOUT after ``timeout``
-    (the thread is left to finish in the kernel)."""
-    box: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:  # handed to the caller
-            box.append(exc)
-
-    worker = threading.Thread(target=run, name=f"pynbd {what}", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise KernelError(
-            errno.ETIMEDOUT,
-            f"the kernel did not finish in {timeout:g} s (a hung server?)",
-            call=what,
-            device=device_path(index),
-        )
-    if box:
-        raise box[0]
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceInfo:
-    """One nbd device, as :func:`device_status` reports it.
-
-    Attributes:
-        index, device: its number and path.
-        connected: it has a configuration (netlink STATUS), or, without netlink, a
-            pid file or a size.
-        size: bytes (0 when not attached).
-        pid: the process that attached it (``/sys/block/nbdX/pid``), or None.
-        backend: the netlink backend identifier, or None.
-        read_only: the device is read-only.
-        block_size: its logical block size.
-    """
-
-    index: int
-    device: str
-    connected: bool
-    size: int
-    pid: int | None
-    backend: str | None
-    read_only: bool
-    block_size: int | None
-
-    def as_dict(self) -> dict[str, object]:
-        """The fields as a JSON-ready dict."""
-        return {
-            "index": self.index,
-            "device": self.device,
-            "connected": self.connected,
-            "size": self.size,
-            "pid": self.pid,
-            "backend": self.backend,
-            "read_only": self.read_only,
-            "block_size": self.block_size,
-        }
-
-
-def device_status(device: str | int | None = None) -> list[DeviceInfo]:
-    """Report one device, or every nbd device, from netlink STATUS and sysfs.
-
-    Raises:
-        InvalidRequest: not an nbd device name.
-        KernelError: the device does not exist (ENODEV), or no nbd device exists
-            (modprobe nbd).
-    """
-    connected: dict[int, bool] = {}
-    index = device_index(device) if device is not None else None
-    try:
-        with NetlinkControl() as nl:
-            connected = {d.index: d.connected for d in nl.status()}
-    except FamilyNotFound:
-        pass
-    indexes = [index] if index is not None else sorted(set(list_devices()) | set(connected))
-    if not indexes:
-        raise KernelError(errno.ENODEV, "no nbd devices: load the driver (modprobe nbd)")
-    out = []
-    for i in indexes:
-        state = sysfs_state(i)
-        if not state.exists:
-            raise KernelError(errno.ENODEV, "no such nbd device", device=device_path(i))
-        out.append(
-            DeviceInfo(
-                index=i,
-                device=device_path(i),
-                connected=connected.get(i, state.busy),
-                size=state.size,
-                pid=state.pid,
-                backend=state.backend,
-                read_only=state.read_only,
-                block_size=state.block_size,
-            )
-        )
-    return out
