@@ -32,6 +32,7 @@ from .constants import Err
 from .server_common import (
     AVAILABLE_META_CONTEXTS,
     NEED_DATA,
+    BufferPool,
     Disconnect,
     ExportSpec,
     RequestReceived,
@@ -51,6 +52,7 @@ __all__ = [
     "DOS_PAYLOAD",
     "MAX_EXTENTS",
     "NEED_DATA",
+    "BufferPool",
     "Disconnect",
     "ExportSpec",
     "RequestReceived",
@@ -78,14 +80,23 @@ class ServerConnection:
     Args:
         config: the exports and the negotiation policy.
         buffer_size: size of the transmission phase's receive buffer.
+        pool: where WRITE payload buffers come from (the driver gives each back once
+            the backend is done with it); None: a new bytearray per payload.
 
     Raises (from ``buffer_updated``, ``receive_data``, ``next_event`` and
     ``tls_established``): :class:`ProtocolError` when the client broke the protocol;
     the connection must then be closed.
     """
 
-    def __init__(self, config: ServerConfig, *, buffer_size: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        buffer_size: int = 64 * 1024,
+        pool: BufferPool | None = None,
+    ) -> None:
         self.config = config
+        self._pool = pool
         self.handshake = ServerHandshake(config)
         self.transmission: ServerTransmission | None = None
         self._buffer_size = buffer_size
@@ -169,6 +180,7 @@ class ServerConnection:
                     event.negotiated,
                     self.handshake.trailing_data(),
                     buffer_size=self._buffer_size,
+                    pool=self._pool,
                 )
                 if self.handshake.eof:
                     self.transmission.buffer_updated(0)
@@ -218,6 +230,10 @@ class ServerConnection:
     def reply_read(self, request: RequestReceived, data: Buffer) -> None:
         """Answer a READ with its data."""
         self._tx().reply_read(request, data)
+
+    def reply_read_vector(self, request: RequestReceived, buffers: Sequence[Buffer]) -> None:
+        """See :meth:`ServerTransmission.reply_read_vector`."""
+        self._tx().reply_read_vector(request, buffers)
 
     def reply_read_chunks(
         self, request: RequestReceived, chunks: Iterable[tuple[int, Buffer | int]]

@@ -30,6 +30,7 @@ from .records import encode_string
 __all__ = [
     "AVAILABLE_META_CONTEXTS",
     "NEED_DATA",
+    "BufferPool",
     "Disconnect",
     "ExportSpec",
     "RequestReceived",
@@ -46,6 +47,58 @@ AVAILABLE_META_CONTEXTS: tuple[str, ...] = (BASE_ALLOCATION,)
 
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+class BufferPool:
+    """Reusable bytearrays for big WRITE payloads and READ replies (one per connection).
+
+    A fresh ``bytearray(n)`` costs a memset of ``n`` bytes and, for the sizes of bulk
+    transfers, page faults (and often an ``mmap``/``munmap`` or ``brk`` pair) on every
+    request. Buffers of at least ``min_size`` bytes come back here once their user is
+    done with them and are handed out again for a request of the same size.
+
+    Ownership is the caller's business: :meth:`give` a buffer only when nothing holds a
+    view of it any more (the backend returned, the reply was sent). A buffer handed out
+    may hold stale bytes.
+
+    Args:
+        max_bytes: most bytes kept free (beyond that, given buffers are dropped).
+        min_size: smaller requests get a plain new bytearray (cheap, and not kept).
+    """
+
+    __slots__ = ("_free", "_held", "max_bytes", "min_size")
+
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, min_size: int = 32 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.min_size = min_size
+        self._free: dict[int, list[bytearray]] = {}
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        """Bytes kept free for reuse."""
+        return self._held
+
+    def take(self, size: int) -> bytearray:
+        """A bytearray of ``size`` bytes (contents unspecified unless new)."""
+        if size >= self.min_size:
+            free = self._free.get(size)
+            if free:
+                self._held -= size
+                return free.pop()
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        """Take ``buf`` back for reuse (nothing may use it afterwards)."""
+        size = len(buf)
+        if size < self.min_size or self._held + size > self.max_bytes:
+            return
+        self._held += size
+        free = self._free.get(size)
+        if free is None:
+            self._free[size] = [buf]
+        else:
+            free.append(buf)
 
 
 def _pow2(n: int) -> bool:

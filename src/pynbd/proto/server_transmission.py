@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeAlias
 
 from ..errors import ProtocolError
@@ -49,6 +49,7 @@ from .handshake import _NeedData
 from .server_common import (
     NEED_DATA,
     U32_MAX,
+    BufferPool,
     Disconnect,
     RequestReceived,
     ServerNegotiated,
@@ -143,6 +144,10 @@ class ServerTransmission:
         negotiated: what the handshake settled (``export`` must be set).
         initial_data: bytes received after the handshake.
         buffer_size: size of the internal receive buffer.
+        pool: where WRITE payload buffers come from; the payload of a
+            :class:`RequestReceived` is a view of the whole buffer, which the driver
+            may give back to the pool once the backend is done with it. None: a new
+            bytearray per payload.
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class ServerTransmission:
         initial_data: bytes = b"",
         *,
         buffer_size: int = 64 * 1024,
+        pool: BufferPool | None = None,
     ) -> None:
         if negotiated.export is None:
             raise ValueError("transmission needs an export")
@@ -185,6 +191,7 @@ class ServerTransmission:
         # passed _check_command: its verdict depends on nothing else but the shutdown,
         # which empties this cache.
         self._checked: dict[int, tuple[Cmd, CmdFlag]] = {}
+        self._new_buffer: Callable[[int], bytearray] = bytearray if pool is None else pool.take
         if initial_data:
             self.receive_data(initial_data)
 
@@ -347,7 +354,7 @@ class ServerTransmission:
             return
         if payload:
             self._pending = _Pending(command, cmd_flags, cookie, offset, length)
-            self._target_buf = bytearray(payload)
+            self._target_buf = self._new_buffer(payload)
             self._target = memoryview(self._target_buf)
             self._target_pos = 0
             self._state = _PAYLOAD
@@ -527,22 +534,34 @@ class ServerTransmission:
         if request.command is not _READ or n != request.length:
             raise ValueError(f"a read reply needs exactly {request.length} bytes")
         self._finish(request)
-        cookie, offset, out = request.cookie, request.offset, self._out
+        self._out += (self._data_header(request, n), data)
+
+    def reply_read_vector(self, request: RequestReceived, buffers: Sequence[Buffer]) -> None:
+        """Answer a READ with data given in pieces (sent one after the other, not
+        joined): one content chunk, as :meth:`reply_read`.
+
+        Raises ValueError if the pieces do not add up to the request's length or the
+        request is not a READ.
+        """
+        n = sum(memoryview(b).nbytes for b in buffers)
+        if request.command is not _READ or n != request.length:
+            raise ValueError(f"a read reply needs exactly {request.length} bytes")
+        self._finish(request)
+        out = self._out
+        out.append(self._data_header(request, n))
+        out += buffers
+
+    def _data_header(self, request: RequestReceived, n: int) -> bytes:
+        cookie, offset = request.cookie, request.offset
         if self.extended:
-            out.append(
-                _EXTENDED_DATA.pack(
-                    EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, offset, n + 8, offset
-                )
+            return _EXTENDED_DATA.pack(
+                EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, offset, n + 8, offset
             )
-        elif self.structured:
-            out.append(
-                _STRUCTURED_DATA.pack(
-                    STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, n + 8, offset
-                )
+        if self.structured:
+            return _STRUCTURED_DATA.pack(
+                STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, n + 8, offset
             )
-        else:
-            out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
-        out.append(data)
+        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
     def reply_read_chunks(
         self, request: RequestReceived, chunks: Iterable[tuple[int, Buffer | int]]

@@ -21,15 +21,18 @@ Writing your own backend
 ------------------------
 Subclass :class:`Backend` (blocking methods) or :class:`AsyncBackend` (coroutines).
 Required: a ``size`` property and ``pread_into(buf, offset)``, which fills the whole
-``buf``. Optional, each one promised by a field of ``capabilities``: ``pwrite(buf,
-offset, fua)`` (``can_write``, the default), ``flush()`` (``can_flush``), ``trim(length,
-offset, fua)`` (``can_trim``), ``zero(length, offset, may_trim, fast, fua)``
-(``can_zero=Support.NATIVE``; the default EMULATE writes zeroes with ``pwrite``),
-``cache(length, offset)`` and ``extents(length, offset)`` (``can_extents``: a list of
-``(length, StateFlag bits)``). Arguments are always in range and multiples of
-``minimum_block``. Blocking methods run in a thread pool, concurrently unless
-``thread_safe=False``; ``inline=True`` runs them in the event loop, one at a time,
-for methods that never block. ``close()`` is yours to call. A device kept in a dict::
+``buf`` (it may hold stale bytes: the server reuses its buffers). ``buf`` in
+``pread_into`` and ``pwrite`` is valid only during the call: keep a copy
+(``bytes(buf)``), never the view. Optional, each one promised by a field of
+``capabilities``: ``pwrite(buf, offset, fua)`` (``can_write``, the default), ``flush()``
+(``can_flush``), ``trim(length, offset, fua)`` (``can_trim``), ``zero(length, offset,
+may_trim, fast, fua)`` (``can_zero=Support.NATIVE``; the default EMULATE writes zeroes
+with ``pwrite``), ``cache(length, offset)`` and ``extents(length, offset)``
+(``can_extents``: a list of ``(length, StateFlag bits)``). Arguments are always in range
+and multiples of ``minimum_block``. Blocking methods run in a thread pool, concurrently
+unless ``thread_safe=False``; ``inline=True`` runs them in the event loop, one at a
+time, for methods that never block. ``close()`` is yours to call. A device kept in a
+dict::
 
     from pynbd.server import Backend, Capabilities
 
@@ -233,7 +236,10 @@ class Backend(_Common, abc.ABC):
         """Fill ``buf`` with the bytes at ``offset``."""
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
-        """Write ``buf`` at ``offset``; with ``fua``, persist it before returning."""
+        """Write ``buf`` at ``offset``; with ``fua``, persist it before returning.
+
+        ``buf`` is reused by the server after the call: copy what you keep.
+        """
         raise OSError(errno.EROFS, "read-only backend")
 
     def flush(self) -> None:
@@ -376,15 +382,17 @@ def _clean_extents(extents: list[Extent], length: int) -> list[Extent]:
     return good or [(length, 0)]
 
 
-def run_request(backend: Backend, request: RequestReceived) -> Result:
+def run_request(backend: Backend, request: RequestReceived, buf: bytearray | None = None) -> Result:
     """Perform one validated request on a blocking backend.
 
-    Returns the data of a READ (a new bytearray), the extents of a BLOCK_STATUS, or
-    None. Raises whatever the backend raises (OSError, mapped by errno_to_nbd).
+    Returns the data of a READ (``buf`` if given, of ``request.length`` bytes, else a
+    new bytearray), the extents of a BLOCK_STATUS, or None. Raises whatever the backend
+    raises (OSError, mapped by errno_to_nbd).
     """
     cmd, offset, length = request.command, request.offset, request.length
     if cmd is _READ:  # first, and before any IntFlag arithmetic: the common case
-        buf = bytearray(length)
+        if buf is None:
+            buf = bytearray(length)
         backend.pread_into(memoryview(buf), offset)
         return buf
     caps = backend.capabilities
@@ -428,14 +436,17 @@ def run_request(backend: Backend, request: RequestReceived) -> Result:
     return None
 
 
-async def run_request_async(backend: AsyncBackend, request: RequestReceived) -> Result:
+async def run_request_async(
+    backend: AsyncBackend, request: RequestReceived, buf: bytearray | None = None
+) -> Result:
     """Perform one validated request on an async backend (see :func:`run_request`)."""
     caps = backend.capabilities
     cmd, offset, length = request.command, request.offset, request.length
     fua = bool(request.flags & CmdFlag.FUA)
     native_fua = fua and caps.can_fua is Support.NATIVE
     if cmd is Cmd.READ:
-        buf = bytearray(length)
+        if buf is None:
+            buf = bytearray(length)
         await backend.pread_into(memoryview(buf), offset)
         return buf
     if cmd is Cmd.WRITE:

@@ -102,10 +102,32 @@ class MemoryBackend(Backend):
             else:
                 view[pos : pos + count] = data[inner : inner + count]
 
+    def pread_views(self, length: int, offset: int) -> list[memoryview]:
+        """The bytes at ``offset`` as views of the pages (and of a zero page for holes),
+        for a server that sends them without copying them first.
+
+        The views show later writes, trims and zeroes: send or copy them before the
+        next change to the range (the server does so).
+        """
+        pages, zeroes = self._pages, self._zeroes
+        out = []
+        for page, inner, _pos, count in self._spans(length, offset):
+            data = pages.get(page)
+            out.append(zeroes[:count] if data is None else memoryview(data)[inner : inner + count])
+        return out
+
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         view = buf.cast("B") if buf.format != "B" else buf
+        pages, ps = self._pages, self.page_size
         for page, inner, pos, count in self._spans(len(view), offset):
-            self._page(page)[inner : inner + count] = view[pos : pos + count]
+            data = pages.get(page)
+            if data is not None:
+                data[inner : inner + count] = view[pos : pos + count]
+            elif count == ps:  # a new page written whole: one copy, no zeroing first
+                pages[page] = bytearray(view[pos : pos + count])
+                bisect.insort(self._index, page)
+            else:
+                self._page(page)[inner : inner + count] = view[pos : pos + count]
 
     def _page(self, page: int) -> bytearray:
         data = self._pages.get(page)

@@ -18,6 +18,14 @@ only as fast as the client takes them. Without TLS, replies go out with one
 buffered (what the transport's own ``write`` does, minus its copy of a partial send on
 Python 3.11); only a remainder is handed to the transport.
 
+Per-request costs of bulk transfers: WRITE payloads and READ reply buffers come from a
+per-connection :class:`~pynbd.proto.server.BufferPool` (a payload goes back once the
+backend returned, a reply buffer once sent whole, never while the transport holds it);
+the memory backend's READs are sent from views of its pages, with no copy; and the
+bytes a client has already sent are read straight from the socket in the same pass of
+the event loop, a payload into its own buffer, with the replies of the burst sent in
+one ``writev``.
+
 When the connection ends, one line is logged at INFO on ``pynbd.server``: the peer,
 the export, what was negotiated, and the requests and bytes served.
 """
@@ -41,6 +49,7 @@ from ..errors import ProtocolError
 from ..proto.constants import Cmd, CmdFlag
 from ..proto.server import (
     NEED_DATA,
+    BufferPool,
     Disconnect,
     RequestReceived,
     ServerConnection,
@@ -57,6 +66,7 @@ from .backend import (
     run_request,
     run_request_async,
 )
+from .memory import MemoryBackend
 
 if TYPE_CHECKING:
     from .aio import Server
@@ -84,6 +94,9 @@ _SNDBUF = 4 * 1024 * 1024
 #: Inline read replies queued in the core beyond this are sent before the next request
 #: starts, so that the transport can pause us (flow control) mid-batch.
 _FLUSH_AT = 256 * 1024
+#: Most bytes one pass of the event loop reads for a session beyond the transport's
+#: own read (see Session._read_more).
+_BURST = 1024 * 1024
 #: Most buffers one writev takes (Linux IOV_MAX).
 _IOV_MAX = 1024
 _READ = Cmd.READ
@@ -95,6 +108,7 @@ _SMALL_INLINE = 1  # small reads and writes in the event loop, the rest in the p
 _POOL = 2  # in the thread pool, concurrently
 _LOCKED = 3  # in the thread pool, one at a time
 _ASYNC = 4  # awaited
+_VIEWS = 5  # the memory backend in the event loop, READs sent from its pages
 
 
 class SessionStats:
@@ -114,7 +128,11 @@ class Session(asyncio.BufferedProtocol):
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.core = ServerConnection(server.config, buffer_size=server.limits.buffer_size)
+        # WRITE payloads and READ replies of bulk sizes, reused (see _release, _flush).
+        self._pool = BufferPool()
+        self.core = ServerConnection(
+            server.config, buffer_size=server.limits.buffer_size, pool=self._pool
+        )
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
         self.export_name: str | None = None
@@ -130,6 +148,9 @@ class Session(asyncio.BufferedProtocol):
         self._inline_read_max = 0
         self._inline_write_max = 0
         self._unflushed = 0
+        self._offered = 0  # the size of the last receive buffer given to the transport
+        # Views of the memory backend's pages wait in the core (see _run_views).
+        self._views_queued = False
         # The socket's descriptor for direct writes (-1: go through the transport).
         self._fd = -1
         self._ending: Disconnect | None = None
@@ -168,7 +189,9 @@ class Session(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._upgrading:
             return memoryview(self._early_buf)
-        return self.core.receive_buffer()
+        buf = self.core.receive_buffer()
+        self._offered = len(buf)
+        return buf
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._upgrading:
@@ -179,7 +202,47 @@ class Session(asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self.abort(f"protocol error: {exc}")
             return
-        self._process()
+        if self._fd < 0:
+            self._process()
+            return
+        # The replies of the whole burst go out together (one writev, not one each).
+        self._process(flush=False)
+        self._read_more(nbytes == self._offered)
+        self._flush()
+
+    def _read_more(self, full: bool) -> None:
+        """Take what the client has already sent, straight from the socket.
+
+        Each ``recv`` of the transport is a pass of the event loop (``epoll_wait``, the
+        callbacks) and takes at most one receive buffer: a 256 KiB WRITE took three.
+        Here the bytes already in the socket are read at once, a payload into its own
+        buffer, up to ``_BURST`` bytes (the other connections get their turn) and only
+        while the session takes requests. It tries only while a payload is coming
+        or the last read filled its buffer (``full``): a read that found the socket
+        drained (a small request at depth 1) would cost a failed ``recv`` per request.
+        End of stream and errors are left for the transport's next read to find (as
+        end of stream, or the error again).
+        """
+        core, fd = self.core, self._fd
+        budget = _BURST
+        while full or core.receiving_payload:
+            if budget <= 0 or self._paused or self.transport_closed:
+                return
+            buf = core.receive_buffer()
+            try:
+                n = os.readv(fd, [buf])
+            except OSError:  # EAGAIN: nothing more yet; or the peer failed
+                return
+            if not n:
+                return
+            full = n == len(buf)
+            budget -= n
+            try:
+                core.buffer_updated(n)
+            except ProtocolError as exc:
+                self.abort(f"protocol error: {exc}")
+                return
+            self._process(flush=False)
 
     def eof_received(self) -> bool:
         try:
@@ -264,8 +327,9 @@ class Session(asyncio.BufferedProtocol):
             return None
         return transport
 
-    def _process(self) -> None:
-        """Handle every event the core has for us, then send what it queued."""
+    def _process(self, *, flush: bool = True) -> None:
+        """Handle every event the core has for us, then send what it queued (unless
+        the caller sends it later)."""
         try:
             # Requests parsed before a Disconnect or a shutdown are still performed.
             # None is started while the client does not read its replies.
@@ -291,7 +355,8 @@ class Session(asyncio.BufferedProtocol):
             return
         if self._ending is not None and not self.core.receiving_payload:
             self._pause("ending")  # a shutdown that waited for a payload
-        self._flush()
+        if flush:
+            self._flush()
         self._maybe_close()
 
     def _started(self, event: TransmissionStarted) -> None:
@@ -315,6 +380,8 @@ class Session(asyncio.BufferedProtocol):
             self._inline_write_max = caps.inline_write_max
         else:
             self._kind = _POOL
+        if self._kind == _INLINE and self._fd >= 0 and isinstance(backend, MemoryBackend):
+            self._kind = _VIEWS  # (not under TLS, whose transport may keep a view)
         log.debug("%s: serving export %r", self.peer, event.export.name)
 
     # -- TLS --------------------------------------------------------------------------
@@ -383,9 +450,23 @@ class Session(asyncio.BufferedProtocol):
         if not buffers or transport is None or transport.is_closing():
             return
         if self._fd >= 0 and not transport.get_write_buffer_size():
-            buffers = self._send_direct(buffers)
+            rest = self._send_direct(buffers)
+            # READ data sent whole goes back to the pool; what the transport takes
+            # it may keep a view of (3.12+, TLS), so that is left to the collector.
+            give = self._pool.give
+            for buffer in buffers[: len(buffers) - len(rest)]:
+                if type(buffer) is bytearray:
+                    give(buffer)
+            buffers = rest
             if not buffers:
+                self._views_queued = False
                 return
+        if self._views_queued:
+            # From 3.12 the transport keeps what it is given (3.11 copies it): a view
+            # of a page must not show a later write, so the transport gets a copy.
+            self._views_queued = False
+            if _WRITELINES_SENDMSG:
+                buffers = [bytes(b) if type(b) is memoryview else b for b in buffers]
         if len(buffers) == 1:
             transport.write(buffers[0])
         elif _WRITELINES_SENDMSG:
@@ -441,6 +522,13 @@ class Session(asyncio.BufferedProtocol):
             stats.bytes_written += request.length
         backend = self.export.backend
         kind = self._kind
+        if kind == _VIEWS:
+            self._run_views(cast(MemoryBackend, backend), request)
+            if self.core.in_flight >= self.server.limits.max_in_flight:
+                self._pause("in flight")
+            return
+        # A READ's reply buffer comes from the pool and goes back once sent (_flush).
+        buf = self._pool.take(request.length) if command is _READ else None
         if kind == _SMALL_INLINE:
             if command is _READ:
                 small = request.length <= self._inline_read_max
@@ -453,7 +541,7 @@ class Session(asyncio.BufferedProtocol):
             kind = _INLINE if small else _POOL
         if kind == _INLINE:
             try:
-                result = run_request(cast(Backend, backend), request)
+                result = run_request(cast(Backend, backend), request, buf)
             except Exception as exc:
                 self._answer_failure(request, exc)
             else:
@@ -464,16 +552,43 @@ class Session(asyncio.BufferedProtocol):
                     self._flush()  # may pause writing: see _process
         elif kind == _POOL:
             future = asyncio.get_running_loop().run_in_executor(
-                self.server._pool(), run_request, cast(Backend, backend), request
+                self.server._pool(), run_request, cast(Backend, backend), request, buf
             )
             self._tasks.add(future)
             future.add_done_callback(functools.partial(self._pool_done, request))
         elif kind == _ASYNC:
-            self._spawn(self._run_async(cast(AsyncBackend, backend), request))
+            self._spawn(self._run_async(cast(AsyncBackend, backend), request, buf))
         else:
-            self._spawn(self._run_blocking(cast(Backend, backend), request))
+            self._spawn(self._run_blocking(cast(Backend, backend), request, buf))
         if self.core.in_flight >= self.server.limits.max_in_flight:
             self._pause("in flight")
+
+    def _run_views(self, backend: MemoryBackend, request: RequestReceived) -> None:
+        """The memory backend: a READ is answered with views of its pages, which the
+        kernel copies straight to the socket; any other request first sends (or
+        copies, see _flush) the views queued, as it may change what they show."""
+        if request.command is _READ:
+            tx = self._tx
+            assert tx is not None
+            try:
+                views = backend.pread_views(request.length, request.offset)
+            except Exception as exc:
+                self._answer_failure(request, exc)
+                return
+            tx.reply_read_vector(request, views)
+            self._views_queued = True
+            self._unflushed += request.length
+            if self._unflushed >= _FLUSH_AT:
+                self._flush()  # may pause writing: see _process
+            return
+        if self._views_queued:
+            self._flush()
+        try:
+            result = run_request(backend, request)
+        except Exception as exc:
+            self._answer_failure(request, exc)
+        else:
+            self._answer(request, result)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -511,33 +626,40 @@ class Session(asyncio.BufferedProtocol):
             self._resume("in flight")
         self._maybe_close()
 
-    async def _run_blocking(self, backend: Backend, request: RequestReceived) -> None:
+    async def _run_blocking(
+        self, backend: Backend, request: RequestReceived, buf: bytearray | None
+    ) -> None:
         loop = asyncio.get_running_loop()
         pool = self.server._pool()
         lock = self.server._lock(backend)
         try:
             if lock is None:
-                result = await loop.run_in_executor(pool, run_request, backend, request)
+                result = await loop.run_in_executor(pool, run_request, backend, request, buf)
             else:
                 async with lock:
-                    result = await loop.run_in_executor(pool, run_request, backend, request)
+                    result = await loop.run_in_executor(pool, run_request, backend, request, buf)
         except Exception as exc:
             self._answer_failure(request, exc)
         else:
             self._answer(request, result)
 
-    async def _run_async(self, backend: AsyncBackend, request: RequestReceived) -> None:
+    async def _run_async(
+        self, backend: AsyncBackend, request: RequestReceived, buf: bytearray | None
+    ) -> None:
         try:
-            result = await run_request_async(backend, request)
+            result = await run_request_async(backend, request, buf)
         except Exception as exc:
             self._answer_failure(request, exc)
         else:
             self._answer(request, result)
 
     def _answer(self, request: RequestReceived, result: Result) -> None:
+        """Reply to a request the backend is done with (its payload is free again)."""
         tx = self._tx
         assert tx is not None  # requests only come after TransmissionStarted
         command = request.command
+        if request.payload is not None:
+            self._release(request.payload)
         if command is _READ:
             assert isinstance(result, bytearray)
             tx.reply_read(request, result)
@@ -547,7 +669,16 @@ class Session(asyncio.BufferedProtocol):
         else:
             tx.reply_ok(request)
 
+    def _release(self, payload: memoryview) -> None:
+        """The backend returned: the payload's buffer (the core's, from our pool) is
+        taken for the next one. Backends keep no view of it (their contract)."""
+        buffer = payload.obj
+        if type(buffer) is bytearray:
+            self._pool.give(buffer)
+
     def _answer_failure(self, request: RequestReceived, exc: Exception) -> None:
+        if request.payload is not None:
+            self._release(request.payload)
         error, message = exception_to_nbd(exc)
         if isinstance(exc, OSError):
             log.debug("%s: NBD_CMD_%s failed: %s", self.peer, request.command.name, exc)
