@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 
 from pynbd.testing import vm
+from tests.kernel.helpers import umount
 
 _HERE = Path(__file__).parent.resolve()
 # Seconds the guest's pytest may take for the whole kernel suite (PYNBD_VM_TIMEOUT).
@@ -230,3 +231,12 @@ def nbd_module() -> Iterator[None]:
         pytest.fail("kernel tests run only in the test guest (NBDVM=1)")
     subprocess.run(["modprobe", "nbd"], check=True, timeout=60)
     yield
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    """An empty mount point, unmounted after the test whatever happened."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    umount(path)

@@ -31,54 +31,18 @@ from pynbd.kernel.attach import (
 )
 from pynbd.kernel.device import NetlinkControl, device_path, sysfs_state
 from pynbd.server import FileBackend, MemoryBackend
+from tests.kernel.helpers import CMD_TIMEOUT, filesystem_round_trip
+from tests.kernel.helpers import check_dmesg as _check_dmesg
+from tests.kernel.helpers import run as _run
+from tests.kernel.helpers import umount as _umount
 from tests.peers import Server, make_raw_image
 
 SIZE = 64 * 1024 * 1024
 TIMEOUT = 30
-CMD_TIMEOUT = 120
-# dmesg lines that mean the kernel is unhappy.
-BAD_KERNEL_WORDS = ("WARNING:", "BUG:", "Oops", "hung task", "blocked for more than")
-
-
-def _run(*argv: str | os.PathLike[str]) -> str:
-    done = subprocess.run(
-        [os.fspath(a) for a in argv],
-        capture_output=True,
-        text=True,
-        timeout=CMD_TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, f"{argv}: {done.returncode}\n{done.stdout}{done.stderr}"
-    return done.stdout
-
-
-def _umount(mnt: Path) -> None:
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", os.fspath(mnt)], timeout=CMD_TIMEOUT, check=False)
 
 
 def _filesystem_round_trip(att: Attachment, tmp_path: Path) -> None:
-    """mkfs.ext4, mount, write, umount, fsck -f, mount again, compare."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir(exist_ok=True)
-    files = {f"f{i}": os.urandom(37_000 * (i + 1)) for i in range(4)}
-    # 16 MiB of filesystem: TCG makes mkfs and fsck of more slow, for no more coverage.
-    _run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", att.device, "16M")
-    try:
-        _run("mount", att.device, mnt)
-        for name, data in files.items():
-            (mnt / name).write_bytes(data)
-        (mnt / "dir").mkdir()
-        (mnt / "dir" / "small").write_text("hello")
-        _run("umount", mnt)
-        _run("e2fsck", "-f", "-n", att.device)
-        _run("mount", "-o", "ro", att.device, mnt)
-        for name, data in files.items():
-            assert (mnt / name).read_bytes() == data
-        assert (mnt / "dir" / "small").read_text() == "hello"
-        _run("umount", mnt)
-    finally:
-        _umount(mnt)
+    filesystem_round_trip(att.device, tmp_path / "mnt")
 
 
 @pytest.fixture
@@ -368,14 +332,6 @@ def test_fifty_attach_write_detach_cycles(nbd_module: None, nbdkit: Callable[...
     finally:
         server.stop()
     _check_dmesg()
-
-
-def _check_dmesg() -> None:
-    log = subprocess.run(
-        ["dmesg"], capture_output=True, text=True, timeout=CMD_TIMEOUT, check=True
-    ).stdout
-    bad = [line for line in log.splitlines() if any(w in line for w in BAD_KERNEL_WORDS)]
-    assert not bad, "kernel log:\n" + "\n".join(bad)
 
 
 def test_zz_dmesg_is_clean(nbd_module: None) -> None:

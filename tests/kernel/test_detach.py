@@ -23,7 +23,9 @@ import pytest
 from pynbd.kernel.attach import Attachment, attach, detach
 from pynbd.kernel.device import find_holders, sysfs_state
 from pynbd.kernel.errors import DeviceBusy
-from tests.kernel.test_attach import _check_dmesg, _run, _umount
+from tests.kernel.helpers import check_dmesg as _check_dmesg
+from tests.kernel.helpers import run as _run
+from tests.kernel.helpers import umount as _umount
 from tests.kernel.test_kernel_cli import _one_line_error, _pynbd
 from tests.peers import Server
 

@@ -27,6 +27,7 @@ from pynbd.kernel import FamilyNotFound, KernelError
 from pynbd.kernel.attach import detach
 from pynbd.kernel.device import sysfs_state
 from pynbd.kernel.resize import read_state
+from tests.kernel.helpers import check_dmesg
 from tests.peers import Server, make_raw_image, make_x509_dir
 
 SIZE = 64 * 1024 * 1024
@@ -262,9 +263,4 @@ def test_usage_errors(nbd_module: None) -> None:
 
 def test_zz_dmesg_is_clean(nbd_module: None) -> None:
     """Runs last: no test of the kernel suite made the kernel warn, oops or hang."""
-    log = subprocess.run(
-        ["dmesg"], capture_output=True, text=True, timeout=CMD_TIMEOUT, check=True
-    ).stdout
-    words = ("WARNING:", "BUG:", "Oops", "hung task", "blocked for more than")
-    bad = [line for line in log.splitlines() if any(w in line for w in words)]
-    assert not bad, "kernel log:\n" + "\n".join(bad)
+    check_dmesg()

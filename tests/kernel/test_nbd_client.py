@@ -29,6 +29,8 @@ import pytest
 from pynbd.client.sync import Client
 from pynbd.kernel.attach import attach, device_status
 from pynbd.kernel.device import find_free_device, sysfs_state, wait_disconnected
+from tests.kernel.helpers import check_dmesg, filesystem_round_trip
+from tests.kernel.helpers import run as _run
 from tests.peers import Server
 
 SIZE = 64 * 1024 * 1024
@@ -36,21 +38,6 @@ TIMEOUT = 30
 CMD_TIMEOUT = 120
 CYCLES = 10
 CLIENTS = ("nbd-client", "pynbd")
-BAD_KERNEL_WORDS = ("WARNING:", "BUG:", "Oops", "hung task", "blocked for more than")
-
-
-def _run(*argv: str | os.PathLike[str]) -> str:
-    done = subprocess.run(
-        [os.fspath(a) for a in argv],
-        capture_output=True,
-        text=True,
-        timeout=CMD_TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, f"{argv}: {done.returncode}\n{done.stdout}{done.stderr}"
-    return done.stdout
-
-
 # --------------------------------------------------------------------------- nbd-client
 
 
@@ -145,27 +132,8 @@ def _report(client: str, name: str, seconds: float) -> None:
 # --------------------------------------------------------------------------- ext4
 
 
-def _umount(mnt: Path) -> None:
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", os.fspath(mnt)], timeout=CMD_TIMEOUT, check=False)
-
-
 def _filesystem_round_trip(device: str, mnt: Path) -> None:
-    """mkfs.ext4, mount, write, umount, fsck -f, mount again, compare (as test_attach)."""
-    files = {f"f{i}": os.urandom(37_000 * (i + 1)) for i in range(4)}
-    _run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", device, "16M")
-    try:
-        _run("mount", device, mnt)
-        for name, data in files.items():
-            (mnt / name).write_bytes(data)
-        _run("umount", mnt)
-        _run("e2fsck", "-f", "-n", device)
-        _run("mount", "-o", "ro", device, mnt)
-        for name, data in files.items():
-            assert (mnt / name).read_bytes() == data
-        _run("umount", mnt)
-    finally:
-        _umount(mnt)
+    filesystem_round_trip(device, mnt)
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -222,6 +190,4 @@ def test_nbd_client_options_are_probed(nbd_module: None) -> None:
 
 def test_zz_dmesg_is_clean(nbd_module: None) -> None:
     """Runs last in this module: neither client upset the kernel."""
-    log = _run("dmesg")
-    bad = [line for line in log.splitlines() if any(w in line for w in BAD_KERNEL_WORDS)]
-    assert not bad, "kernel log:\n" + "\n".join(bad)
+    check_dmesg()

@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,28 +33,16 @@ from pynbd.kernel.resize import (
     write_state,
 )
 from pynbd.server import FileBackend, MemoryBackend
+from tests.kernel.helpers import run
 from tests.peers import Server
 
 MiB = 1 << 20
 TIMEOUT = 30
-CMD_TIMEOUT = 300
+CMD_TIMEOUT = 300  # TLS under TCG, resize2fs: slower than the other kernel tests
 
 
 def _run(*argv: str | os.PathLike[str], env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(
-        [os.fspath(a) for a in argv], capture_output=True, text=True, timeout=CMD_TIMEOUT, env=env
-    )
-    assert done.returncode == 0, f"{argv}: {done.returncode}\n{done.stdout}{done.stderr}"
-    return done.stdout
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    if os.path.ismount(path):
-        subprocess.run(["umount", os.fspath(path)], timeout=CMD_TIMEOUT, check=False)
+    return run(*argv, env=env, timeout=CMD_TIMEOUT)
 
 
 def _files(mnt: Path, prefix: str, n: int, size: int) -> dict[str, bytes]:

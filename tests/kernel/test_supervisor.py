@@ -33,7 +33,9 @@ from pynbd.kernel.attach import Attachment, attach, attach_backend, detach
 from pynbd.kernel.device import sysfs_state
 from pynbd.kernel.supervisor import Backoff, Keepalive, ReconnectPolicy, SupervisorState
 from pynbd.server import MemoryBackend
-from tests.kernel.test_attach import _check_dmesg, _run, _umount
+from tests.kernel.helpers import check_dmesg as _check_dmesg
+from tests.kernel.helpers import run as _run
+from tests.kernel.helpers import umount as _umount
 from tests.peers import Peers, Server, make_raw_image
 
 SIZE = 64 * 1024 * 1024
