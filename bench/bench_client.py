@@ -14,7 +14,7 @@ over the libnbd median. A benchmark measures: nothing here fails on a slow resul
 
 Cases (ids are ``TRANSPORT/CASE``, for ``--only REGEX``):
 
-* ``seq-read-256k``, ``seq-read-4m``: ``Client.pread`` (a new bytearray per call) vs
+* ``seq-read-256k``, ``seq-read-4m``: ``Client.pread`` (a new bytes per call) vs
   ``nbd.NBD.pread`` (a new bytes per call); ``Client.pread_into`` (the caller's buffer)
   vs ``nbd.NBD.aio_pread`` into a reused ``nbd.Buffer``, waited for one at a time
   (libnbd's zero-copy path: its blocking ``pread`` always returns new bytes).

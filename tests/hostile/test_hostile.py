@@ -84,8 +84,8 @@ class Handle:
     def pread_into(self, buf: bytearray, offset: int) -> None:
         self.driver.call(self.client.pread_into, buf, offset)
 
-    def pread(self, length: int, offset: int) -> bytearray:
-        result: bytearray = self.driver.call(self.client.pread, length, offset)
+    def pread(self, length: int, offset: int) -> bytes:
+        result: bytes = self.driver.call(self.client.pread, length, offset)
         return result
 
     def pwrite(self, data: bytes, offset: int) -> None:

@@ -471,13 +471,17 @@ class AsyncClient(ClientBase):
     ) -> asyncio.Future[Reply]:
         """Queue one request, the common case (no plan, no list); return its future.
 
-        A plain function, not a coroutine: the calling coroutine awaits the future
-        itself, which saves a coroutine per request."""
+        A READ without ``buffer`` is queued with ``read_bytes`` (its reply carries the
+        data). A plain function, not a coroutine: the calling coroutine awaits the
+        future itself, which saves a coroutine per request."""
         proto, core = self._proto, self._core
         if proto.failure is not None or self._closed or proto.transport is None:
             raise ConnectionClosed("the connection is closed")
-        if buffer is not None:
-            cookie = core.read(buffer, offset, flags)
+        if buffer is not None or command is _READ:
+            if buffer is not None:
+                cookie = core.read(buffer, offset, flags)
+            else:
+                cookie = core.read_bytes(length, offset, flags)
             if not proto.flush_pending:
                 proto.schedule_flush()  # the header leaves with this iteration's others
         else:
@@ -572,20 +576,27 @@ class AsyncClient(ClientBase):
 
     async def pread(
         self, length: int, offset: int, *, df: bool = False, timeout: Timeout = DEFAULT
-    ) -> bytearray:
-        """Read ``length`` bytes at ``offset`` into a new bytearray."""
-        buf = bytearray(length)
+    ) -> bytes:
+        """Read ``length`` bytes at ``offset`` and return them as a new ``bytes``.
+
+        A reply that arrives whole is copied once out of the receive buffer; a bigger
+        one is received into a buffer of its own, then copied once (a ``bytes`` cannot
+        be received into): :meth:`pread_into` into a reused buffer is the fast path for
+        large reads. Raises as :meth:`pread_into`.
+        """
         if not 0 < length <= self._maxp:
+            buf = bytearray(length)
             await self.pread_into(buf, offset, df=df, timeout=timeout)
-            return buf
+            return bytes(buf)
         # pread_into's fast path, inline: the hot path of small random reads.
-        fut = self._submit_one(_READ, offset, 0, _DF if df else 0, timeout, None, memoryview(buf))
+        fut = self._submit_one(_READ, offset, length, _DF if df else 0, timeout)
         if self._proto.paused:
             await self._proto.drain()
         reply = await fut
         if reply.error is not None or self._core.shutdown_requested:
             await self._finish(reply)
-        return buf
+        assert reply.data is not None
+        return reply.data
 
     async def pwrite(
         self, data: Buffer, offset: int, *, fua: bool = False, timeout: Timeout = DEFAULT

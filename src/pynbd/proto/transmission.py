@@ -15,8 +15,12 @@ the caller's buffer without a copy::
     while (reply := core.next_event()) is not None: ...
 
 While a large read payload is being received and nothing else is buffered,
-``receive_buffer`` returns a view of the caller's own buffer. Sending gives a list of
-buffers for ``sendmsg`` (the header and the caller's payload, never joined).
+``receive_buffer`` returns a view of the caller's own buffer. A read queued with
+``read_bytes`` has no buffer: its data comes back as a new ``bytes`` in its reply, and
+once only that data is left to come (``pending_data``), a driver may receive it itself
+with one ``sock.recv(n, MSG_WAITALL)`` and hand it over with ``data_received``: no
+buffer is zero-filled and nothing is copied. Sending gives a list of buffers for
+``sendmsg`` (the header and the caller's payload, never joined).
 
 Errors: peer input raises only :class:`ProtocolError` (the connection is then dead);
 a request the server may not be sent raises :class:`InvalidRequest` or
@@ -131,10 +135,15 @@ class Reply(NamedTuple):
     command: Cmd
     error: RequestError | None = None
     extents: dict[str, tuple[Extent, ...]] | None = None
+    #: For a read queued with :meth:`ClientTransmission.read_bytes` that succeeded: its
+    #: data, a new ``bytes``.
+    data: bytes | None = None
 
 
 #: Makes a Reply without the Python-level __new__ of a named tuple (the fast path's).
-_new_reply: Callable[[type[Reply], tuple[int, Cmd, None, None]], Reply] = tuple.__new__
+_new_reply: Callable[[type[Reply], tuple[int, Cmd, None, None, bytes | None]], Reply] = (
+    tuple.__new__
+)
 
 
 class _InFlight:
@@ -145,6 +154,7 @@ class _InFlight:
         "cookie",
         "covered",
         "covered_total",
+        "detached",
         "error",
         "expect",
         "extents",
@@ -162,6 +172,7 @@ class _InFlight:
         length: int,
         buffer: memoryview | None = None,
         expect: bytes | None = None,
+        detached: bool = False,
     ) -> None:
         self.cookie = cookie
         self.command = command
@@ -169,6 +180,9 @@ class _InFlight:
         self.offset = offset
         self.length = length
         self.buffer = buffer
+        #: A read queued by read_bytes(): its reply carries the data as new bytes. Its
+        #: ``buffer`` stays None unless the data has to be assembled in pieces.
+        self.detached = detached
         #: For a read: the exact bytes that start its usual reply (one OFFSET_DATA
         #: chunk with DONE covering the read, or a simple reply without error). A reply
         #: that starts so needs no other check: only its payload is left to come. Any
@@ -207,6 +221,7 @@ _HEADER = 0  # expecting a reply header
 _DATA_OFFSET = 1  # expecting the u64 offset that starts an OFFSET_DATA chunk
 _INTO = 2  # payload bytes go to self._target
 _CHUNK = 3  # expecting a whole metadata chunk payload in the buffer
+_DETACHED = 4  # the next pending_data bytes are a detached read's data, none received
 
 
 def split_range(
@@ -277,6 +292,10 @@ class ClientTransmission:
         self._eof = False
         #: True once the server answered NBD_ESHUTDOWN: the client must disconnect.
         self.shutdown_requested = False
+        #: Nonzero when the next bytes of the stream are exactly this many bytes of data
+        #: of a read queued with :meth:`read_bytes`, and none of them has been received
+        #: yet: the driver may receive them itself (see :meth:`data_received`).
+        self.pending_data = 0
         # Receive side
         self._buf = bytearray(max(buffer_size, 64))
         self._view = memoryview(self._buf)
@@ -387,7 +406,28 @@ class ClientTransmission:
         view = buffer if type(buffer) is memoryview else memoryview(buffer)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        length = len(view)
+        if view.readonly:
+            raise InvalidRequest("read buffer must be writable")
+        return self._queue_read(view, len(view), offset, flags)
+
+    def read_bytes(self, length: int, offset: int, flags: int = 0) -> int:
+        """Queue a READ of ``length`` bytes at ``offset`` whose data comes back as a new
+        ``bytes`` in its :class:`Reply` (``data``); return its cookie.
+
+        No buffer is made in advance: a usual reply that arrives whole in the receive
+        buffer is copied out once, and when only its header has arrived,
+        :attr:`pending_data` tells the driver that it may receive the data itself as
+        one ``bytes`` (see :meth:`data_received`). Otherwise the data is assembled in a
+        new buffer and copied once more at the end.
+
+        Raises:
+            As :meth:`request`.
+        """
+        if self._closed or self._disconnecting:
+            raise ConnectionClosed("the connection is closed")
+        return self._queue_read(None, length, offset, flags)
+
+    def _queue_read(self, view: memoryview | None, length: int, offset: int, flags: int) -> int:
         align = self._align
         if (
             flags
@@ -397,8 +437,6 @@ class ClientTransmission:
             or (align > 1 and (offset % align or length % align))
         ):
             self._check(_READ, offset, length, flags)  # the full check, which may pass
-        if view.readonly:
-            raise InvalidRequest("read buffer must be writable")
         # Queue it: the header, the in-flight entry and the reply expected.
         in_flight = self._in_flight
         cookie = self._next_cookie
@@ -423,7 +461,9 @@ class ClientTransmission:
             self._big_reads += 1
         elif not length:
             expect = None  # no OFFSET_DATA chunk can answer an empty read
-        in_flight[cookie] = _InFlight(cookie, _READ, flags, offset, length, view, expect)
+        in_flight[cookie] = _InFlight(
+            cookie, _READ, flags, offset, length, view, expect, view is None
+        )
         return cookie
 
     def savepoint(self) -> int:
@@ -549,6 +589,10 @@ class ClientTransmission:
             assert self._target is not None
             return self._target[self._target_pos :]
         if self._start == self._end:
+            if self._state == _DETACHED:
+                self._assemble()
+                assert self._target is not None
+                return self._target
             self._start = self._end = 0
             if self._big_reads:
                 # A big read's payload should land in the caller's buffer, not here:
@@ -612,11 +656,13 @@ class ClientTransmission:
         cookies = list(self._in_flight)
         self._in_flight.clear()
         self._big_reads = 0
+        self.pending_data = 0
         return cookies
 
     def _on_eof(self) -> None:
         self._eof = True
         self._closed = True
+        self.pending_data = 0
         if self._disconnecting and not self._in_flight:
             return
         if self._in_flight or self._start != self._end or self._state != _HEADER:
@@ -644,15 +690,20 @@ class ClientTransmission:
                                 self._start = head
                                 self._begin_whole(entry)
                                 continue
-                            assert entry.buffer is not None
-                            entry.buffer[:] = self._view[head:end]
+                            data = None
+                            if entry.buffer is None:
+                                data = bytes(self._view[head:end])
+                            else:
+                                entry.buffer[:] = self._view[head:end]
                             self._start = end
                             del in_flight[entry.cookie]
                             if entry.length >= DIRECT_READ:
                                 self._big_reads -= 1
                             self._replies.append(
-                                _new_reply(Reply, (entry.cookie, _READ, None, None))
+                                _new_reply(Reply, (entry.cookie, _READ, None, None, data))
                             )
+                            if end == self._end:
+                                return  # the usual case: nothing else was received
                             continue
                 if avail < 4 or not self._parse_header():
                     return
@@ -675,13 +726,15 @@ class ClientTransmission:
                 (offset,) = _U64.unpack_from(buf, self._start)
                 self._start += 8
                 self._begin_data(offset)
-            else:  # _CHUNK
+            elif state == _CHUNK:
                 if self._end - self._start < self._chunk_len:
                     return
                 data = bytes(self._view[self._start : self._start + self._chunk_len])
                 self._start += self._chunk_len
                 self._state = _HEADER
                 self._on_metadata_chunk(data)
+            else:  # _DETACHED: the driver or receive_buffer() moves on
+                return
 
     def _begin_whole(self, entry: _InFlight) -> None:
         """The usual reply to ``entry`` has begun but its data is not all here: the rest
@@ -692,8 +745,61 @@ class ClientTransmission:
         entry.covered_total = entry.length
         self._current = entry
         self._chunk_flags = _DONE
-        assert entry.buffer is not None
+        if entry.buffer is None:  # a detached read
+            if self._start == self._end:
+                # Only data follows: the driver may receive it as one bytes object.
+                self._state = _DETACHED
+                self.pending_data = entry.length
+                return
+            entry.buffer = memoryview(bytearray(entry.length))
         self._start_into(entry.buffer, entry.length)
+
+    def _assemble(self) -> None:
+        """Leave the _DETACHED state: the detached read's data will be assembled in a
+        buffer of its own, received through :meth:`receive_buffer`."""
+        entry = self._current
+        assert entry is not None and entry.buffer is None
+        self.pending_data = 0
+        entry.buffer = memoryview(bytearray(entry.length))
+        self._start_into(entry.buffer, entry.length)
+
+    def data_received(self, data: bytes) -> bool:
+        """The driver received ``data`` itself while :attr:`pending_data` was nonzero:
+        at most that many bytes of the detached read's data; ``b""`` means end of
+        stream. All of them complete the read with ``data`` itself as its data (no
+        copy); fewer are copied into a buffer of the read's own, and the rest comes
+        through :meth:`receive_buffer` as usual.
+
+        Returns True when a completed reply awaits :meth:`next_event`.
+
+        Raises:
+            ProtocolError: end of stream (the read is in flight). ConnectionClosed: the
+            connection is closed. ValueError: no data was pending, or too much came.
+        """
+        if self._closed:
+            raise ConnectionClosed("the connection is closed")
+        want = self.pending_data
+        n = len(data)
+        if not want or n > want:
+            raise ValueError(f"{n} bytes of read data received, {want} pending")
+        if n == 0:
+            return self.buffer_updated(0)
+        entry = self._current
+        assert entry is not None
+        if n < want:
+            self._assemble()
+            assert self._target is not None
+            self._target[:n] = data
+            self._target_pos = n
+            return False
+        self.pending_data = 0
+        self._state = _HEADER
+        self._current = None
+        del self._in_flight[entry.cookie]
+        if want >= DIRECT_READ:
+            self._big_reads -= 1
+        self._replies.append(_new_reply(Reply, (entry.cookie, _READ, None, None, data)))
+        return True
 
     def _parse_header(self) -> bool:
         buf, start = self._buf, self._start
@@ -728,6 +834,8 @@ class ClientTransmission:
         if entry is None:
             raise ProtocolError(f"reply for cookie {cookie:#x}, which is not in flight")
         entry.expect = None  # the general path has the request now: no fast path later
+        if entry.buffer is None and entry.detached:
+            entry.buffer = memoryview(bytearray(entry.length))
         return entry
 
     def _on_simple(self, error: int, cookie: int) -> None:
@@ -898,4 +1006,8 @@ class ClientTransmission:
         extents = None
         if entry.command is Cmd.BLOCK_STATUS and entry.error is None and entry.extents:
             extents = {self._context_names[cid]: ext for cid, ext in entry.extents.items()}
-        self._replies.append(Reply(entry.cookie, entry.command, entry.error, extents))
+        data = None
+        if entry.detached and entry.error is None:
+            assert entry.buffer is not None
+            data = bytes(entry.buffer)  # assembled in pieces: one more copy
+        self._replies.append(Reply(entry.cookie, entry.command, entry.error, extents, data))
