@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pynbd.client import Client
 from pynbd.server import FileBackend, MemoryBackend
-from pynbd.server.file import INLINE_READ_MAX, INLINE_WRITE_MAX
+from pynbd.server.file import INLINE_READ_MAX
 
 from .helpers import raw_go, raw_request, read_simple_reply, recv_exactly, running_server
 
@@ -71,7 +71,7 @@ def test_file_requests_inline_and_in_the_pool_agree(tmp_path: Path) -> None:
         f.truncate(size)
     big = _pattern(2 * INLINE_READ_MAX)  # written in the pool, read in the pool
     small = os.urandom(4096)  # both in the event loop
-    medium = os.urandom(INLINE_WRITE_MAX * 2)  # written in the pool, read inline
+    medium = os.urandom(INLINE_READ_MAX)  # written in the pool (FUA), read inline
     with FileBackend(path) as backend, running_server(backend) as srv, Client(srv.uri) as c:
         c.pwrite(big, 0)
         c.pwrite(small, len(big))
