@@ -433,11 +433,7 @@ class Client(ClientBase):
         except BaseException:
             self._die()  # interrupted mid-reply: the stream's position is lost
             raise
-        reply = core.replies.popleft()
-        if core.shutdown_requested:
-            self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
-        if reply.error is not None:
-            raise reply.error
+        self._take_reply(core)
 
     def _read_bytes(self, offset: int, length: int, flags: int, timeout: Timeout) -> bytes:
         """One read whose data comes back as a new ``bytes``: :meth:`_one` for
@@ -475,13 +471,18 @@ class Client(ClientBase):
         except BaseException:
             self._die()  # interrupted mid-reply: the stream's position is lost
             raise
+        data = self._take_reply(core).data
+        assert data is not None
+        return data
+
+    def _take_reply(self, core: ClientTransmission) -> Reply:
+        """The one reply of :meth:`_one` or :meth:`_read_bytes`; raise its error."""
         reply = core.replies.popleft()
         if core.shutdown_requested:
             self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
         if reply.error is not None:
             raise reply.error
-        assert reply.data is not None
-        return reply.data
+        return reply
 
     def _receive_rest(
         self, sock: socket.socket, core: ClientTransmission, end: float | None
