@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pynbd.cli import main
-from pynbd.cli.kernel import _explain
+from pynbd.cli.kernel import explain_kernel_error as _explain
 from pynbd.kernel import FamilyNotFound, KernelError
 from pynbd.kernel.attach import detach
 from pynbd.kernel.device import sysfs_state

@@ -149,7 +149,7 @@ def _keepalive(text: str) -> Keepalive:
                                          f"or off, not {text!r}") from exc  # fmt: skip
 
 
-def _explain(exc: KernelError, device: str | None = None) -> CommandError:
+def explain_kernel_error(exc: KernelError, device: str | None = None) -> CommandError:
     """One line that says what failed and what to do."""
     text = str(exc)
     if isinstance(exc, DeviceBusy):
@@ -205,7 +205,7 @@ def run_attach(args: argparse.Namespace) -> int:
         else:
             attachment = attach_backend(_backend(args), device, **options)
     except KernelError as exc:
-        raise _explain(exc, device) from exc
+        raise explain_kernel_error(exc, device) from exc
     if uri is not None:
         with contextlib.suppress(OSError):  # only `pynbd resize` without --uri needs it
             write_state(attachment.index, uri)
@@ -275,7 +275,7 @@ def _stay(attachment: Attachment) -> int:
         try:
             attachment.detach()
         except KernelError as exc:
-            raise _explain(exc, attachment.device) from exc
+            raise explain_kernel_error(exc, attachment.device) from exc
         finally:
             for signum, handler in old.items():
                 signal.signal(signum, handler)
@@ -293,7 +293,7 @@ def run_detach(args: argparse.Namespace) -> int:
     try:
         holders = detach(args.device, timeout=args.timeout, use_ioctl=args.ioctl, force=args.force)
     except KernelError as exc:
-        raise _explain(exc, args.device) from exc
+        raise explain_kernel_error(exc, args.device) from exc
     if holders:
         who = "; ".join(str(h) for h in holders)
         print(f"pynbd: {args.device} disconnected; its holders now get I/O errors and it "
@@ -308,7 +308,7 @@ def run_status(args: argparse.Namespace) -> int:
     except InvalidRequest as exc:
         raise CommandError(str(exc)) from exc
     except KernelError as exc:
-        raise _explain(exc, args.device) from exc
+        raise explain_kernel_error(exc, args.device) from exc
     if args.json:
         print(json.dumps([d.as_dict() for d in devices], indent=2))
         return 0

@@ -24,9 +24,10 @@ import argparse
 import errno
 
 from ..errors import InvalidRequest, NBDError
-from ..kernel.errors import FamilyNotFound, KernelError
+from ..kernel.errors import KernelError
 from ..kernel.resize import reread_size
 from .common import CommandError, Subparsers, parse_size
+from .kernel import explain_kernel_error
 
 
 def register(sub: Subparsers) -> None:
@@ -48,13 +49,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         size = reread_size(args.device, uri=args.uri, size=args.size)
     except KernelError as exc:
-        if isinstance(exc, FamilyNotFound) or exc.errno == errno.ENOENT:
-            raise CommandError(f"{exc}: is the nbd driver loaded? (modprobe nbd)") from exc
-        if exc.errno in (errno.EPERM, errno.EACCES):
-            raise CommandError(f"{exc}: run as root") from exc
-        if exc.errno == errno.EINVAL:
+        if exc.errno == errno.EINVAL:  # both interfaces refuse a device not attached
             raise CommandError(f"{exc}: is {args.device} attached?") from exc
-        raise CommandError(str(exc)) from exc
+        raise explain_kernel_error(exc, args.device) from exc
     except InvalidRequest as exc:
         raise CommandError(str(exc)) from exc
     except NBDError as exc:
