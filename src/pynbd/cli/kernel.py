@@ -154,9 +154,13 @@ def explain_kernel_error(exc: KernelError, device: str | None = None) -> Command
     text = str(exc)
     if isinstance(exc, DeviceBusy):
         return CommandError(f"{text}: unmount or close it first, or use --force")
-    if isinstance(exc, FamilyNotFound) or (
-        exc.errno == errno.ENOENT and exc.call in ("open", None)
+    if (
+        isinstance(exc, FamilyNotFound)
+        or (exc.errno == errno.ENOENT and exc.call in ("open", None))
+        or exc.errno == errno.ENODEV  # no /sys/block/nbdX: no driver, or beyond nbds_max
     ):
+        if "modprobe nbd" in text:
+            return CommandError(text)  # the error says it already
         hint = "is the nbd driver loaded? (modprobe nbd)"
     elif exc.errno in (errno.EPERM, errno.EACCES):
         hint = "run as root"
