@@ -408,16 +408,8 @@ class Client(ClientBase):
         else:
             core.request(command, offset, length, flags, payload=payload)
         limit = self.timeout if timeout is DEFAULT else timeout
-        timer = self._timer
         try:
-            if timer.current != limit:
-                timer.arm(limit)
-            buffers = core.buffers_to_send()
-            if len(buffers) == 1:
-                sock.sendall(buffers[0])
-            else:
-                _send_all(sock, buffers, _Deadline(limit), timer)
-            end = None if limit is None else time.monotonic() + limit
+            end = self._send_one(sock, core, limit)
             recv_into, receive_buffer, updated = (
                 sock.recv_into,
                 core.receive_buffer,
@@ -448,14 +440,7 @@ class Client(ClientBase):
         limit = self.timeout if timeout is DEFAULT else timeout
         timer = self._timer
         try:
-            if timer.current != limit:
-                timer.arm(limit)
-            buffers = core.buffers_to_send()
-            if len(buffers) == 1:
-                sock.sendall(buffers[0])
-            else:
-                _send_all(sock, buffers, _Deadline(limit), timer)
-            end = None if limit is None else time.monotonic() + limit
+            end = self._send_one(sock, core, limit)
             done = core.buffer_updated(sock.recv_into(core.receive_buffer()))
             while not done:
                 timer.check(end)  # a trickling server cannot stretch the call
@@ -474,6 +459,21 @@ class Client(ClientBase):
         data = self._take_reply(core).data
         assert data is not None
         return data
+
+    def _send_one(
+        self, sock: socket.socket, core: ClientTransmission, limit: float | None
+    ) -> float | None:
+        """Send the request :meth:`_one` or :meth:`_read_bytes` queued, with the
+        socket's kernel timeout armed for ``limit``; return the reply's deadline."""
+        timer = self._timer
+        if timer.current != limit:
+            timer.arm(limit)
+        buffers = core.buffers_to_send()
+        if len(buffers) == 1:
+            sock.sendall(buffers[0])
+        else:
+            _send_all(sock, buffers, _Deadline(limit), timer)
+        return None if limit is None else time.monotonic() + limit
 
     def _take_reply(self, core: ClientTransmission) -> Reply:
         """The one reply of :meth:`_one` or :meth:`_read_bytes`; raise its error."""
