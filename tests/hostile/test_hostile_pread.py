@@ -1,7 +1,8 @@
-"""``pread`` (a new bytes per call) against a server that breaks off a read's data.
+"""Big reads against a server that breaks off a read's data.
 
-The blocking client receives a large read's data with one ``recv(n, MSG_WAITALL)`` into
-the bytes object it returns; the asyncio client assembles it in a buffer. A recv that
+The blocking client receives a large read's data with one ``recv(n, MSG_WAITALL)``: into
+the bytes object ``pread`` returns, or into the caller's buffer for ``pread_into``, after
+checking the reply's header itself; the asyncio client assembles it in a buffer. A recv that
 comes back short (end of stream, a timeout, a signal) must never turn into a short or
 wrong result: the documented exception, or (after a signal) the whole data. Both
 clients (the ``api`` fixture of test_hostile), every reply style.
@@ -10,19 +11,32 @@ clients (the ``api`` fixture of test_hostile), every reply style.
 from __future__ import annotations
 
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 import pytest
 
 from pynbd.client.sync import Client
-from pynbd.errors import ConnectionClosed, NBDTimeout, ProtocolError
+from pynbd.errors import ConnectionClosed, NBDTimeout, ProtocolError, RequestError
 from pynbd.proto.transmission import DIRECT_READ
 
 from . import test_hostile
-from .server import Close, HalfClose, HostileServer, Send, Session, Silent, Sleep, Step, Style
+from .server import (
+    Close,
+    ExpectRequest,
+    HalfClose,
+    HostileServer,
+    Send,
+    Session,
+    Silent,
+    Sleep,
+    Step,
+    Style,
+)
 from .test_hostile import (
     CLIENT_TIMEOUT,
     MAX_ELAPSED,
@@ -57,56 +71,83 @@ def head(extra: int) -> Send:
     return Send(lambda s: reply(s)[: lead(s) + extra])
 
 
+def read(c: Any, how: str) -> bytes:
+    """The read of DATA at OFFSET, by ``pread`` or ``pread_into``."""
+    if how == "pread":
+        got: bytes = c.pread(BIG, OFFSET)
+        assert type(got) is bytes
+        return got
+    buf = bytearray(BIG)
+    c.pread_into(buf, OFFSET)
+    return bytes(buf)
+
+
+HOW = pytest.mark.parametrize("how", ["pread", "pread_into"])
+
+
 def tail(extra: int) -> Send:
     """The reply from ``extra`` bytes into its data."""
     return Send(lambda s: reply(s)[lead(s) + extra :])
 
 
+@HOW
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("split", [0, 1, 100_000, BIG - 1])
+@pytest.mark.parametrize("split", [-20, -1, 0, 1, 100_000, BIG - 1])
 def test_data_in_pieces(
-    api: Driver, serve: Callable[..., HostileServer], style: Style, split: int
+    api: Driver, serve: Callable[..., HostileServer], style: Style, split: int, how: str
 ) -> None:
-    """The data arrives in two writes with a pause between: all of it, as bytes."""
+    """The reply arrives in two writes with a pause between (negative splits cut the
+    header itself): all of the data."""
+    if split < 0 and style == "simple":
+        split //= 4  # a simple reply's header is 16 bytes
     server = serve(transmission(style, head(split), Sleep(0.2), tail(split), Silent()))
     c = api.connect(server.uri)
-    got = c.pread(BIG, OFFSET)
-    assert type(got) is bytes and got == DATA
+    assert read(c, how) == DATA
     assert not c.closed
 
 
+@HOW
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("close", [Close(), HalfClose()], ids=["close", "half-close"])
-@pytest.mark.parametrize("sent", [0, 1, BIG // 2, BIG - 1])
+@pytest.mark.parametrize("sent", [-5, 0, 1, BIG // 2, BIG - 1])
 def test_eof_mid_data(
-    api: Driver, serve: Callable[..., HostileServer], style: Style, close: Step, sent: int
+    api: Driver,
+    serve: Callable[..., HostileServer],
+    style: Style,
+    close: Step,
+    sent: int,
+    how: str,
 ) -> None:
-    """The header and part of the data, then end of stream: an error, never data."""
+    """The header (or part of it) and part of the data, then end of stream: an error,
+    never data."""
     server = serve(transmission(style, head(sent), close))
     c = api.connect(server.uri)
-    fails((ProtocolError, ConnectionClosed), c.pread, BIG, OFFSET)
+    fails((ProtocolError, ConnectionClosed), read, c, how)
     assert c.closed
     if isinstance(close, HalfClose):
         assert_dead(c, server)
 
 
+@HOW
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("sent", [0, BIG // 2])
+@pytest.mark.parametrize("sent", [-5, 0, BIG // 2])
 def test_silent_mid_data(
-    api: Driver, serve: Callable[..., HostileServer], style: Style, sent: int
+    api: Driver, serve: Callable[..., HostileServer], style: Style, sent: int, how: str
 ) -> None:
-    """The header and part of the data, then silence: NBDTimeout after the timeout."""
+    """The header (or part of it) and part of the data, then silence: NBDTimeout after
+    the timeout."""
     server = serve(transmission(style, head(sent), Silent()))
     c = api.connect(server.uri)
     start = time.monotonic()
-    fails(NBDTimeout, c.pread, BIG, OFFSET)
+    fails(NBDTimeout, read, c, how)
     assert time.monotonic() - start >= CLIENT_TIMEOUT * 0.9, "timed out too early"
     assert_dead(c, server)
 
 
+@HOW
 @pytest.mark.parametrize("style", ["structured", "extended"])
 def test_trickle_past_the_timeout(
-    api: Driver, serve: Callable[..., HostileServer], style: Style
+    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str
 ) -> None:
     """Data in small pieces, each well within the timeout, the whole far beyond it:
     the call's deadline holds (one recv of the rest must not outlive it)."""
@@ -115,7 +156,7 @@ def test_trickle_past_the_timeout(
     ]
     server = serve(transmission(style, *pieces, Silent()))
     c = api.connect(server.uri)
-    fails(NBDTimeout, c.pread, BIG, OFFSET)
+    fails(NBDTimeout, read, c, how)
     assert_dead(c, server)
 
 
@@ -142,10 +183,11 @@ def sigusr1() -> Iterator[list[int]]:
         signal.signal(signal.SIGUSR1, old)
 
 
+@HOW
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 @pytest.mark.parametrize("style", STYLES)
 def test_signal_mid_data(
-    serve: Callable[..., HostileServer], sigusr1: list[int], style: Style, tcp: bool
+    serve: Callable[..., HostileServer], sigusr1: list[int], style: Style, tcp: bool, how: str
 ) -> None:
     """A signal while the recv waits for the rest of the data: the recv returns what
     it has, the client receives the rest, and the result is whole."""
@@ -156,12 +198,12 @@ def test_signal_mid_data(
         timer = threading.Timer(0.3, signal.pthread_kill, (target, signal.SIGUSR1))
         timer.start()
         try:
-            got = c.pread(BIG, OFFSET)
+            got = read(c, how)
         finally:
             timer.cancel()
             timer.join()
         assert sigusr1 == [signal.SIGUSR1], "the signal did not arrive during the call"
-        assert type(got) is bytes and got == DATA
+        assert got == DATA
         assert not c.closed
 
 
@@ -195,3 +237,74 @@ def test_interrupted_call_closes_the_connection(
         with pytest.raises(ConnectionClosed):
             c.pread(BIG, OFFSET)
         assert time.monotonic() - start < MAX_ELAPSED
+
+
+# --- Replies to a big read other than the usual one -----------------------------------------
+
+
+def _error(s: Session) -> bytes:
+    return s.error(5, b"no")  # EIO
+
+
+def _hole_then_data(s: Session) -> bytes:
+    # DATA's first 4096 bytes are not zero, so a hole there reads zeroes instead.
+    half = BIG // 2
+    return s.hole(OFFSET, half) + s.data(OFFSET + half, DATA[half:], done=True)
+
+
+def _two_chunks(s: Session) -> bytes:
+    half = BIG // 2
+    return s.data(OFFSET + half, DATA[half:]) + s.data(OFFSET, DATA[:half], done=True)
+
+
+@HOW
+@pytest.mark.parametrize("style", ["structured", "extended"])
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (_hole_then_data, bytes(BIG // 2) + DATA[BIG // 2 :]),
+        (_two_chunks, DATA),
+    ],
+    ids=["hole-then-data", "two-chunks-out-of-order"],
+)
+def test_other_reply_shapes(
+    api: Driver,
+    serve: Callable[..., HostileServer],
+    style: Style,
+    how: str,
+    make: Callable[[Session], bytes],
+    expected: bytes,
+) -> None:
+    """Not the header the client looks for first: the general path reads the reply
+    (all of it, in the right places), and the connection carries on."""
+    server = serve(transmission(style, Send(make), ExpectRequest(), Send(reply), Silent()))
+    c = api.connect(server.uri)
+    assert read(c, how) == expected
+    assert read(c, how) == DATA
+    assert not c.closed
+
+
+@HOW
+@pytest.mark.parametrize("style", STYLES)
+def test_error_reply(
+    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str
+) -> None:
+    """An error instead of data: RequestError, and the connection is still usable."""
+    server = serve(transmission(style, Send(_error), ExpectRequest(), Send(reply), Silent()))
+    c = api.connect(server.uri)
+    fails(RequestError, read, c, how)
+    assert read(c, how) == DATA
+    assert not c.closed
+
+
+@HOW
+@pytest.mark.parametrize("style", STYLES)
+def test_reply_to_another_cookie(
+    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str
+) -> None:
+    """The header of the usual reply but for a cookie never sent: a protocol error."""
+    bad = Send(lambda s: s.read_ok(DATA).replace(struct.pack(">Q", s.last.cookie), bytes(8), 1))
+    server = serve(transmission(style, bad, Silent()))
+    c = api.connect(server.uri)
+    fails(ProtocolError, read, c, how)
+    assert c.closed

@@ -199,3 +199,42 @@ def test_bytewise_usual_reply() -> None:
         core.receive_data(bytes([byte]))
     got = core.next_event()
     assert got is not None and got.error is None and buf == pattern(300)
+
+
+# -- a driver that receives the usual reply itself (direct_lead / direct_done) ----------
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("detached", [False, True], ids=["into", "bytes"])
+def test_direct_lead_is_the_usual_replys_header(style: str, detached: bool) -> None:
+    core = ClientTransmission(neg(style))
+    buf = bytearray(DIRECT_READ)
+    c = core.read_bytes(DIRECT_READ, 4096) if detached else core.read(buf, 4096)
+    core.buffers_to_send()
+    assert core.direct_lead(c) == usual(style, c, 4096, pattern(DIRECT_READ))[: lead(style)]
+    core.direct_done(c)
+    assert core.in_flight == 0 and core.next_event() is None
+    # The stream goes on as usual afterwards.
+    c2 = core.read(buf, 0)
+    feed_buffer(core, usual(style, c2, 0, pattern(DIRECT_READ)))
+    reply = core.next_event()
+    assert reply is not None and reply.cookie == c2 and reply.error is None
+    assert bytes(buf) == pattern(DIRECT_READ)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_no_direct_lead_unless_alone_and_nothing_buffered(style: str) -> None:
+    core = ClientTransmission(neg(style))
+    buf = bytearray(DIRECT_READ)
+    a = core.read(buf, 0)
+    b = core.read(bytearray(512), 0)
+    assert core.direct_lead(a) is None  # two in flight
+    feed_buffer(core, usual(style, b, 0, pattern(512))[:5])
+    core2 = ClientTransmission(neg(style))
+    c = core2.read(buf, 0)
+    assert core2.direct_lead(c) is not None
+    feed_buffer(core2, usual(style, c, 0, pattern(DIRECT_READ))[:3])
+    assert core2.direct_lead(c) is None  # bytes of the reply are buffered already
+    core3 = ClientTransmission(neg(style))
+    assert core3.direct_lead(core3.read(bytearray(0), 0)) is None  # an empty read
+    assert core3.direct_lead(12345) is None  # not in flight

@@ -34,7 +34,7 @@ from ..proto.handshake import (
     Negotiated,
     StartTLS,
 )
-from ..proto.transmission import ClientTransmission, Reply
+from ..proto.transmission import DIRECT_READ, ClientTransmission, Reply
 from ..transport.connect import open_stream
 from ..transport.tls import TLSConfig, start_client_tls
 from ..transport.uri import NBDURI
@@ -283,6 +283,7 @@ class Client(ClientBase):
         # A read's data can be received as one bytes object (recv with MSG_WAITALL);
         # a TLS socket takes no recv flags.
         self._recv_whole = not isinstance(self._sock, ssl.SSLSocket)
+        self._head = bytearray(64)  # a big read's reply header (see _direct_lead)
 
     # -- negotiation mode --------------------------------------------------------------
 
@@ -403,19 +404,26 @@ class Client(ClientBase):
         sock, core = self._sock, self._core
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
+        lead = None
         if buffer is not None:
-            core.read(buffer, offset, flags)  # raises ConnectionClosed when the core is closed
+            # raises ConnectionClosed when the core is closed
+            cookie = core.read(buffer, offset, flags)
+            if len(buffer) >= DIRECT_READ and self._recv_whole:
+                lead = core.direct_lead(cookie)
         else:
             core.request(command, offset, length, flags, payload=payload)
         limit = self.timeout if timeout is DEFAULT else timeout
         try:
             end = self._send_one(sock, core, limit)
-            recv_into, receive_buffer, updated = (
-                sock.recv_into,
-                core.receive_buffer,
-                core.buffer_updated,
-            )
-            if not updated(recv_into(receive_buffer())):
+            if lead is not None:
+                assert buffer is not None
+                if self._direct_lead(sock, core, lead):
+                    self._direct_into(sock, buffer, end)
+                    core.direct_done(cookie)
+                    return
+                if not core.replies:
+                    self._receive_rest(sock, core, end)
+            elif not core.buffer_updated(sock.recv_into(core.receive_buffer())):
                 self._receive_rest(sock, core, end)
         except (OSError, NBDError) as exc:
             err = self._failure(exc, limit)
@@ -436,12 +444,26 @@ class Client(ClientBase):
         sock, core = self._sock, self._core
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
-        core.read_bytes(length, offset, flags)  # raises ConnectionClosed when closed
+        cookie = core.read_bytes(length, offset, flags)  # raises ConnectionClosed when closed
+        lead = core.direct_lead(cookie) if length >= DIRECT_READ and self._recv_whole else None
         limit = self.timeout if timeout is DEFAULT else timeout
         timer = self._timer
         try:
             end = self._send_one(sock, core, limit)
-            done = core.buffer_updated(sock.recv_into(core.receive_buffer()))
+            if lead is not None and self._direct_lead(sock, core, lead):
+                data = sock.recv(length, _WAITALL)
+                if len(data) == length:
+                    core.direct_done(cookie)
+                    return data
+                # Short (a timeout, a signal; b"" is end of stream, which raises):
+                # the core takes over from the header on.
+                core.receive_data(lead)
+                core.receive_data(data)
+                done = bool(core.replies)
+            elif lead is not None:
+                done = bool(core.replies)
+            else:
+                done = core.buffer_updated(sock.recv_into(core.receive_buffer()))
             while not done:
                 timer.check(end)  # a trickling server cannot stretch the call
                 if core.pending_data and self._recv_whole:
@@ -456,9 +478,9 @@ class Client(ClientBase):
         except BaseException:
             self._die()  # interrupted mid-reply: the stream's position is lost
             raise
-        data = self._take_reply(core).data
-        assert data is not None
-        return data
+        reply_data = self._take_reply(core).data
+        assert reply_data is not None
+        return reply_data
 
     def _send_one(
         self, sock: socket.socket, core: ClientTransmission, limit: float | None
@@ -483,6 +505,29 @@ class Client(ClientBase):
         if reply.error is not None:
             raise reply.error
         return reply
+
+    def _direct_lead(self, sock: socket.socket, core: ClientTransmission, lead: bytes) -> bool:
+        """Receive the start of a big read's reply (see ``ClientTransmission.direct_lead``):
+        True if it is the usual one (the data follows, for the caller to receive
+        itself); else what came is handed to the core, which goes on as usual."""
+        head = self._head
+        n = sock.recv_into(head, len(lead))
+        if n == len(lead) and head.startswith(lead):
+            return True
+        core.receive_data(bytes(head[:n]))  # b"": end of stream, which raises
+        return False
+
+    def _direct_into(self, sock: socket.socket, view: memoryview, end: float | None) -> None:
+        """Receive a read's data straight into ``view`` (after :meth:`_direct_lead`)."""
+        got = sock.recv_into(view, 0, _WAITALL)
+        while got < len(view):  # short: a timeout slice, a signal
+            if not got:
+                raise ProtocolError("server closed the connection in the middle of a reply")
+            self._timer.check(end)
+            n = sock.recv_into(view[got:], 0, _WAITALL)
+            if not n:
+                raise ProtocolError("server closed the connection in the middle of a reply")
+            got += n
 
     def _receive_rest(
         self, sock: socket.socket, core: ClientTransmission, end: float | None

@@ -763,6 +763,33 @@ class ClientTransmission:
         entry.buffer = memoryview(bytearray(entry.length))
         self._start_into(entry.buffer, entry.length)
 
+    def direct_lead(self, cookie: int) -> bytes | None:
+        """What the usual reply to the read ``cookie`` starts with, for a driver that
+        receives it itself; None when that is not allowed.
+
+        It is allowed while this read is the only request in flight, nothing received
+        is buffered here, and the read is not empty. The driver then receives exactly
+        ``len(lead)`` bytes; if they are ``lead``, the read's whole data follows and
+        the driver receives it into the read's buffer (or as one ``bytes``) and calls
+        :meth:`direct_done`. If not (an error, a hole, a short receive), it hands the
+        bytes over with :meth:`receive_data` and carries on as usual: every check
+        applies. The comparison is the same as the parser's own fast path, so a
+        matching lead is a valid reply header for this read.
+        """
+        if self._start != self._end or self._state != _HEADER or len(self._in_flight) != 1:
+            return None
+        entry = self._in_flight.get(cookie)
+        if entry is None or entry.command is not _READ:
+            return None
+        return entry.expect
+
+    def direct_done(self, cookie: int) -> None:
+        """The driver received the reply to ``cookie`` itself (see :meth:`direct_lead`):
+        the read is complete, and no :class:`Reply` is queued for it."""
+        entry = self._in_flight.pop(cookie)
+        if entry.length >= DIRECT_READ:
+            self._big_reads -= 1
+
     def data_received(self, data: bytes) -> bool:
         """The driver received ``data`` itself while :attr:`pending_data` was nonzero:
         at most that many bytes of the detached read's data; ``b""`` means end of
