@@ -450,7 +450,9 @@ class Client(ClientBase):
         timer = self._timer
         try:
             end = self._send_one(sock, core, limit)
-            if lead is not None and self._direct_lead(sock, core, lead):
+            if lead is None:
+                done = core.buffer_updated(sock.recv_into(core.receive_buffer()))
+            elif self._direct_lead(sock, core, lead):
                 data = sock.recv(length, _WAITALL)
                 if len(data) == length:
                     core.direct_done(cookie)
@@ -460,10 +462,8 @@ class Client(ClientBase):
                 core.receive_data(lead)
                 core.receive_data(data)
                 done = bool(core.replies)
-            elif lead is not None:
-                done = bool(core.replies)
             else:
-                done = core.buffer_updated(sock.recv_into(core.receive_buffer()))
+                done = bool(core.replies)
             while not done:
                 timer.check(end)  # a trickling server cannot stretch the call
                 if core.pending_data and self._recv_whole:
@@ -519,15 +519,15 @@ class Client(ClientBase):
 
     def _direct_into(self, sock: socket.socket, view: memoryview, end: float | None) -> None:
         """Receive a read's data straight into ``view`` (after :meth:`_direct_lead`)."""
-        got = sock.recv_into(view, 0, _WAITALL)
-        while got < len(view):  # short: a timeout slice, a signal
-            if not got:
-                raise ProtocolError("server closed the connection in the middle of a reply")
-            self._timer.check(end)
-            n = sock.recv_into(view[got:], 0, _WAITALL)
+        got = 0
+        while True:
+            n = sock.recv_into(view[got:] if got else view, 0, _WAITALL)
             if not n:
                 raise ProtocolError("server closed the connection in the middle of a reply")
             got += n
+            if got == len(view):
+                return
+            self._timer.check(end)  # short: a timeout slice, a signal
 
     def _receive_rest(
         self, sock: socket.socket, core: ClientTransmission, end: float | None
