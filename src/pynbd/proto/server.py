@@ -144,6 +144,13 @@ class ServerConnection:
             return self.transmission.receive_buffer()
         return memoryview(self._scratch)
 
+    def receive_buffers(self) -> list[memoryview]:
+        """Buffers for the next bytes, for a scattering read (``readv``); see
+        :meth:`ServerTransmission.receive_buffers`."""
+        if self.transmission is not None:
+            return self.transmission.receive_buffers()
+        return [memoryview(self._scratch)]
+
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written into the last :meth:`receive_buffer`; 0 means EOF."""
         self._check()

@@ -10,7 +10,7 @@ and the server's negotiation policy. The events are what
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -308,6 +308,9 @@ class RequestReceived:
         payload: the data of a WRITE (a view of a buffer the core allocated), else None.
         contexts: for BLOCK_STATUS, the meta context ids to answer for.
         seq: the core's number for this request (replies are matched on it).
+        segments: for a WRITE received in place by the driver's ``payload_sink``
+            (:class:`~pynbd.proto.server_transmission.ServerTransmission`), the
+            buffers the sink gave, now full of the data (``payload`` is then None).
     """
 
     cookie: int
@@ -318,6 +321,7 @@ class RequestReceived:
     payload: memoryview | None = None
     contexts: tuple[int, ...] = ()
     seq: int = 0
+    segments: Sequence[memoryview] | None = None
 
     @property
     def fua(self) -> bool:

@@ -10,8 +10,10 @@ method per request.
 
 Receiving follows asyncio's ``BufferedProtocol`` shape, as the client core does: while
 a WRITE payload is being received and nothing else is buffered, ``receive_buffer``
-returns a view of the payload's own buffer, so the data is never copied. Replies are a
-list of buffers for ``sendmsg``: a READ's data is never joined to its header.
+returns a view of the payload's own buffer, so the data is never copied. A driver may
+also receive a WRITE's payload straight into buffers of its own choosing (its backend's
+storage), through :attr:`ServerTransmission.payload_sink`. Replies are a list of buffers
+for ``sendmsg``: a READ's data is never joined to its header.
 
 Validation order (spec "Request types", "Error values", "Size constraints"): shutdown
 (ESHUTDOWN); unknown command, payload flag misuse (EINVAL); a write or trim on a
@@ -148,6 +150,18 @@ class ServerTransmission:
             :class:`RequestReceived` is a view of the whole buffer, which the driver
             may give back to the pool once the backend is done with it. None: a new
             bytearray per payload.
+
+    Attributes:
+        payload_sink: None, or ``sink(length, offset)`` called for each valid WRITE as
+            its header arrives: it returns None (the payload goes to a buffer of the
+            core's, as usual) or writable buffers whose lengths add up to ``length``,
+            which the payload then fills in order. The request's event comes once they
+            are full, with ``payload`` None and ``segments`` those buffers; what the
+            sink gave must not change the export before the driver performs that
+            event (requests are performed in order, and a client that disconnects
+            mid-payload must change nothing). While the payloads of consecutive
+            WRITEs go to the sink, :meth:`receive_buffer` offers room for one header
+            at a time, so no payload byte lands in the core's buffer to be copied.
     """
 
     def __init__(
@@ -186,6 +200,13 @@ class ServerTransmission:
         self._target: memoryview | None = None
         self._target_buf: bytearray | None = None
         self._target_pos = 0
+        self.payload_sink: Callable[[int, int], Sequence[memoryview] | None] | None = None
+        # A payload going to the sink's buffers: all of them, and the next to fill.
+        self._segments: Sequence[memoryview] | None = None
+        self._next_segment = 0
+        # The last request's payload was at least our buffer's size: the next
+        # request's header is read alone (see receive_buffer).
+        self._streaming = False
         self._discard = 0
         # (command << 16 | flags) -> (command, flags as CmdFlag) for the pairs that
         # passed _check_command: its verdict depends on nothing else but the shutdown,
@@ -233,11 +254,31 @@ class ServerTransmission:
             return self._target[self._target_pos :]
         if self._start == self._end:
             self._start = self._end = 0
+            if self._streaming and self._state == _HEADER:
+                # Likely another big WRITE: its header alone, so that its payload
+                # goes straight to its own buffer, not through this one (a copy).
+                return self._view[: self._header.size]
         elif self._end == len(self._buf):
             pending = self._end - self._start
             self._buf[:pending] = self._buf[self._start : self._end]
             self._start, self._end = 0, pending
         return self._view[self._end :]
+
+    def receive_buffers(self) -> list[memoryview]:
+        """Buffers for the next bytes, for a scattering read (``readv``): while a
+        payload arrives, the rest of its buffer (or of each of the sink's), then
+        room for what follows (one header after a big payload, see receive_buffer);
+        else ``[receive_buffer()]``. :meth:`buffer_updated` takes the total received."""
+        if self._state != _PAYLOAD or self._start != self._end:
+            return [self.receive_buffer()]
+        target = self._target
+        assert target is not None
+        self._start = self._end = 0
+        after = self._view[: self._header.size] if self._streaming else self._view
+        segments = self._segments
+        if segments is None:
+            return [target[self._target_pos :], after]
+        return [target[self._target_pos :], *segments[self._next_segment :], after]
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written into the last :meth:`receive_buffer`; 0 means EOF.
@@ -251,9 +292,22 @@ class ServerTransmission:
             self._start = self._end = 0
             return
         if self._state == _PAYLOAD and self._start == self._end:
-            self._target_pos += nbytes
-            if self._target is not None and self._target_pos == len(self._target):
-                self._payload_done()
+            pos = self._target_pos + nbytes
+            target = self._target
+            assert target is not None
+            # (past the current buffer only after receive_buffers)
+            while pos >= len(target):
+                pos -= len(target)
+                if not self._next_target():
+                    # The payload is in; any more is the next header's start, in
+                    # the room receive_buffers gave (at the start of our buffer).
+                    if pos:
+                        self._end = pos
+                    break
+                target = self._target
+                assert target is not None
+            else:
+                self._target_pos = pos
         else:
             self._end += nbytes
         self._parse()
@@ -313,7 +367,7 @@ class ServerTransmission:
                 self._start += n
                 self._target_pos += n
                 if self._target_pos == len(self._target):
-                    self._payload_done()
+                    self._next_target()
             elif self._state == _DISCARD:
                 if not avail:
                     return
@@ -354,11 +408,22 @@ class ServerTransmission:
             return
         if payload:
             self._pending = _Pending(command, cmd_flags, cookie, offset, length)
-            self._target_buf = self._new_buffer(payload)
-            self._target = memoryview(self._target_buf)
+            sink = self.payload_sink
+            segments = sink(payload, offset) if sink is not None and command is _WRITE else None
+            if segments:
+                if sum(len(s) for s in segments) != payload or not all(segments):
+                    raise ValueError("payload_sink: buffers do not add up to the payload")
+                self._segments = segments
+                self._next_segment = 1
+                self._target = segments[0]
+            else:
+                self._target_buf = self._new_buffer(payload)
+                self._target = memoryview(self._target_buf)
+            self._streaming = payload >= len(self._buf)
             self._target_pos = 0
             self._state = _PAYLOAD
             return
+        self._streaming = False
         if length == 0 and command in _EMPTY_OK:
             self._queue_ok(command, cookie, offset)  # nothing to do for a backend
             return
@@ -376,11 +441,40 @@ class ServerTransmission:
             self._discard = payload
             self._state = _DISCARD
 
+    def _next_target(self) -> bool:
+        """The buffer being filled is full: on to the sink's next (True), or the
+        payload is in (False)."""
+        segments = self._segments
+        if segments is not None and self._next_segment < len(segments):
+            self._target = segments[self._next_segment]
+            self._next_segment += 1
+            self._target_pos = 0
+            return True
+        self._payload_done()
+        return False
+
     def _payload_done(self) -> None:
-        pending, data = self._pending, self._target_buf
-        assert pending is not None and data is not None
-        self._pending = self._target = self._target_buf = None
+        pending, data, segments = self._pending, self._target_buf, self._segments
+        assert pending is not None
+        self._pending = self._target = self._target_buf = self._segments = None
         self._state = _HEADER
+        if segments is not None:
+            self._seq += 1
+            self._events.append(
+                RequestReceived(
+                    pending.cookie,
+                    pending.command,
+                    pending.flags,
+                    pending.offset,
+                    pending.length,
+                    None,
+                    (),
+                    self._seq,
+                    segments,
+                )
+            )
+            return
+        assert data is not None
         if pending.command is Cmd.BLOCK_STATUS:
             self._on_status_payload(pending, data)
         else:

@@ -8,6 +8,11 @@ event loop (``inline``), one at a time: no locking is needed.
 Pages are kept as memoryviews of bytearrays: a slice assignment into a memoryview is one
 ``memcpy``, while one into a bytearray first copies any source that is not a bytearray
 (a memoryview of a payload) into a temporary one, which doubled the cost of a write.
+
+A server may skip even that copy for writes of whole pages: :meth:`receive_pages` gives
+spare pages for the payload to be received into, and :meth:`adopt_pages` puts them in
+place of the old ones once it is all in (the old ones become spares). A client that
+disconnects mid-payload thus changes nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ __all__ = ["MemoryBackend"]
 _HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
 #: Most extents one block status call reports (the client asks again for the rest).
 _MAX_EXTENTS = 64 * 1024
+#: Most bytes of replaced pages kept as spares for receive_pages.
+_SPARE_BYTES = 8 * 1024 * 1024
 
 
 class MemoryBackend(Backend):
@@ -46,6 +53,8 @@ class MemoryBackend(Backend):
         self._pages: dict[int, memoryview] = {}  # views of bytearrays
         self._index: list[int] = []  # sorted page numbers present in _pages
         self._zeroes = memoryview(bytes(page_size))
+        self._spares: list[memoryview] = []  # replaced pages, for receive_pages
+        self._max_spares = max(1, _SPARE_BYTES // page_size)
         self.capabilities = Capabilities(
             can_write=not read_only,
             can_flush=True,
@@ -132,6 +141,39 @@ class MemoryBackend(Backend):
                 bisect.insort(self._index, page)
             else:
                 self._page(page)[inner : inner + count] = view[pos : pos + count]
+
+    def receive_pages(self, length: int, offset: int) -> list[memoryview] | None:
+        """Spare pages to receive a write of whole pages into, for :meth:`adopt_pages`;
+        None when ``[offset, offset + length)`` is not whole pages (write it with
+        :meth:`pwrite`).
+
+        The pages hold stale bytes until filled. They are not part of the export, so
+        the server may fill them as the data arrives and drop them if it never does.
+        """
+        ps = self.page_size
+        if (offset | length) & (ps - 1) or not length or not self.capabilities.can_write:
+            return None
+        spares = self._spares
+        count = length // ps
+        out = [spares.pop() if spares else memoryview(bytearray(ps)) for _ in range(count)]
+        return out
+
+    def adopt_pages(self, pages: list[memoryview], offset: int) -> None:
+        """Perform the write of ``pages`` (from :meth:`receive_pages`, now full of
+        data) at ``offset``: they take the place of the pages there.
+
+        The old pages become spares: nothing may still hold a view of them from
+        :meth:`pread_views` (the server sends or copies those before any write).
+        """
+        store, spares = self._pages, self._spares
+        first = offset // self.page_size
+        for i, data in enumerate(pages):
+            old = store.get(first + i)
+            store[first + i] = data
+            if old is None:
+                bisect.insort(self._index, first + i)
+            elif len(spares) < self._max_spares:
+                spares.append(old)
 
     def _page(self, page: int) -> memoryview:
         data = self._pages.get(page)

@@ -228,14 +228,14 @@ class Session(asyncio.BufferedProtocol):
         while full or core.receiving_payload:
             if budget <= 0 or self._paused or self.transport_closed:
                 return
-            buf = core.receive_buffer()
+            bufs = core.receive_buffers()
             try:
-                n = os.readv(fd, [buf])
+                n = os.readv(fd, bufs)
             except OSError:  # EAGAIN: nothing more yet; or the peer failed
                 return
             if not n:
                 return
-            full = n == len(buf)
+            full = n == (len(bufs[0]) if len(bufs) == 1 else sum(len(b) for b in bufs))
             budget -= n
             try:
                 core.buffer_updated(n)
@@ -380,8 +380,11 @@ class Session(asyncio.BufferedProtocol):
             self._inline_write_max = caps.inline_write_max
         else:
             self._kind = _POOL
-        if self._kind == _INLINE and self._fd >= 0 and isinstance(backend, MemoryBackend):
+        if self._kind == _INLINE and self._fd >= 0 and _plain_memory(backend):
             self._kind = _VIEWS  # (not under TLS, whose transport may keep a view)
+            # Writes of whole pages are received into spare pages (see _run_views).
+            assert self._tx is not None
+            self._tx.payload_sink = cast(MemoryBackend, backend).receive_pages
         log.debug("%s: serving export %r", self.peer, event.export.name)
 
     # -- TLS --------------------------------------------------------------------------
@@ -566,7 +569,8 @@ class Session(asyncio.BufferedProtocol):
     def _run_views(self, backend: MemoryBackend, request: RequestReceived) -> None:
         """The memory backend: a READ is answered with views of its pages, which the
         kernel copies straight to the socket; any other request first sends (or
-        copies, see _flush) the views queued, as it may change what they show."""
+        copies, see _flush) the views queued, as it may change what they show (a
+        WRITE of whole pages, received into spare pages, swaps them in)."""
         if request.command is _READ:
             tx = self._tx
             assert tx is not None
@@ -583,6 +587,10 @@ class Session(asyncio.BufferedProtocol):
             return
         if self._views_queued:
             self._flush()
+        if request.segments is not None:  # a WRITE received into spare pages
+            backend.adopt_pages(cast(list[memoryview], request.segments), request.offset)
+            self.core.reply_ok(request)
+            return
         try:
             result = run_request(backend, request)
         except Exception as exc:
@@ -724,6 +732,17 @@ class Session(asyncio.BufferedProtocol):
         if n.entered_by == "export name":
             out.append("NBD_OPT_EXPORT_NAME")
         return out
+
+
+def _plain_memory(backend: Backend | AsyncBackend) -> bool:
+    """A MemoryBackend whose reads and writes are its own (a subclass that changes
+    them must see every request)."""
+    kind = type(backend)
+    return (
+        isinstance(backend, MemoryBackend)
+        and kind.pread_into is MemoryBackend.pread_into
+        and kind.pwrite is MemoryBackend.pwrite
+    )
 
 
 def _bytes(n: int) -> str:
