@@ -411,7 +411,7 @@ class ServerTransmission:
             sink = self.payload_sink
             segments = sink(payload, offset) if sink is not None and command is _WRITE else None
             if segments:
-                if sum(len(s) for s in segments) != payload or not all(segments):
+                if sum(map(len, segments)) != payload or not all(segments):
                     raise ValueError("payload_sink: buffers do not add up to the payload")
                 self._segments = segments
                 self._next_segment = 1

@@ -154,9 +154,7 @@ class MemoryBackend(Backend):
         if (offset | length) & (ps - 1) or not length or not self.capabilities.can_write:
             return None
         spares = self._spares
-        count = length // ps
-        out = [spares.pop() if spares else memoryview(bytearray(ps)) for _ in range(count)]
-        return out
+        return [spares.pop() if spares else memoryview(bytearray(ps)) for _ in range(length // ps)]
 
     def adopt_pages(self, pages: list[memoryview], offset: int) -> None:
         """Perform the write of ``pages`` (from :meth:`receive_pages`, now full of
@@ -166,12 +164,11 @@ class MemoryBackend(Backend):
         :meth:`pread_views` (the server sends or copies those before any write).
         """
         store, spares = self._pages, self._spares
-        first = offset // self.page_size
-        for i, data in enumerate(pages):
-            old = store.get(first + i)
-            store[first + i] = data
+        for page, data in enumerate(pages, offset // self.page_size):
+            old = store.get(page)
+            store[page] = data
             if old is None:
-                bisect.insort(self._index, first + i)
+                bisect.insort(self._index, page)
             elif len(spares) < self._max_spares:
                 spares.append(old)
 

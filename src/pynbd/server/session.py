@@ -235,14 +235,16 @@ class Session(asyncio.BufferedProtocol):
                 return
             if not n:
                 return
-            full = n == (len(bufs[0]) if len(bufs) == 1 else sum(len(b) for b in bufs))
             budget -= n
             try:
                 core.buffer_updated(n)
             except ProtocolError as exc:
                 self.abort(f"protocol error: {exc}")
                 return
-            self._process(flush=False)
+            if core.events_pending:
+                self._process(flush=False)
+            # (full matters only once no payload is coming)
+            full = not core.receiving_payload and n == sum(map(len, bufs))
 
     def eof_received(self) -> bool:
         try:
