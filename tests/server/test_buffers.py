@@ -83,6 +83,27 @@ def test_memory_views_show_the_stored_bytes_and_zeroes_for_holes() -> None:
     assert got == bytes(64 * KiB - 50) + data + bytes(64 * KiB - 50)
 
 
+@pytest.mark.parametrize(
+    ("length", "offset"),
+    [
+        (4096, 0),  # in a written page
+        (100, 64 * KiB - 100),  # at a page's end
+        (4096, 2 * 64 * KiB + 512),  # in a hole
+        (64 * KiB, 64 * KiB),  # one whole page
+        (200, 64 * KiB - 100),  # across two pages
+        (0, 512),
+    ],
+)
+def test_memory_views_of_small_reads(length: int, offset: int) -> None:
+    backend = MemoryBackend(4 * 64 * KiB)
+    data = os.urandom(2 * 64 * KiB)
+    backend.pwrite(memoryview(data), 0, False)
+    model = data + bytes(2 * 64 * KiB)
+    views = backend.pread_views(length, offset)
+    assert b"".join(bytes(v) for v in views) == model[offset : offset + length]
+    assert len(views) == (offset % (64 * KiB) + length > 64 * KiB) + (length > 0)
+
+
 def _reads_and_writes(size: int, rounds: int) -> tuple[bytes, list[bytes]]:
     """READ, WRITE new data, READ... at offset 0; the requests and what each READ sees."""
     expected, out = [], []

@@ -637,7 +637,9 @@ class ServerTransmission:
         Raises ValueError if the pieces do not add up to the request's length or the
         request is not a READ.
         """
-        n = sum(memoryview(b).nbytes for b in buffers)
+        n = 0
+        for b in buffers:
+            n += b.nbytes if type(b) is memoryview else len(b)
         if request.command is not _READ or n != request.length:
             raise ValueError(f"a read reply needs exactly {request.length} bytes")
         self._finish(request)

@@ -122,7 +122,11 @@ class MemoryBackend(Backend):
         The views show later writes, trims and zeroes: send or copy them before the
         next change to the range (the server does so).
         """
-        pages, zeroes = self._pages, self._zeroes
+        pages, zeroes, ps = self._pages, self._zeroes, self.page_size
+        page, inner = divmod(offset, ps)
+        if length and inner + length <= ps:  # within one page: the usual small read
+            data = pages.get(page)
+            return [zeroes[:length] if data is None else data[inner : inner + length]]
         out = []
         for page, inner, _pos, count in self._spans(length, offset):
             data = pages.get(page)

@@ -140,6 +140,7 @@ class Session(asyncio.BufferedProtocol):
         self.tls: str | None = None  # the TLS version once upgraded
         self.stats = SessionStats()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._max_in_flight = server.limits.max_in_flight
         self._tasks: set[asyncio.Future[Any]] = set()
         self._paused: set[str] = set()
         self._write_paused = False
@@ -529,7 +530,7 @@ class Session(asyncio.BufferedProtocol):
         kind = self._kind
         if kind == _VIEWS:
             self._run_views(cast(MemoryBackend, backend), request)
-            if self.core.in_flight >= self.server.limits.max_in_flight:
+            if self.core.in_flight >= self._max_in_flight:
                 self._pause("in flight")
             return
         # A READ's reply buffer comes from the pool and goes back once sent (_flush).
@@ -565,7 +566,7 @@ class Session(asyncio.BufferedProtocol):
             self._spawn(self._run_async(cast(AsyncBackend, backend), request, buf))
         else:
             self._spawn(self._run_blocking(cast(Backend, backend), request, buf))
-        if self.core.in_flight >= self.server.limits.max_in_flight:
+        if self.core.in_flight >= self._max_in_flight:
             self._pause("in flight")
 
     def _run_views(self, backend: MemoryBackend, request: RequestReceived) -> None:
@@ -632,7 +633,7 @@ class Session(asyncio.BufferedProtocol):
 
     def _request_done(self) -> None:
         self._flush()
-        if self.core.in_flight < self.server.limits.max_in_flight:
+        if self.core.in_flight < self._max_in_flight:
             self._resume("in flight")
         self._maybe_close()
 
