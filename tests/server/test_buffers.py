@@ -104,6 +104,30 @@ def test_memory_views_of_small_reads(length: int, offset: int) -> None:
     assert len(views) == (offset % (64 * KiB) + length > 64 * KiB) + (length > 0)
 
 
+@pytest.mark.parametrize(
+    ("length", "offset"),
+    [
+        (4096, 512),  # in a written page
+        (100, 64 * KiB - 100),  # up to a page's end
+        (64 * KiB, 64 * KiB),  # one whole written page
+        (4096, 2 * 64 * KiB + 512),  # in a hole
+        (200, 2 * 64 * KiB - 100),  # across a written page and a hole
+        (0, 512),
+    ],
+)
+def test_memory_small_writes(length: int, offset: int) -> None:
+    backend = MemoryBackend(4 * 64 * KiB)
+    model = bytearray(os.urandom(2 * 64 * KiB) + bytes(2 * 64 * KiB))
+    backend.pwrite(memoryview(model[: 2 * 64 * KiB]), 0, False)
+    data = os.urandom(length)
+    backend.pwrite(memoryview(data), offset, False)
+    model[offset : offset + length] = data
+    out = bytearray(len(model))
+    backend.pread_into(memoryview(out), 0)
+    assert out == model
+    assert backend.allocated == 64 * KiB * (2 + (offset + length > 2 * 64 * KiB))
+
+
 def _reads_and_writes(size: int, rounds: int) -> tuple[bytes, list[bytes]]:
     """READ, WRITE new data, READ... at offset 0; the requests and what each READ sees."""
     expected, out = [], []

@@ -136,6 +136,10 @@ class MemoryBackend(Backend):
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         view = buf.cast("B") if buf.format != "B" else buf
         pages, ps = self._pages, self.page_size
+        page, inner = divmod(offset, ps)
+        if inner + len(view) <= ps and page in pages:  # the usual small write
+            pages[page][inner : inner + len(view)] = view
+            return
         for page, inner, pos, count in self._spans(len(view), offset):
             data = pages.get(page)
             if data is not None:
