@@ -102,6 +102,8 @@ class ServerConnection:
         self._buffer_size = buffer_size
         self._scratch = bytearray(_HANDSHAKE_CHUNK)
         self._failed: ProtocolError | None = None
+        # The handshake's last bytes were taken, after transmission started.
+        self._handshake_sent = False
 
     # -- phase ------------------------------------------------------------------------
 
@@ -213,12 +215,16 @@ class ServerConnection:
 
     def buffers_to_send(self) -> list[Buffer]:
         """The buffers to write now, in order (the list is handed over)."""
+        tx = self.transmission
+        if tx is not None and self._handshake_sent:
+            return tx.buffers_to_send()
         out: list[Buffer] = []
         greeting = self.handshake.data_to_send()
         if greeting:
             out.append(greeting)
-        if self.transmission is not None:
-            out += self.transmission.buffers_to_send()
+        if tx is not None:
+            self._handshake_sent = True  # (the handshake's last reply, GO's ACK)
+            out += tx.buffers_to_send()
         return out
 
     def data_to_send(self) -> bytes:
