@@ -154,14 +154,17 @@ class ServerTransmission:
     Attributes:
         payload_sink: None, or ``sink(length, offset)`` called for each valid WRITE as
             its header arrives: it returns None (the payload goes to a buffer of the
-            core's, as usual) or writable buffers whose lengths add up to ``length``,
-            which the payload then fills in order. The request's event comes once they
-            are full, with ``payload`` None and ``segments`` those buffers; what the
-            sink gave must not change the export before the driver performs that
-            event (requests are performed in order, and a client that disconnects
-            mid-payload must change nothing). While the payloads of consecutive
-            WRITEs go to the sink, :meth:`receive_buffer` offers room for one header
-            at a time, so no payload byte lands in the core's buffer to be copied.
+            core's, as usual) or non-empty, writable byte memoryviews whose lengths
+            add up to ``length``, which the payload then fills in order. The
+            request's event comes once they are full, with ``payload`` None and
+            ``segments`` those buffers; what the sink gave must not change the export
+            before the driver performs that event (requests are performed in order,
+            and a client that disconnects mid-payload must change nothing).
+
+    After a payload at least as big as the receive buffer, :meth:`receive_buffer`
+    offers room for the next header alone (likely another big WRITE's), and
+    :meth:`receive_buffers` ends a payload's buffers with that room: no payload byte
+    then goes through the core's buffer, to be copied out again.
     """
 
     def __init__(
