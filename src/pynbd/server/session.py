@@ -75,10 +75,15 @@ __all__ = ["Session", "SessionStats"]
 
 log = logging.getLogger("pynbd.server")
 
-#: From 3.12, ``writelines`` sends the buffers with one ``sendmsg`` and no copy.
-_WRITELINES_SENDMSG = sys.version_info >= (3, 12)
-#: Before that it joins them: replies up to this size are joined into one write, and
-#: larger data is written apart from its header (a copy saved for a syscall).
+#: From 3.12 the transport keeps the buffers it is given (3.11 copies them).
+_TRANSPORT_KEEPS = sys.version_info >= (3, 12)
+#: From 3.12, ``writelines`` sends the buffers with one ``sendmsg`` and no copy. Before
+#: 3.12.9 and 3.13.2 it never paused the protocol at the high-water mark (CPython
+#: gh-127655), which is this server's flow control: there, as on 3.11, ``write`` is
+#: used instead.
+_WRITELINES = sys.version_info >= (3, 13, 2) or (3, 12, 9) <= sys.version_info < (3, 13)
+#: Without writelines, replies up to this size are joined into one write, and larger
+#: data is written apart from its header (a copy saved for a syscall).
 _JOIN_LIMIT = 64 * 1024
 #: Seconds a closing TLS connection waits for the client's close_notify.
 _TLS_SHUTDOWN_TIMEOUT = 5.0
@@ -471,11 +476,11 @@ class Session(asyncio.BufferedProtocol):
             # From 3.12 the transport keeps what it is given (3.11 copies it): a view
             # of a page must not show a later write, so the transport gets a copy.
             self._views_queued = False
-            if _WRITELINES_SENDMSG:
+            if _TRANSPORT_KEEPS:
                 buffers = [bytes(b) if type(b) is memoryview else b for b in buffers]
         if len(buffers) == 1:
             transport.write(buffers[0])
-        elif _WRITELINES_SENDMSG:
+        elif _WRITELINES:
             transport.writelines(buffers)
         elif sum(len(b) for b in buffers) <= _JOIN_LIMIT:
             transport.write(b"".join(buffers))
