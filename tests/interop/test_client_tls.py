@@ -193,7 +193,7 @@ def test_qemu_x509_unknown_export(api: Driver, peers: Peers, tmp_path: Path) -> 
 def test_psk_needs_python_313(api: Driver, nbdkit: Factory) -> None:
     """In this interpreter: below 3.13 PSK is refused with a TLSError that says why;
     from 3.13 on it works."""
-    server = nbdkit("memory", "1M", tls="psk")
+    server = nbdkit("memory", "4M", tls="psk")
     if sys.version_info < (3, 13):
         with pytest.raises(TLSError, match=r"needs Python 3\.13"):
             api.connect(server.uri)
