@@ -575,8 +575,12 @@ def _announce(server: Server, args: argparse.Namespace, uris: list[str], chosen:
 
 def _reason(exc: OSError) -> str:
     text = exc.strerror or str(exc)
-    # asyncio words bind errors as "error while attempting to bind on address (...): why"
-    return text.rsplit("): ", 1)[-1]
+    # asyncio words bind errors as "error while attempting to bind on address (...): why",
+    # and from 3.13 "why" starts with "[errno N] ".
+    return _ERRNO_PREFIX.sub("", text.rsplit("): ", 1)[-1])
+
+
+_ERRNO_PREFIX = re.compile(r"^\[errno \d+\] ", re.IGNORECASE)
 
 
 __all__ = ["build_exports", "parse_block_sizes", "parse_tcp", "register", "run", "tls_settings"]
