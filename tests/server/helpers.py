@@ -274,6 +274,21 @@ def raw_go(sock: socket.socket, name: str = "", *, structured: bool = False) -> 
             raise AssertionError(f"GO failed with reply {reply:#x}: {data!r}")
 
 
+@contextlib.contextmanager
+def raw_session(srv: ServerThread, *, go: bool = True) -> Iterator[socket.socket]:
+    """A raw unix connection to ``srv`` (10 s timeout), closed at the end; with ``go``,
+    in transmission already (GO, simple replies)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(srv.path)
+    try:
+        if go:
+            raw_go(sock)
+        yield sock
+    finally:
+        sock.close()
+
+
 def raw_request(cmd: int, offset: int, length: int, *, flags: int = 0, cookie: int = 7) -> bytes:
     return struct.pack(">IHHQQI", 0x25609513, flags, cmd, cookie, offset, length)
 

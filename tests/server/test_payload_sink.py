@@ -3,12 +3,10 @@ spare pages, and the server that puts the two together (no copy, no torn write).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,8 +18,8 @@ from pynbd.server import Export, MemoryBackend
 from .helpers import (
     ServerThread,
     is_closed,
-    raw_go,
     raw_request,
+    raw_session,
     read_simple_reply,
     recv_exactly,
     running_server,
@@ -214,19 +212,6 @@ def test_adopt_pages_performs_the_write_and_recycles_the_old_pages() -> None:
 # -- the server ------------------------------------------------------------------------
 
 BIG = 256 * 1024  # whole 64 KiB pages of the default memory backend
-
-
-@contextlib.contextmanager
-def raw_session(srv: ServerThread) -> Iterator[socket.socket]:
-    """A raw connection in transmission (simple replies), closed at the end."""
-    raw = socket.socket(socket.AF_UNIX)
-    raw.settimeout(10)
-    raw.connect(srv.path)
-    try:
-        raw_go(raw)
-        yield raw
-    finally:
-        raw.close()
 
 
 def wait_sessions(srv: ServerThread, count: int) -> None:

@@ -20,6 +20,7 @@ from .helpers import (
     raw_go,
     raw_option,
     raw_request,
+    raw_session,
     read_option_reply,
     read_simple_reply,
     recv_exactly,
@@ -48,13 +49,8 @@ def server() -> Iterator[ServerThread]:
 
 @pytest.fixture
 def sock(server: ServerThread) -> Iterator[socket.socket]:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(server.path)
-    try:
+    with raw_session(server, go=False) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.mark.parametrize("flags", [4, 0xFFFFFFFF])
