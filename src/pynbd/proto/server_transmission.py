@@ -461,34 +461,19 @@ class ServerTransmission:
         assert pending is not None
         self._pending = self._target = self._target_buf = self._segments = None
         self._state = _HEADER
-        if segments is not None:
-            self._seq += 1
-            self._events.append(
-                RequestReceived(
-                    pending.cookie,
-                    pending.command,
-                    pending.flags,
-                    pending.offset,
-                    pending.length,
-                    None,
-                    (),
-                    self._seq,
-                    segments,
-                )
-            )
-            return
-        assert data is not None
-        if pending.command is Cmd.BLOCK_STATUS:
+        if segments is None and pending.command is Cmd.BLOCK_STATUS:
+            assert data is not None
             self._on_status_payload(pending, data)
-        else:
-            self._emit(
-                pending.command,
-                pending.flags,
-                pending.cookie,
-                pending.offset,
-                pending.length,
-                memoryview(data),
-            )
+            return
+        self._emit(
+            pending.command,
+            pending.flags,
+            pending.cookie,
+            pending.offset,
+            pending.length,
+            None if data is None else memoryview(data),
+            segments=segments,
+        )
 
     def _on_status_payload(self, pending: _Pending, data: bytearray) -> None:
         # Spec "NBD_CMD_BLOCK_STATUS": u64 effect length, then n u32 context ids.
@@ -516,13 +501,14 @@ class ServerTransmission:
         length: int,
         payload: memoryview | None,
         contexts: tuple[int, ...] | None = None,
+        segments: Sequence[memoryview] | None = None,
     ) -> None:
         self._seq += 1
         if command is _BLOCK_STATUS and contexts is None:
             contexts = tuple(self.contexts)
         self._events.append(
             RequestReceived(
-                cookie, command, flags, offset, length, payload, contexts or (), self._seq
+                cookie, command, flags, offset, length, payload, contexts or (), self._seq, segments
             )
         )
 
