@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import struct
@@ -26,7 +27,7 @@ from pynbd.proto.server import (
     TransmissionStarted,
 )
 from pynbd.proto.transmission import ClientTransmission, Reply
-from pynbd.server.aio import Exports, Server
+from pynbd.server.aio import Exports, Limits, Server
 
 
 def full_spec(name: str = "disk", size: int = 1 << 20, **kwargs: Any) -> ExportSpec:
@@ -171,10 +172,18 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
+#: How running_server serves plain connections: True, one thread each; False, in the
+#: event loop; None, as the test's Limits say (see the serving_mode fixture).
+connection_threads: bool | None = None
+
+
 @contextlib.contextmanager
 def running_server(exports: Exports, **options: Any) -> Iterator[ServerThread]:
     """Start a server on a private unix socket; it is closed (and its thread joined)
     on exit, even when the test fails."""
+    if connection_threads is not None:
+        limits = options.get("limits") or Limits()
+        options["limits"] = dataclasses.replace(limits, connection_threads=connection_threads)
     tmp = tempfile.mkdtemp(prefix="pynbd-test-")
     path = os.path.join(tmp, "nbd.sock")
     loop = asyncio.new_event_loop()
@@ -202,7 +211,7 @@ def running_server(exports: Exports, **options: Any) -> Iterator[ServerThread]:
         st = ServerThread(holder["server"], loop, path)
         yield st
     finally:
-        if "server" in holder:
+        if "server" in holder and not holder["server"]._closing:  # (unless the test did)
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(holder["server"].close(5), loop).result(15)
         thread.join(15)

@@ -36,6 +36,9 @@ from pynbd.server.aio import serve_socket as serve_socket_async
 
 from .helpers import is_closed, raw_go, recv_exactly, running_server
 
+# Each test runs with connections served from threads, then from the event loop.
+pytestmark = pytest.mark.usefixtures("serving_mode")
+
 HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
 MODES: dict[str, dict[str, Any]] = {
     "simple": {"structured_replies": False, "extended_headers": False},

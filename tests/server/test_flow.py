@@ -14,11 +14,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from pynbd.client import Client
 from pynbd.server import FileBackend, MemoryBackend
 from pynbd.server.file import INLINE_READ_MAX
 
 from .helpers import raw_go, raw_request, read_simple_reply, recv_exactly, running_server
+
+# Each test runs with connections served from threads, then from the event loop.
+pytestmark = pytest.mark.usefixtures("serving_mode")
 
 MiB = 1 << 20
 

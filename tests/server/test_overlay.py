@@ -25,6 +25,9 @@ from tests.peers import peer_env
 
 from .helpers import running_server
 
+# Each test runs with connections served from threads, then from the event loop.
+pytestmark = pytest.mark.usefixtures("serving_mode")
+
 HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
 BS = 4096
 

@@ -26,6 +26,9 @@ from .helpers import (
 )
 from .test_core_transmission import ALL, events, parse, request, tx
 
+# Each test runs with connections served from threads, then from the event loop.
+pytestmark = pytest.mark.usefixtures("serving_mode")
+
 PAGE = 4096
 
 
@@ -253,6 +256,25 @@ def test_reads_before_a_write_in_one_burst_see_the_old_data() -> None:
         assert read_simple_reply(raw) == (0, 2)
         assert read_simple_reply(raw) == (0, 3)
         assert recv_exactly(raw, BIG) == b"n" * BIG
+
+
+@pytest.mark.parametrize("command", [Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM])
+def test_reads_before_a_change_inside_a_page_in_one_burst_see_the_old_data(command: Cmd) -> None:
+    """The same with a change made in place (part of a page): the READ's views are
+    sent before it is made."""
+    mem = MemoryBackend(1 << 20)
+    mem.pwrite(memoryview(b"o" * BIG), 0, False)
+    with running_server(Export(mem)) as srv, raw_session(srv) as raw:
+        burst = raw_request(Cmd.READ, 0, 8192, cookie=1)
+        burst += raw_request(command, 512, 1024, cookie=2)
+        burst += b"n" * 1024 if command is Cmd.WRITE else b""
+        raw.sendall(burst + raw_request(Cmd.READ, 0, 2048, cookie=3))
+        assert read_simple_reply(raw) == (0, 1)
+        assert recv_exactly(raw, 8192) == b"o" * 8192
+        assert read_simple_reply(raw) == (0, 2)
+        assert read_simple_reply(raw) == (0, 3)
+        new = b"n" * 1024 if command is Cmd.WRITE else bytes(1024)
+        assert recv_exactly(raw, 2048) == b"o" * 512 + new + b"o" * 512
 
 
 def test_a_page_queued_for_a_reply_is_not_recycled_before_it_is_sent() -> None:

@@ -27,6 +27,9 @@ from .helpers import (
     running_server,
 )
 
+# Each test runs with connections served from threads, then from the event loop.
+pytestmark = pytest.mark.usefixtures("serving_mode")
+
 
 class AlignedMemory(MemoryBackend):
     """A memory backend that insists on 512-byte blocks."""

@@ -18,6 +18,9 @@ from pynbd.server.user import load_factory, parse_arguments
 
 from .helpers import running_server
 
+# Each test runs with connections served from threads, then from the event loop.
+pytestmark = pytest.mark.usefixtures("serving_mode")
+
 
 def docstring_example() -> str:
     """The example code of backend.py's module docstring, dedented."""

@@ -39,6 +39,10 @@ layout) or ``--tls-psk-file FILE`` (``user:hexkey`` lines; needs Python 3.13) tu
 on, required by default: ``--tls require|optional|off``. ``--tls-verify-peer`` demands
 a client certificate signed by ca-cert.pem.
 
+Once a plain (not TLS) connection has chosen an export whose backend takes calls from
+several threads (memory, files, block devices), it is served from a thread of its own;
+``--no-connection-threads`` keeps every connection in the event loop.
+
 Each connection is logged on stderr when it ends: the peer, the export, what was
 negotiated, requests and bytes. SIGINT or SIGTERM stops the server: requests under way
 finish and are answered, then it exits with status 0 (a second signal aborts them).
@@ -197,6 +201,11 @@ def register(sub: Subparsers) -> None:
     g.add_argument("--max-connections", metavar="N", type=_positive_int)
     g.add_argument("--handshake-timeout", metavar="S", type=_seconds, default=30.0)
     g.add_argument("--threads", metavar="N", type=_positive_int, help="for blocking backends")
+    g.add_argument(
+        "--no-connection-threads",
+        action="store_true",
+        help="serve every connection in the event loop (not one thread each)",
+    )
     g.add_argument("--quiet", "-q", action="store_true", help="log only warnings and errors")
     g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -457,6 +466,7 @@ async def _serve(
         handshake_timeout=args.handshake_timeout,
         max_connections=args.max_connections,
         threads=args.threads,
+        connection_threads=not args.no_connection_threads,
     )
     server = Server(
         built.exports,

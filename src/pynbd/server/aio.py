@@ -58,6 +58,10 @@ class Limits:
         max_option_length: longest option data accepted in the handshake.
         threads: size of the thread pool for blocking backends (None: Python's default).
         buffer_size: receive buffer per connection.
+        connection_threads: once in transmission, serve each plain (not TLS)
+            connection from a thread of its own when its backend takes calls from
+            several threads (``thread_safe``, or the memory backend); see
+            :mod:`pynbd.server.conn_thread`. False: every connection in the event loop.
     """
 
     handshake_timeout: float | None = 30.0
@@ -66,6 +70,7 @@ class Limits:
     max_option_length: int = 64 * 1024
     threads: int | None = None
     buffer_size: int = 64 * 1024
+    connection_threads: bool = True
 
 
 def _normalize(exports: Exports) -> dict[str, Export]:

@@ -3,7 +3,9 @@
 Only written pages take memory, so a 1 TiB export costs nothing until written. Pages
 never written (or trimmed, or zeroed whole) read as zeroes and are reported by block
 status as ``HOLE | ZERO``. The methods never block, so the server calls them in its
-event loop (``inline``), one at a time: no locking is needed.
+event loop (``inline``) or in the threads that serve its connections (see
+:mod:`pynbd.server.conn_thread`); each holds the backend's lock while it looks at or
+changes the pages.
 
 Pages are kept as memoryviews of bytearrays: a slice assignment into a memoryview is one
 ``memcpy``, while one into a bytearray first copies any source that is not a bytearray
@@ -12,12 +14,15 @@ Pages are kept as memoryviews of bytearrays: a slice assignment into a memoryvie
 A server may skip even that copy for writes of whole pages: :meth:`receive_pages` gives
 spare pages for the payload to be received into, and :meth:`adopt_pages` puts them in
 place of the old ones once it is all in (the old ones become spares). A client that
-disconnects mid-payload thus changes nothing.
+disconnects mid-payload thus changes nothing. An old page is only made a spare while no
+views of pages are lent (:meth:`pread_views` lends them until :meth:`return_views`):
+a view still waiting to be sent never shows another write's data.
 """
 
 from __future__ import annotations
 
 import bisect
+import threading
 
 from ..proto.constants import StateFlag
 from .backend import Backend, Capabilities, Extent, Support
@@ -55,6 +60,8 @@ class MemoryBackend(Backend):
         self._zeroes = memoryview(bytes(page_size))
         self._spares: list[memoryview] = []  # replaced pages, for receive_pages
         self._max_spares = max(1, _SPARE_BYTES // page_size)
+        self._lent = 0  # pread_views calls not yet returned (return_views)
+        self._lock = threading.Lock()
         self.capabilities = Capabilities(
             can_write=not read_only,
             can_flush=True,
@@ -78,16 +85,15 @@ class MemoryBackend(Backend):
         """Change the size. Growing adds zeroes; shrinking frees the pages past the
         end and zeroes the tail of the last one, so a later grow reads zeroes there.
 
-        Call it in the server's event loop (as its other methods), or while idle.
-
         Raises:
             ValueError: a negative size.
         """
         if new_size < 0:
             raise ValueError("size must not be negative")
-        if new_size < self._size:
-            self._clear(self._size - new_size, new_size)
-        self._size = new_size
+        with self._lock:
+            if new_size < self._size:
+                self._clear(self._size - new_size, new_size)
+            self._size = new_size
 
     @property
     def allocated(self) -> int:
@@ -108,47 +114,59 @@ class MemoryBackend(Backend):
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         view = buf.cast("B") if buf.format != "B" else buf
-        for page, inner, pos, count in self._spans(len(view), offset):
-            data = self._pages.get(page)
-            if data is None:
-                view[pos : pos + count] = self._zeroes[:count]
-            else:
-                view[pos : pos + count] = data[inner : inner + count]
+        with self._lock:
+            for page, inner, pos, count in self._spans(len(view), offset):
+                data = self._pages.get(page)
+                if data is None:
+                    view[pos : pos + count] = self._zeroes[:count]
+                else:
+                    view[pos : pos + count] = data[inner : inner + count]
 
     def pread_views(self, length: int, offset: int) -> list[memoryview]:
         """The bytes at ``offset`` as views of the pages (and of a zero page for holes),
         for a server that sends them without copying them first.
 
-        The views show later writes, trims and zeroes: send or copy them before the
-        next change to the range (the server does so).
+        The views are lent: call :meth:`return_views` once they are sent or copied
+        (until then no page is recycled, see :meth:`adopt_pages`). They show later
+        writes into the pages, trims and zeroes: send or copy them before the next
+        change to the range (the server does so).
         """
         pages, zeroes, ps = self._pages, self._zeroes, self.page_size
         page, inner = divmod(offset, ps)
-        if length and inner + length <= ps:  # within one page: the usual small read
-            data = pages.get(page)
-            return [zeroes[:length] if data is None else data[inner : inner + length]]
-        out = []
-        for page, inner, _pos, count in self._spans(length, offset):
-            data = pages.get(page)
-            out.append(zeroes[:count] if data is None else data[inner : inner + count])
-        return out
+        with self._lock:
+            if length and inner + length <= ps:  # within one page: the usual small read
+                data = pages.get(page)
+                out = [zeroes[:length] if data is None else data[inner : inner + length]]
+            else:
+                out = []
+                for page, inner, _pos, count in self._spans(length, offset):
+                    data = pages.get(page)
+                    out.append(zeroes[:count] if data is None else data[inner : inner + count])
+            self._lent += 1
+            return out
+
+    def return_views(self, count: int = 1) -> None:
+        """``count`` calls' views of :meth:`pread_views` are sent, copied or dropped."""
+        with self._lock:
+            self._lent -= count
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         view = buf.cast("B") if buf.format != "B" else buf
         pages, ps = self._pages, self.page_size
         page, inner = divmod(offset, ps)
-        if inner + len(view) <= ps and page in pages:  # the usual small write
-            pages[page][inner : inner + len(view)] = view
-            return
-        for page, inner, pos, count in self._spans(len(view), offset):
-            data = pages.get(page)
-            if data is not None:
-                data[inner : inner + count] = view[pos : pos + count]
-            elif count == ps:  # a new page written whole: one copy, no zeroing first
-                pages[page] = memoryview(bytearray(view[pos : pos + count]))
-                bisect.insort(self._index, page)
-            else:
-                self._page(page)[inner : inner + count] = view[pos : pos + count]
+        with self._lock:
+            if inner + len(view) <= ps and page in pages:  # the usual small write
+                pages[page][inner : inner + len(view)] = view
+                return
+            for page, inner, pos, count in self._spans(len(view), offset):
+                data = pages.get(page)
+                if data is not None:
+                    data[inner : inner + count] = view[pos : pos + count]
+                elif count == ps:  # a new page written whole: one copy, no zeroing first
+                    pages[page] = memoryview(bytearray(view[pos : pos + count]))
+                    bisect.insort(self._index, page)
+                else:
+                    self._page(page)[inner : inner + count] = view[pos : pos + count]
 
     def receive_pages(self, length: int, offset: int) -> list[memoryview] | None:
         """Spare pages to receive a write of whole pages into, for :meth:`adopt_pages`;
@@ -162,23 +180,28 @@ class MemoryBackend(Backend):
         if (offset | length) & (ps - 1) or not length or not self.capabilities.can_write:
             return None
         spares = self._spares
-        return [spares.pop() if spares else memoryview(bytearray(ps)) for _ in range(length // ps)]
+        with self._lock:
+            return [
+                spares.pop() if spares else memoryview(bytearray(ps)) for _ in range(length // ps)
+            ]
 
     def adopt_pages(self, pages: list[memoryview], offset: int) -> None:
         """Perform the write of ``pages`` (from :meth:`receive_pages`, now full of
         data) at ``offset``: they take the place of the pages there.
 
-        The old pages become spares: nothing may still hold a view of them from
-        :meth:`pread_views` (the server sends or copies those before any write).
+        The old pages become spares, unless views of :meth:`pread_views` are lent
+        (one might show an old page): then they are left to the garbage collector.
         """
         store, spares = self._pages, self._spares
-        for page, data in enumerate(pages, offset // self.page_size):
-            old = store.get(page)
-            store[page] = data
-            if old is None:
-                bisect.insort(self._index, page)
-            elif len(spares) < self._max_spares:
-                spares.append(old)
+        with self._lock:
+            recycle = not self._lent
+            for page, data in enumerate(pages, offset // self.page_size):
+                old = store.get(page)
+                store[page] = data
+                if old is None:
+                    bisect.insort(self._index, page)
+                elif recycle and len(spares) < self._max_spares:
+                    spares.append(old)
 
     def _page(self, page: int) -> memoryview:
         data = self._pages.get(page)
@@ -195,13 +218,15 @@ class MemoryBackend(Backend):
         pass
 
     def trim(self, length: int, offset: int, fua: bool) -> None:
-        self._clear(length, offset)
+        with self._lock:
+            self._clear(length, offset)
 
     def zero(self, length: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
         # NO_HOLE asks that later writes cannot fail for lack of space; RAM cannot
         # promise that by allocating ahead (a 1 TiB zero would exhaust it), so zeroing
         # frees whole pages either way.
-        self._clear(length, offset)
+        with self._lock:
+            self._clear(length, offset)
 
     def _clear(self, length: int, offset: int) -> None:
         """Zero the range: whole pages are freed, partial ones zeroed if present."""
@@ -221,6 +246,10 @@ class MemoryBackend(Backend):
                 self._pages[page][inner : inner + stop - start] = self._zeroes[: stop - start]
 
     def extents(self, length: int, offset: int) -> list[Extent]:
+        with self._lock:
+            return self._extents(length, offset)
+
+    def _extents(self, length: int, offset: int) -> list[Extent]:
         ps = self.page_size
         end = min(offset + length, self._size)
         out: list[Extent] = []

@@ -37,6 +37,7 @@ import contextlib
 import functools
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -66,6 +67,7 @@ from .backend import (
     run_request,
     run_request_async,
 )
+from .conn_thread import ConnectionThread
 from .memory import MemoryBackend
 
 if TYPE_CHECKING:
@@ -88,6 +90,8 @@ _JOIN_LIMIT = 64 * 1024
 #: Seconds a closing TLS connection waits for the client's close_notify.
 _TLS_SHUTDOWN_TIMEOUT = 5.0
 _UCRED = struct.Struct("3i")
+#: poll's flag for a peer that closed its end (Linux).
+_POLLRDHUP: int | None = getattr(select, "POLLRDHUP", None)
 #: The transport's write buffer above which no request is started (the low mark,
 #: where they start again, is a quarter of it).
 _WRITE_HIGH = 1024 * 1024
@@ -155,12 +159,17 @@ class Session(asyncio.BufferedProtocol):
         self._inline_write_max = 0
         self._unflushed = 0
         self._offered = 0  # the size of the last receive buffer given to the transport
-        # Views of the memory backend's pages wait in the core (see _run_views).
+        # Views of the memory backend's pages wait in the core (see _run_views), from
+        # this many pread_views calls (returned to the backend once sent or copied).
         self._views_queued = False
+        self._lent = 0
         # The socket's descriptor for direct writes (-1: go through the transport).
         self._fd = -1
         self._ending: Disconnect | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Once in transmission, a plain connection may be served from a thread.
+        self._threaded = False
+        self._thread: ConnectionThread | None = None
         # While the TLS handshake runs, decrypted bytes may arrive before the core
         # knows TLS is up: they wait here (see _upgrade).
         self._upgrading = False
@@ -174,7 +183,7 @@ class Session(asyncio.BufferedProtocol):
         self.transport = transport
         self.peer = _describe_peer(transport)
         limit = self.server.limits.max_connections
-        if self.server._closing or (limit is not None and len(self.server.sessions) >= limit):
+        if self.server._closing or (limit is not None and _connections(self.server) >= limit):
             log.warning("%s: connection refused: too many connections", self.peer)
             transport.abort()
             return
@@ -266,6 +275,7 @@ class Session(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self._return_views()  # what was not sent never will be
         for task in self._tasks:
             task.cancel()
         if self in self.server.sessions:
@@ -291,6 +301,9 @@ class Session(asyncio.BufferedProtocol):
 
         A request whose payload is still arriving is received and performed first.
         """
+        if self._thread is not None:
+            self._thread.shutdown()
+            return
         self.core.shutdown()
         if self._upgrading:
             self.abort("the server is shutting down")  # in the middle of a TLS handshake
@@ -303,6 +316,9 @@ class Session(asyncio.BufferedProtocol):
 
     def abort(self, reason: str) -> None:
         """Hard disconnect now (the reason goes into the connection's log line)."""
+        if self._thread is not None:
+            self._thread.abort(reason)
+            return
         log.debug("%s: closing the connection: %s", self.peer, reason)
         if self._ending is not None and not self.transport_closed:
             reason = f"{self._ending.reason}, then {reason}"  # a shutdown cut short
@@ -350,6 +366,11 @@ class Session(asyncio.BufferedProtocol):
                     self._dispatch(event)
                 elif isinstance(event, TransmissionStarted):
                     self._started(event)
+                    if self._threaded:
+                        # The rest is the thread's, once this pass is over.
+                        self._pause("thread")
+                        asyncio.get_running_loop().call_soon(self._hand_over)
+                        break
                 elif isinstance(event, Disconnect):
                     log.debug("%s: %s", self.peer, event.reason)
                     self._ending = self._ending or event
@@ -393,9 +414,57 @@ class Session(asyncio.BufferedProtocol):
             # Writes of whole pages are received into spare pages (see _run_views).
             assert self._tx is not None
             self._tx.payload_sink = cast(MemoryBackend, backend).receive_pages
+        # A plain connection to a backend that takes calls from several threads is
+        # served from a thread of its own (see conn_thread).
+        self._threaded = (
+            self.server.limits.connection_threads
+            and self._fd >= 0
+            and isinstance(backend, Backend)
+            and (caps.thread_safe or self._kind == _VIEWS)
+        )
         log.debug("%s: serving export %r", self.peer, event.export.name)
 
     # -- TLS --------------------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        """Give the connection to a :class:`ConnectionThread` (see _process)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            # The handshake's last replies wait in the transport (a client that does
+            # not read them): the event loop keeps the connection.
+            self._threaded = False
+            self._resume("thread")
+            self._process()
+            return
+        sock = transport.get_extra_info("socket")
+        self._thread = ConnectionThread(self, sock, views=self._kind == _VIEWS)
+        self._thread.start()
+
+    def thread_ended(self, hard: bool) -> None:
+        """The connection's thread is done: close the transport (in the event loop)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if hard:
+                transport.abort()
+            else:
+                transport.close()
+
+    def client_gone(self) -> bool:
+        """The client has closed its end of the connection (the session may still be
+        finishing: a connection thread tells the event loop a moment later)."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None or _POLLRDHUP is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), _POLLRDHUP)
+        return bool(poller.poll(0))
+
+    @property
+    def transport_fd(self) -> int:
+        """The socket's descriptor (-1 under TLS)."""
+        return self._fd
 
     def _start_tls(self) -> None:
         context = self.server.tls_context
@@ -470,14 +539,13 @@ class Session(asyncio.BufferedProtocol):
                     give(buffer)
             buffers = rest
             if not buffers:
-                self._views_queued = False
+                self._return_views()
                 return
-        if self._views_queued:
+        views = self._views_queued
+        if views and _TRANSPORT_KEEPS:
             # From 3.12 the transport keeps what it is given (3.11 copies it): a view
             # of a page must not show a later write, so the transport gets a copy.
-            self._views_queued = False
-            if _TRANSPORT_KEEPS:
-                buffers = [bytes(b) if type(b) is memoryview else b for b in buffers]
+            buffers = [bytes(b) if type(b) is memoryview else b for b in buffers]
         if len(buffers) == 1:
             transport.write(buffers[0])
         elif _WRITELINES:
@@ -487,6 +555,16 @@ class Session(asyncio.BufferedProtocol):
         else:
             for buffer in buffers:
                 transport.write(buffer)
+        if views:
+            self._return_views()  # sent or copied: the pages may be recycled
+
+    def _return_views(self) -> None:
+        """The views of the memory backend's pages queued so far are sent or copied."""
+        self._views_queued = False
+        if self._lent:
+            assert self.export is not None
+            cast(MemoryBackend, self.export.backend).return_views(self._lent)
+            self._lent = 0
 
     def _send_direct(self, buffers: list[Any]) -> list[Any]:
         """Write what the socket takes now; returns the rest (views of what is left)."""
@@ -587,6 +665,7 @@ class Session(asyncio.BufferedProtocol):
             except Exception as exc:
                 self._answer_failure(request, exc)
                 return
+            self._lent += 1
             tx.reply_read_vector(request, views)
             self._views_queued = True
             self._unflushed += request.length
@@ -740,6 +819,17 @@ class Session(asyncio.BufferedProtocol):
         if n.entered_by == "export name":
             out.append("NBD_OPT_EXPORT_NAME")
         return out
+
+
+def _connections(server: Server) -> int:
+    """The server's connections, for ``Limits.max_connections``: a client that has
+    closed its end leaves its place to the next one, even if its session is still
+    closing."""
+    sessions = server.sessions
+    limit = server.limits.max_connections
+    if limit is None or len(sessions) < limit:
+        return len(sessions)
+    return sum(not session.client_gone() for session in sessions)
 
 
 def _plain_memory(backend: Backend | AsyncBackend) -> bool:
