@@ -9,12 +9,13 @@ whose threads each serve one connection.
 So a :class:`~pynbd.server.session.Session` hands a plain (not TLS) connection over to
 a :class:`ConnectionThread` when it enters transmission, if the export's backend takes
 calls from several threads at once (``Capabilities.thread_safe``, or the memory
-backend, which locks its pages itself). The thread reads and writes the socket itself
-(``readv``/``writev`` on the non-blocking socket, ``poll`` when it would block): the
-GIL is released in each of these calls, so the copies of several connections run at
-once. It performs the cheap requests (those the session would run in the event loop)
-right there and hands the others to the server's thread pool, so that one slow request
-does not hold up the connection's next ones.
+backend, which locks its pages itself). The thread reads and writes the socket itself,
+blocking in ``readv`` and ``writev``: the GIL is released in each of these calls, so
+the copies of several connections run at once. It performs the cheap requests (those
+the session would run in the event loop) right there and hands the others to the
+server's thread pool, so that one slow request does not hold up the connection's next
+ones; while any are there, it waits with ``poll`` on the socket and on a pipe that
+brings their answers.
 
 What the event loop did stays true here: requests are validated by the core, replies
 go out in order of completion, no request is started while the client does not read
@@ -22,8 +23,9 @@ its replies (the send blocks instead), at most ``Limits.max_in_flight`` requests
 once, and a shutdown receives the payload that is arriving and answers every request
 before the connection closes. The event loop keeps the transport, paused, until the
 thread ends, then closes (or aborts) it, which ends the session as it always did. A
-shutdown or an abort reaches the thread through a pipe that its ``poll`` watches; an
-abort also shuts the socket down, so that no call stays blocked.
+shutdown reaches the thread through the pipe, and through the receive timeout
+(``SO_RCVTIMEO``, 0.2 s) when it is blocked in a read; an abort also shuts the socket
+down, so that no call stays blocked.
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ A :class:`Session` moves bytes between its transport and a
 request and builds every reply; the session runs backends and upgrades the transport
 to TLS when the core says so (:class:`~pynbd.proto.server.StartTLS`).
 
+Once a plain (not TLS) connection enters transmission on a backend that takes calls
+from several threads, the session hands the socket and the core over to a
+:class:`~pynbd.server.conn_thread.ConnectionThread` (``Limits.connection_threads``)
+and keeps only the paused transport, to close it when the thread is done. What
+follows describes the connections the event loop keeps serving.
+
 Backends run according to their capabilities: inline in the event loop when cheap
 (the memory backend, a file's small reads and writes), in the server's thread pool when
 blocking (one call at a time if not thread-safe), or awaited when async. Requests on a
