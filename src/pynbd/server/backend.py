@@ -116,6 +116,7 @@ ERRNO_TO_NBD: dict[int, Err] = {
 }
 
 _READ = Cmd.READ
+_WRITE = Cmd.WRITE
 _FUA = int(CmdFlag.FUA)
 
 #: Largest buffer of zeroes written at once when WRITE_ZEROES or CACHE is emulated.
@@ -380,6 +381,24 @@ def _zero_chunks(length: int, offset: int) -> list[tuple[int, int]]:
 def _clean_extents(extents: list[Extent], length: int) -> list[Extent]:
     good = [(n, flags) for n, flags in extents if n > 0]
     return good or [(length, 0)]
+
+
+def runs_inline(caps: Capabilities, request: RequestReceived) -> bool:
+    """Whether a blocking backend's request is cheap enough to run where the server
+    reads its connection (the event loop, or the connection's thread) rather than in
+    its thread pool: any request of an ``inline`` backend; otherwise a READ of up to
+    ``inline_read_max`` bytes, or a WRITE without FUA (which waits for the disk) of up
+    to ``inline_write_max``."""
+    if caps.inline:
+        return True
+    command = request.command
+    if command is _READ:
+        return request.length <= caps.inline_read_max
+    return (
+        command is _WRITE
+        and request.length <= caps.inline_write_max
+        and not int(request.flags) & _FUA
+    )
 
 
 def run_request(backend: Backend, request: RequestReceived, buf: bytearray | None = None) -> Result:

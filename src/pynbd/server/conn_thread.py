@@ -44,9 +44,9 @@ from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import ProtocolError
-from ..proto.constants import Cmd, CmdFlag
+from ..proto.constants import Cmd
 from ..proto.server import NEED_DATA, Disconnect, RequestReceived
-from .backend import Backend, Result, run_request
+from .backend import Backend, Result, run_request, runs_inline
 from .memory import MemoryBackend
 
 if TYPE_CHECKING:
@@ -66,8 +66,6 @@ _IOV_MAX = 1024
 _RCVTIMEO = struct.pack("ll", 0, 200_000)
 
 _READ = Cmd.READ
-_WRITE = Cmd.WRITE
-_FUA = int(CmdFlag.FUA)
 
 
 class _End(Exception):
@@ -100,13 +98,9 @@ class ConnectionThread:
         self._backend = backend
         caps = backend.capabilities
         # The memory backend: READs sent from views of its pages, whole-page WRITEs
-        # received into spare pages (as the session does in the event loop).
+        # received into spare pages (the session gave the core its payload_sink).
         self._views = views
-        if views:
-            self._tx.payload_sink = cast(MemoryBackend, backend).receive_pages
-        self._inline_all = caps.inline
-        self._inline_read_max = caps.inline_read_max
-        self._inline_write_max = caps.inline_write_max
+        self._caps = caps
         # (the loop makes the pool: its creation is not thread-safe)
         self._executor: Executor | None = None if caps.inline else session.server._pool()
         self._max_in_flight = session.server.limits.max_in_flight
@@ -276,13 +270,8 @@ class ConnectionThread:
 
     def _dispatch(self, request: RequestReceived) -> None:
         session = self.session
-        stats = session.stats
-        stats.requests += 1
+        session.count(request)
         command = request.command
-        if command is _READ:
-            stats.bytes_read += request.length
-        elif command is _WRITE:
-            stats.bytes_written += request.length
         backend = self._backend
         if self._views:
             if command is _READ:
@@ -296,18 +285,8 @@ class ConnectionThread:
                 cast(MemoryBackend, backend).adopt_pages(segments, request.offset)
                 self.core.reply_ok(request)
                 return
-        if self._inline_all:
-            inline = True
-        elif command is _READ:
-            inline = request.length <= self._inline_read_max
-        else:  # a FUA write waits for the disk: the pool
-            inline = (
-                command is _WRITE
-                and request.length <= self._inline_write_max
-                and not int(request.flags) & _FUA
-            )
         buf = session._pool.take(request.length) if command is _READ else None
-        if not inline:
+        if not runs_inline(self._caps, request):
             assert self._executor is not None
             future = self._executor.submit(run_request, backend, request, buf)
             self._in_pool += 1

@@ -53,7 +53,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import ProtocolError
-from ..proto.constants import Cmd, CmdFlag
+from ..proto.constants import Cmd
 from ..proto.server import (
     NEED_DATA,
     BufferPool,
@@ -72,6 +72,7 @@ from .backend import (
     exception_to_nbd,
     run_request,
     run_request_async,
+    runs_inline,
 )
 from .conn_thread import ConnectionThread
 from .memory import MemoryBackend
@@ -116,7 +117,6 @@ _BURST = 1024 * 1024
 _IOV_MAX = 1024
 _READ = Cmd.READ
 _WRITE = Cmd.WRITE
-_FUA = int(CmdFlag.FUA)
 # How a session runs its export's backend (chosen once, at TransmissionStarted).
 _INLINE = 0  # in the event loop
 _SMALL_INLINE = 1  # small reads and writes in the event loop, the rest in the pool
@@ -161,8 +161,6 @@ class Session(asyncio.BufferedProtocol):
         self._write_paused = False
         self._tx: ServerTransmission | None = None
         self._kind = _POOL
-        self._inline_read_max = 0
-        self._inline_write_max = 0
         self._unflushed = 0
         self._offered = 0  # the size of the last receive buffer given to the transport
         # Views of the memory backend's pages wait in the core (see _run_views), from
@@ -411,8 +409,6 @@ class Session(asyncio.BufferedProtocol):
             self._kind = _LOCKED
         elif caps.inline_read_max > 0 or caps.inline_write_max > 0:
             self._kind = _SMALL_INLINE
-            self._inline_read_max = caps.inline_read_max
-            self._inline_write_max = caps.inline_write_max
         else:
             self._kind = _POOL
         if self._kind == _INLINE and self._fd >= 0 and _plain_memory(backend):
@@ -430,7 +426,7 @@ class Session(asyncio.BufferedProtocol):
         )
         log.debug("%s: serving export %r", self.peer, event.export.name)
 
-    # -- TLS --------------------------------------------------------------------------
+    # -- the connection's thread ------------------------------------------------------
 
     def _hand_over(self) -> None:
         """Give the connection to a :class:`ConnectionThread` (see _process)."""
@@ -471,6 +467,8 @@ class Session(asyncio.BufferedProtocol):
     def transport_fd(self) -> int:
         """The socket's descriptor (-1 under TLS)."""
         return self._fd
+
+    # -- TLS --------------------------------------------------------------------------
 
     def _start_tls(self) -> None:
         context = self.server.tls_context
@@ -606,8 +604,8 @@ class Session(asyncio.BufferedProtocol):
 
     # -- requests ---------------------------------------------------------------------
 
-    def _dispatch(self, request: RequestReceived) -> None:
-        assert self.export is not None  # requests only come after TransmissionStarted
+    def count(self, request: RequestReceived) -> None:
+        """Add a request to the connection's figures (for its log line)."""
         stats = self.stats
         stats.requests += 1
         command = request.command
@@ -615,6 +613,11 @@ class Session(asyncio.BufferedProtocol):
             stats.bytes_read += request.length
         elif command is _WRITE:
             stats.bytes_written += request.length
+
+    def _dispatch(self, request: RequestReceived) -> None:
+        assert self.export is not None  # requests only come after TransmissionStarted
+        self.count(request)
+        command = request.command
         backend = self.export.backend
         kind = self._kind
         if kind == _VIEWS:
@@ -625,15 +628,7 @@ class Session(asyncio.BufferedProtocol):
         # A READ's reply buffer comes from the pool and goes back once sent (_flush).
         buf = self._pool.take(request.length) if command is _READ else None
         if kind == _SMALL_INLINE:
-            if command is _READ:
-                small = request.length <= self._inline_read_max
-            else:  # a FUA write waits for the disk: the pool
-                small = (
-                    command is _WRITE
-                    and request.length <= self._inline_write_max
-                    and not int(request.flags) & _FUA
-                )
-            kind = _INLINE if small else _POOL
+            kind = _INLINE if runs_inline(backend.capabilities, request) else _POOL
         if kind == _INLINE:
             try:
                 result = run_request(cast(Backend, backend), request, buf)
