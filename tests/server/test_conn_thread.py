@@ -77,6 +77,12 @@ class Lonely(GatedReads):
     capabilities = Capabilities(thread_safe=False)
 
 
+class Inline(GatedReads):
+    """Thread-safe by default, but inline: promised one call at a time."""
+
+    capabilities = Capabilities(inline=True)
+
+
 class Async(AsyncBackend):
     capabilities = Capabilities()
 
@@ -95,9 +101,10 @@ class Async(AsyncBackend):
         (GatedReads(), True, True),
         (MemoryBackend(1 << 20), False, False),
         (Lonely(), True, False),
+        (Inline(), True, False),
         (Async(), True, False),
     ],
-    ids=["memory", "thread-safe", "turned-off", "not-thread-safe", "async"],
+    ids=["memory", "thread-safe", "turned-off", "not-thread-safe", "inline", "async"],
 )
 def test_which_connections_get_a_thread(backend: Any, threads: bool, expected: bool) -> None:
     if isinstance(backend, GatedReads):

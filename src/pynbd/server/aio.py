@@ -60,7 +60,8 @@ class Limits:
         buffer_size: receive buffer per connection.
         connection_threads: once in transmission, serve each plain (not TLS)
             connection from a thread of its own when its backend takes calls from
-            several threads (``thread_safe``, or the memory backend); see
+            several threads (``thread_safe`` and not ``inline``, or the memory
+            backend); see
             :mod:`pynbd.server.conn_thread`. False: every connection in the event loop.
     """
 

@@ -167,14 +167,18 @@ class Capabilities:
         is_rotational: advertise NBD_FLAG_ROTATIONAL.
         minimum_block, preferred_block, maximum_payload: size constraints.
         inline: the methods are cheap and never block: the server calls them in its
-            event loop instead of a thread (blocking backends only).
+            event loop, one at a time, instead of in a thread (blocking backends only;
+            its connections stay in the event loop too).
         inline_read_max, inline_write_max: READ requests, and WRITE requests without
-            FUA, of at most this many bytes run in the event loop although ``inline``
-            is False; bigger ones and other commands go to the thread pool. A copy
+            FUA, of at most this many bytes run where the server reads the connection
+            although ``inline`` is False; bigger ones and other commands go to the
+            thread pool. A copy
             from or to the page cache costs less than the hop to a thread (0: never;
             blocking, thread-safe backends only).
-        thread_safe: several methods may run at once in different threads; when
-            False the server calls one at a time.
+        thread_safe: several methods may run at once in different threads (the
+            pool's, and each connection's own: see ``Limits.connection_threads``);
+            when False the server calls one at a time and serves the backend's
+            connections in its event loop.
     """
 
     can_write: bool = True

@@ -8,8 +8,8 @@ whose threads each serve one connection.
 
 So a :class:`~pynbd.server.session.Session` hands a plain (not TLS) connection over to
 a :class:`ConnectionThread` when it enters transmission, if the export's backend takes
-calls from several threads at once (``Capabilities.thread_safe``, or the memory
-backend, which locks its pages itself). The thread reads and writes the socket itself,
+calls from several threads at once (``Capabilities.thread_safe`` and not ``inline``,
+or the memory backend, which locks its pages itself). The thread reads and writes the socket itself,
 blocking in ``readv`` and ``writev``: the GIL is released in each of these calls, so
 the copies of several connections run at once. It performs the cheap requests (those
 the session would run in the event loop) right there and hands the others to the

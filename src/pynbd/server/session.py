@@ -417,12 +417,13 @@ class Session(asyncio.BufferedProtocol):
             assert self._tx is not None
             self._tx.payload_sink = cast(MemoryBackend, backend).receive_pages
         # A plain connection to a backend that takes calls from several threads is
-        # served from a thread of its own (see conn_thread).
+        # served from a thread of its own (see conn_thread). An inline backend was
+        # promised one call at a time, except the memory backend, which locks itself.
         self._threaded = (
             self.server.limits.connection_threads
             and self._fd >= 0
             and isinstance(backend, Backend)
-            and (caps.thread_safe or self._kind == _VIEWS)
+            and ((caps.thread_safe and not caps.inline) or self._kind == _VIEWS)
         )
         log.debug("%s: serving export %r", self.peer, event.export.name)
 
