@@ -298,6 +298,22 @@ def raw_session(srv: ServerThread, *, go: bool = True) -> Iterator[socket.socket
         sock.close()
 
 
+@contextlib.contextmanager
+def unread_reads(srv: ServerThread, count: int, size: int) -> Iterator[socket.socket]:
+    """A raw unix connection, with a small receive buffer, that has sent ``count``
+    READs of ``size`` bytes (offset ``i * size``, cookie ``i``) and has read none of
+    the replies; closed at the end."""
+    sock = socket.socket(socket.AF_UNIX)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.connect(srv.path)
+        raw_go(sock)
+        sock.sendall(
+            b"".join(raw_request(Cmd.READ, i * size, size, cookie=i) for i in range(count))
+        )
+        yield sock
+
+
 def raw_request(cmd: int, offset: int, length: int, *, flags: int = 0, cookie: int = 7) -> bytes:
     return struct.pack(">IHHQQI", 0x25609513, flags, cmd, cookie, offset, length)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import struct
 import threading
 import time
@@ -26,12 +25,12 @@ from pynbd.server.session import Session
 from .helpers import (
     ServerThread,
     is_closed,
-    raw_go,
     raw_request,
     raw_session,
     read_simple_reply,
     recv_exactly,
     running_server,
+    unread_reads,
 )
 
 PAGE = 64 * 1024
@@ -169,21 +168,13 @@ def test_a_shutdown_receives_the_payload_under_way_first() -> None:
 def test_an_abort_ends_a_send_to_a_client_that_does_not_read() -> None:
     backend = MemoryBackend(64 << 20)
     backend.pwrite(memoryview(os.urandom(64 << 20)), 0, False)
-    with running_server(backend) as srv:
-        sock = socket.socket(socket.AF_UNIX)
-        with sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            sock.connect(srv.path)
-            raw_go(sock)
-            sock.sendall(
-                b"".join(raw_request(Cmd.READ, i << 20, 1 << 20, cookie=i) for i in range(64))
-            )
-            time.sleep(0.3)  # the thread is blocked in a send
-            assert threaded(srv)
-            start = time.monotonic()
-            srv.run(srv.server.close(grace=0.3))
-            assert time.monotonic() - start < 3
-            assert is_closed(sock)
+    with running_server(backend) as srv, unread_reads(srv, 64, 1 << 20) as sock:
+        time.sleep(0.3)  # the thread is blocked in a send
+        assert threaded(srv)
+        start = time.monotonic()
+        srv.run(srv.server.close(grace=0.3))
+        assert time.monotonic() - start < 3
+        assert is_closed(sock)
 
 
 def test_a_client_that_hangs_up_frees_its_place_at_once() -> None:

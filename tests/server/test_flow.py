@@ -9,7 +9,6 @@ writes in the thread pool: both paths must give the same bytes.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from pynbd.client import Client
 from pynbd.server import FileBackend, MemoryBackend
 from pynbd.server.file import INLINE_READ_MAX
 
-from .helpers import raw_go, raw_request, read_simple_reply, recv_exactly, running_server
+from .helpers import read_simple_reply, recv_exactly, running_server, unread_reads
 
 # Each test runs with connections served from threads, then from the event loop.
 pytestmark = pytest.mark.usefixtures("serving_mode")
@@ -51,22 +50,16 @@ def test_a_client_that_does_not_read_stops_the_server_starting_requests() -> Non
     backend = MemoryBackend(count * size)
     data = _pattern(count * size)
     backend.pwrite(memoryview(data), 0, False)
-    with running_server(backend) as srv:
-        sock = socket.socket(socket.AF_UNIX)
-        with sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            sock.connect(srv.path)
-            raw_go(sock)
-            sock.sendall(b"".join(raw_request(0, i * size, size, cookie=i) for i in range(count)))
-            (session,) = srv.call(lambda: list(srv.server.sessions))
-            started = _settled(lambda: srv.call(lambda: session.stats.requests))
-            # The socket's and the transport's buffers hold some replies, not 64 MiB.
-            assert 0 < started < count // 2
-            for i in range(count):
-                error, cookie = read_simple_reply(sock)
-                assert (error, cookie) == (0, i)
-                assert recv_exactly(sock, size) == data[i * size : (i + 1) * size]
-            assert srv.call(lambda: session.stats.requests) == count
+    with running_server(backend) as srv, unread_reads(srv, count, size) as sock:
+        (session,) = srv.call(lambda: list(srv.server.sessions))
+        started = _settled(lambda: srv.call(lambda: session.stats.requests))
+        # The socket's and the transport's buffers hold some replies, not 64 MiB.
+        assert 0 < started < count // 2
+        for i in range(count):
+            error, cookie = read_simple_reply(sock)
+            assert (error, cookie) == (0, i)
+            assert recv_exactly(sock, size) == data[i * size : (i + 1) * size]
+        assert srv.call(lambda: session.stats.requests) == count
 
 
 def test_file_requests_inline_and_in_the_pool_agree(tmp_path: Path) -> None:
