@@ -52,7 +52,7 @@ from .memory import MemoryBackend
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["ConnectionThread"]
+__all__ = ["ConnectionThread", "unsent"]
 
 log = logging.getLogger("pynbd.server")
 
@@ -66,6 +66,20 @@ _IOV_MAX = 1024
 _RCVTIMEO = struct.pack("ll", 0, 200_000)
 
 _READ = Cmd.READ
+
+
+def unsent(buffers: list[Any], sent: int) -> list[Any]:
+    """What ``writev(buffers)`` left when it wrote ``sent`` bytes (a view of the first
+    buffer's rest, then the others)."""
+    for i, buffer in enumerate(buffers):
+        n = len(buffer) if type(buffer) is not memoryview else buffer.nbytes
+        if sent < n:
+            rest = buffers[i:]
+            if sent:
+                rest[0] = memoryview(buffer)[sent:]
+            return rest
+        sent -= n
+    return []
 
 
 class _End(Exception):
@@ -141,9 +155,6 @@ class ConnectionThread:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._wake()
-
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
 
     def _wake(self) -> None:
         # (also from the pool's threads) The lock keeps the pipe open while written to:
@@ -326,13 +337,7 @@ class ConnectionThread:
         while results:
             request, future = results.popleft()
             self._in_pool -= 1
-            exc = future.exception()
-            if exc is None:
-                session._answer(request, future.result())
-            elif isinstance(exc, Exception):
-                session._answer_failure(request, exc)
-            else:  # pragma: no cover - a BaseException from a backend thread
-                raise exc
+            session._answer_future(request, future)
             if request.command is _READ:
                 self._unsent += request.length
 
@@ -352,18 +357,11 @@ class ConnectionThread:
                 continue
             except OSError as exc:
                 raise _End(f"connection lost: {os.strerror(exc.errno or 0)}") from None
-            done = 0
-            for buffer in buffers:
-                n = len(buffer) if type(buffer) is not memoryview else buffer.nbytes
-                if sent < n:
-                    break
-                sent -= n
-                done += 1
+            rest = unsent(buffers, sent)
+            for buffer in buffers[: len(buffers) - len(rest)]:
                 if type(buffer) is bytearray:
                     give(buffer)  # a READ reply's buffer, from the session's pool
-            buffers = buffers[done:]
-            if sent:
-                buffers[0] = memoryview(buffers[0])[sent:]
+            buffers = rest
         self._return_views()
 
     def _return_views(self) -> None:

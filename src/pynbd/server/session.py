@@ -50,6 +50,7 @@ import struct
 import sys
 import time
 from collections.abc import Coroutine
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import ProtocolError
@@ -74,7 +75,7 @@ from .backend import (
     run_request_async,
     runs_inline,
 )
-from .conn_thread import ConnectionThread
+from .conn_thread import ConnectionThread, unsent
 from .memory import MemoryBackend
 
 if TYPE_CHECKING:
@@ -579,15 +580,7 @@ class Session(asyncio.BufferedProtocol):
             return buffers
         except OSError:
             return buffers  # the transport meets the error again, and reports it
-        for i, buffer in enumerate(buffers):
-            n = len(buffer) if type(buffer) is not memoryview else buffer.nbytes
-            if sent < n:
-                rest = buffers[i:]
-                if sent:
-                    rest[0] = memoryview(buffer)[sent:]
-                return rest
-            sent -= n
-        return []
+        return unsent(buffers, sent)
 
     def _maybe_close(self) -> None:
         if self._ending is None or self.core.in_flight or self._tasks:
@@ -697,14 +690,8 @@ class Session(asyncio.BufferedProtocol):
         self._tasks.discard(future)
         if future.cancelled():
             return  # the connection is gone
-        exc = future.exception()
         try:
-            if exc is None:
-                self._answer(request, future.result())
-            elif isinstance(exc, Exception):
-                self._answer_failure(request, exc)
-            else:  # pragma: no cover - a BaseException from a backend thread
-                raise exc
+            self._answer_future(request, future)
         except Exception as err:
             self.abort(f"internal error: {err!r}")
             return
@@ -772,6 +759,19 @@ class Session(asyncio.BufferedProtocol):
         buffer = payload.obj
         if type(buffer) is bytearray:
             self._pool.give(buffer)
+
+    def _answer_future(
+        self, request: RequestReceived, future: asyncio.Future[Result] | Future[Result]
+    ) -> None:
+        """Reply to a request whose backend call in the thread pool is done (seen from
+        the event loop, or from a connection's thread)."""
+        exc = future.exception()
+        if exc is None:
+            self._answer(request, future.result())
+        elif isinstance(exc, Exception):
+            self._answer_failure(request, exc)
+        else:  # pragma: no cover - a BaseException from a backend thread
+            raise exc
 
     def _answer_failure(self, request: RequestReceived, exc: Exception) -> None:
         if request.payload is not None:
