@@ -60,13 +60,14 @@ def test_whole_reply_completes_at_once(style: str) -> None:
 
 
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("length", [4096, DIRECT_READ])
-def test_rest_of_payload_lands_in_callers_buffer(style: str, length: int) -> None:
-    """Once the usual header is in, the rest of the data is received into the
-    caller's buffer itself."""
+@pytest.mark.parametrize("detached", [False, True])
+def test_rest_of_big_payload_lands_in_callers_buffer(style: str, detached: bool) -> None:
+    """Once a big read's usual header is in, the rest of the data is received into the
+    caller's buffer itself (or, for read_bytes, one buffer of the read's own)."""
     core = ClientTransmission(neg(style))
+    length = DIRECT_READ
     buf = bytearray(length)
-    c = core.read(buf, 0)
+    c = core.read_bytes(length, 0) if detached else core.read(buf, 0)
     data = pattern(length)
     reply = usual(style, c, 0, data)
     feed_buffer(core, reply[: lead(style) + 10])
@@ -75,9 +76,47 @@ def test_rest_of_payload_lands_in_callers_buffer(style: str, length: int) -> Non
     view[:] = data[10:]
     assert core.buffer_updated(length - 10) is True
     got = core.next_event()
-    assert got is not None and got.error is None and buf == data
-    view[:1] = b"!"  # the caller's buffer itself
-    assert buf[10:11] == b"!"
+    assert got is not None and got.error is None
+    if detached:
+        assert got.data == data
+    else:
+        assert buf == data
+        view[:1] = b"!"  # the caller's buffer itself
+        assert buf[10:11] == b"!"
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("detached", [False, True])
+@pytest.mark.parametrize("split", [1, 15, 16, 30, 100, 4000])
+def test_small_reply_in_pieces_waits_in_receive_buffer(
+    style: str, detached: bool, split: int
+) -> None:
+    """A small read's usual reply that arrives in two pieces is completed when the
+    second piece is in, from the receive buffer, with the data of both."""
+    core = ClientTransmission(neg(style))
+    length = 4096
+    buf = bytearray(length)
+    c = core.read_bytes(length, 0) if detached else core.read(buf, 0)
+    c2 = core.read_bytes(512, 8192)
+    data = pattern(length)
+    reply = usual(style, c, 0, data) + usual(style, c2, 8192, pattern(512))
+    assert core.buffer_updated(_put(core, reply[:split])) is False
+    assert core.next_event() is None and core.in_flight == 2
+    assert core.buffer_updated(_put(core, reply[split:])) is True
+    got = core.next_event()
+    assert got is not None and got.cookie == c and got.error is None
+    assert (got.data if detached else buf) == data
+    second = core.next_event()
+    assert second is not None and second.cookie == c2 and second.data == pattern(512)
+    assert core.in_flight == 0
+
+
+def _put(core: ClientTransmission, data: bytes) -> int:
+    """Copy ``data`` into the core's receive buffer (it fits); return its length."""
+    view = core.receive_buffer()
+    assert len(view) >= len(data)
+    view[: len(data)] = data
+    return len(data)
 
 
 @pytest.mark.parametrize("style", ["structured", "extended"])

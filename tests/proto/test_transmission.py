@@ -30,7 +30,7 @@ from pynbd.errors import (
 from pynbd.proto.constants import BASE_ALLOCATION, Cmd, CmdFlag, TransmissionFlag
 from pynbd.proto.handshake import Negotiated
 from pynbd.proto.records import Extent
-from pynbd.proto.transmission import ClientTransmission, Reply, split_range
+from pynbd.proto.transmission import DIRECT_READ, ClientTransmission, Reply, split_range
 
 TF = TransmissionFlag
 ALL_FLAGS = (
@@ -868,23 +868,25 @@ def test_reply_random_splits(name: str, sizes: list[int], via_buffer: list[bool]
 
 
 def test_zero_copy_read_lands_in_callers_buffer() -> None:
-    """While a read payload is due and nothing is buffered, receive_buffer is a view of
-    the caller's own buffer (no copy)."""
+    """While a big read's payload is due and nothing is buffered, receive_buffer is a
+    view of the caller's own buffer (no copy). A small read's payload comes through the
+    receive buffer instead (see test_read_fast_path)."""
     core = ClientTransmission(neg("simple"))
-    c, buf = read(core, 0, 4096)
+    n = DIRECT_READ
+    c, buf = read(core, 0, n)
     core.receive_data(simple(c))
     view = core.receive_buffer()
-    assert len(view) == 4096
+    assert len(view) == n
     view[:10] = b"0123456789"
     assert buf[:10] == b"0123456789"
     core.buffer_updated(10)
     rest = core.receive_buffer()
-    assert len(rest) == 4086
-    rest[:] = bytes(4086)
-    core.buffer_updated(4086)
+    assert len(rest) == n - 10
+    rest[:] = bytes(n - 10)
+    core.buffer_updated(n - 10)
     reply = core.next_event()
     assert reply is not None and reply.cookie == c and reply.error is None
-    assert buf == b"0123456789" + bytes(4086)
+    assert buf == b"0123456789" + bytes(n - 10)
 
 
 def test_initial_data() -> None:

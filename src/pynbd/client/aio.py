@@ -80,6 +80,9 @@ class _Protocol(asyncio.BufferedProtocol):
         # Small requests issued in one loop iteration leave in one write (a "cork").
         self._corked: list[Buffer] = []
         self.flush_pending = False
+        # The protocol is made inside the running loop. Kept: get_running_loop() costs a
+        # getpid() system call each time.
+        self._call_soon = asyncio.get_running_loop().call_soon
 
     # -- asyncio callbacks --
 
@@ -113,6 +116,10 @@ class _Protocol(asyncio.BufferedProtocol):
             fut = waiters.pop(cookie, None)
             if fut is not None and not fut.done():
                 fut.set_result(reply)
+        if not self.flush_pending:
+            # After the wakeups just scheduled: what the woken tasks ask next leaves at
+            # the end of the same loop iteration, not in one more.
+            self.schedule_flush()
 
     def eof_received(self) -> bool:
         if self.core is None:
@@ -168,7 +175,7 @@ class _Protocol(asyncio.BufferedProtocol):
         A request whose bytes the core still holds (a read's header) needs only this:
         :meth:`flush` takes them from the core, after what :meth:`send` queued before."""
         self.flush_pending = True
-        asyncio.get_running_loop().call_soon(self.flush)
+        self._call_soon(self.flush)
 
     def flush(self) -> None:
         self.flush_pending = False

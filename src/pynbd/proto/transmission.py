@@ -672,40 +672,15 @@ class ClientTransmission:
         raise ConnectionClosed("server closed the connection")
 
     def _parse(self) -> None:
-        buf, in_flight = self._buf, self._in_flight
+        buf = self._buf
         while True:
             state = self._state
             if state == _HEADER:
-                start = self._start
-                avail = self._end - start
-                if avail >= 16:
-                    # The fast path: the usual reply of a read (see _InFlight.expect),
-                    # matched byte for byte against the header it must have.
-                    entry = in_flight.get(_COOKIE.unpack_from(buf, start)[0])
-                    if entry is not None and (expect := entry.expect) is not None:
-                        head = start + len(expect)
-                        if head <= self._end and buf.startswith(expect, start):
-                            end = head + entry.length
-                            if end > self._end:
-                                self._start = head
-                                self._begin_whole(entry)
-                                continue
-                            data = None
-                            if entry.buffer is None:
-                                data = bytes(self._view[head:end])
-                            else:
-                                entry.buffer[:] = self._view[head:end]
-                            self._start = end
-                            del in_flight[entry.cookie]
-                            if entry.length >= DIRECT_READ:
-                                self._big_reads -= 1
-                            self._replies.append(
-                                _new_reply(Reply, (entry.cookie, _READ, None, None, data))
-                            )
-                            if end == self._end:
-                                return  # the usual case: nothing else was received
-                            continue
-                if avail < 4 or not self._parse_header():
+                if self._fast_replies():
+                    return
+                if self._state == _HEADER and (
+                    self._end - self._start < 4 or not self._parse_header()
+                ):
                     return
             elif state == _INTO:
                 start = self._start
@@ -735,6 +710,51 @@ class ClientTransmission:
                 self._on_metadata_chunk(data)
             else:  # _DETACHED: the driver or receive_buffer() moves on
                 return
+
+    def _fast_replies(self) -> bool:
+        """Complete the usual replies to reads (see _InFlight.expect) at the head of the
+        receive buffer, each matched byte for byte against the header it must have.
+
+        Returns True when nothing is left to parse for now: the buffer is empty, or a
+        small read's usual reply has begun and the rest of it is still to come (it
+        will arrive in the receive buffer). Returns False when the general path must
+        look at the next bytes."""
+        buf, in_flight, view, replies = self._buf, self._in_flight, self._view, self._replies
+        start, stop = self._start, self._end
+        try:
+            while stop - start >= 16:
+                entry = in_flight.get(_COOKIE.unpack_from(buf, start)[0])
+                if entry is None:
+                    return False
+                expect = entry.expect
+                if expect is None:
+                    return False
+                head = start + len(expect)
+                if head > stop:
+                    return False
+                if not buf.startswith(expect, start):
+                    return False
+                length = entry.length
+                end = head + length
+                if end > stop:
+                    if length < DIRECT_READ:
+                        return True  # a small reply: wait for the rest of it here
+                    self._start = start = head
+                    self._begin_whole(entry)  # the rest goes to the read's buffer
+                    return False
+                if entry.buffer is None:
+                    data = bytes(view[head:end])
+                else:
+                    entry.buffer[:] = view[head:end]
+                    data = None
+                start = end
+                del in_flight[entry.cookie]
+                if length >= DIRECT_READ:
+                    self._big_reads -= 1
+                replies.append(_new_reply(Reply, (entry.cookie, _READ, None, None, data)))
+            return start == stop
+        finally:
+            self._start = start
 
     def _begin_whole(self, entry: _InFlight) -> None:
         """The usual reply to ``entry`` has begun but its data is not all here: the rest
