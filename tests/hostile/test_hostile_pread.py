@@ -92,7 +92,7 @@ def tail(extra: int) -> Send:
 
 @HOW
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("split", [-20, -1, 0, 1, 100_000, BIG - 1])
+@pytest.mark.parametrize("split", [-20, -8, -1, 0, 1, 100_000, BIG - 1])
 def test_data_in_pieces(
     api: Driver, serve: Callable[..., HostileServer], style: Style, split: int, how: str
 ) -> None:
@@ -157,6 +157,23 @@ def test_trickle_past_the_timeout(
     server = serve(transmission(style, *pieces, Silent()))
     c = api.connect(server.uri)
     fails(NBDTimeout, read, c, how)
+    assert_dead(c, server)
+
+
+@HOW
+@pytest.mark.parametrize("style", STYLES)
+def test_trickled_header_past_the_timeout(
+    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str
+) -> None:
+    """The reply's header one byte at a time, each well within the timeout, the whole
+    beyond it: the call's deadline holds while the client waits for the rest of the
+    header it has begun to match."""
+    pieces = [step for i in range(12) for step in (piece(i - 12, 1), Sleep(0.25))]
+    server = serve(transmission(style, Send(lambda s: reply(s)[: lead(s) - 12]), *pieces))
+    c = api.connect(server.uri)
+    start = time.monotonic()
+    fails(NBDTimeout, read, c, how)
+    assert time.monotonic() - start < 12 * 0.25, "the trickle outlived the deadline"
     assert_dead(c, server)
 
 

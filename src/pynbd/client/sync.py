@@ -283,7 +283,7 @@ class Client(ClientBase):
         # A read's data can be received as one bytes object (recv with MSG_WAITALL);
         # a TLS socket takes no recv flags.
         self._recv_whole = not isinstance(self._sock, ssl.SSLSocket)
-        self._head = bytearray(64)  # a big read's reply header (see _direct_lead)
+        self._head = bytearray(64)  # a big read's reply header (see _read)
 
     # -- negotiation mode --------------------------------------------------------------
 
@@ -397,33 +397,18 @@ class Client(ClientBase):
         flags: int,
         timeout: Timeout,
         payload: Buffer | None = None,
-        buffer: memoryview | None = None,
     ) -> None:
-        """One request, the common case: :meth:`_exchange` specialised for one cookie
-        (a blocking client has nothing else in flight, so the next reply is this one)."""
+        """One request other than a read, the common case: :meth:`_exchange`
+        specialised for one cookie (a blocking client has nothing else in flight, so
+        the next reply is this one)."""
         sock, core = self._sock, self._core
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
-        lead = None
-        if buffer is not None:
-            # raises ConnectionClosed when the core is closed
-            cookie = core.read(buffer, offset, flags)
-            if len(buffer) >= DIRECT_READ and self._recv_whole:
-                lead = core.direct_lead(cookie)
-        else:
-            core.request(command, offset, length, flags, payload=payload)
+        core.request(command, offset, length, flags, payload=payload)
         limit = self.timeout if timeout is DEFAULT else timeout
         try:
             end = self._send_one(sock, core, limit)
-            if lead is not None:
-                assert buffer is not None
-                if self._direct_lead(sock, core, lead):
-                    self._direct_into(sock, buffer, end)
-                    core.direct_done(cookie)
-                    return
-                if not core.replies:
-                    self._receive_rest(sock, core, end)
-            elif not core.buffer_updated(sock.recv_into(core.receive_buffer())):
+            if not core.buffer_updated(sock.recv_into(core.receive_buffer())):
                 self._receive_rest(sock, core, end)
         except (OSError, NBDError) as exc:
             err = self._failure(exc, limit)
@@ -435,41 +420,74 @@ class Client(ClientBase):
             raise
         self._take_reply(core)
 
-    def _read_bytes(self, offset: int, length: int, flags: int, timeout: Timeout) -> bytes:
-        """One read whose data comes back as a new ``bytes``: :meth:`_one` for
-        ``core.read_bytes``. Once only the data is left to come, it is received with one
-        ``recv(n, MSG_WAITALL)``, which fills a bytes object that Python does not
-        zero-fill first; a short result (timeout, signal, end of stream) is handed to
-        the core, which assembles the rest as usual."""
-        sock, core = self._sock, self._core
+    def _read(
+        self, view: memoryview | None, length: int, offset: int, flags: int, timeout: Timeout
+    ) -> bytes | None:
+        """One READ: into ``view``, or (None) into a new ``bytes``, which is returned.
+
+        A big read's usual reply is received here, past the core (see
+        ``ClientTransmission.direct_lead``): its header into ``self._head``, then its
+        data straight into ``view`` with ``recv_into(MSG_WAITALL)``, or as one
+        ``bytes`` with ``recv(length, MSG_WAITALL)``, which Python does not zero-fill
+        first. Anything else (an error, a hole, another header, a short receive) is
+        handed to the core, and the general path goes on with every check. All in one
+        method: this is the client's hottest path, and each call costs."""
+        sock, core, timer = self._sock, self._core, self._timer
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
-        cookie = core.read_bytes(length, offset, flags)  # raises ConnectionClosed when closed
+        # raises ConnectionClosed when the core is closed
+        cookie = (
+            core.read_bytes(length, offset, flags)
+            if view is None
+            else core.read(view, offset, flags)
+        )
         lead = core.direct_lead(cookie) if length >= DIRECT_READ and self._recv_whole else None
         limit = self.timeout if timeout is DEFAULT else timeout
-        timer = self._timer
         try:
             end = self._send_one(sock, core, limit)
-            if lead is None:
-                done = core.buffer_updated(sock.recv_into(core.receive_buffer()))
-            elif self._direct_lead(sock, core, lead):
-                data = sock.recv(length, _WAITALL)
-                if len(data) == length:
-                    core.direct_done(cookie)
-                    return data
-                # Short (a timeout, a signal; b"" is end of stream, which raises):
-                # the core takes over from the header on.
-                core.receive_data(lead)
-                core.receive_data(data)
-                done = bool(core.replies)
-            else:
-                done = bool(core.replies)
-            while not done:
-                timer.check(end)  # a trickling server cannot stretch the call
-                if core.pending_data and self._recv_whole:
-                    done = core.data_received(sock.recv(core.pending_data, _WAITALL))
+            if lead is not None:
+                head, want = self._head, len(lead)
+                n = sock.recv_into(head, want)
+                while 0 < n < want and head[:n] == lead[:n]:
+                    # The header came before the offset that ends the lead: the usual
+                    # reply so far, so the rest of the lead is due.
+                    timer.check(end)
+                    more = sock.recv_into(memoryview(head)[n:want])
+                    if not more:
+                        break
+                    n += more
+                if n != want or not head.startswith(lead):
+                    core.receive_data(bytes(head[:n]))  # b"": end of stream, which raises
+                elif view is None:
+                    data = sock.recv(length, _WAITALL)
+                    if len(data) == length:
+                        core.direct_done(cookie)
+                        return data
+                    # Short (a timeout, a signal; b"" is end of stream, which raises):
+                    # the core takes over from the header on.
+                    core.receive_data(lead)
+                    core.receive_data(data)
                 else:
-                    done = core.buffer_updated(sock.recv_into(core.receive_buffer()))
+                    got = 0
+                    while True:
+                        n = sock.recv_into(view[got:] if got else view, 0, _WAITALL)
+                        if not n:
+                            raise ProtocolError(
+                                "server closed the connection in the middle of a reply"
+                            )
+                        got += n
+                        if got == length:
+                            core.direct_done(cookie)
+                            return None
+                        timer.check(end)  # short: a timeout slice, a signal
+            # The general path: the core parses whatever comes.
+            if lead is not None or not core.buffer_updated(sock.recv_into(core.receive_buffer())):
+                while not core.replies:
+                    timer.check(end)  # a trickling server cannot stretch the call
+                    if core.pending_data and self._recv_whole:
+                        core.data_received(sock.recv(core.pending_data, _WAITALL))
+                    else:
+                        core.buffer_updated(sock.recv_into(core.receive_buffer()))
         except (OSError, NBDError) as exc:
             err = self._failure(exc, limit)
             if err is exc:
@@ -478,14 +496,12 @@ class Client(ClientBase):
         except BaseException:
             self._die()  # interrupted mid-reply: the stream's position is lost
             raise
-        reply_data = self._take_reply(core).data
-        assert reply_data is not None
-        return reply_data
+        return self._take_reply(core).data
 
     def _send_one(
         self, sock: socket.socket, core: ClientTransmission, limit: float | None
     ) -> float | None:
-        """Send the request :meth:`_one` or :meth:`_read_bytes` queued, with the
+        """Send the request :meth:`_one` or :meth:`_read` queued, with the
         socket's kernel timeout armed for ``limit``; return the reply's deadline."""
         timer = self._timer
         if timer.current != limit:
@@ -498,36 +514,13 @@ class Client(ClientBase):
         return None if limit is None else time.monotonic() + limit
 
     def _take_reply(self, core: ClientTransmission) -> Reply:
-        """The one reply of :meth:`_one` or :meth:`_read_bytes`; raise its error."""
+        """The one reply of :meth:`_one` or :meth:`_read`; raise its error."""
         reply = core.replies.popleft()
         if core.shutdown_requested:
             self.close()  # the spec wants a soft disconnect after NBD_ESHUTDOWN
         if reply.error is not None:
             raise reply.error
         return reply
-
-    def _direct_lead(self, sock: socket.socket, core: ClientTransmission, lead: bytes) -> bool:
-        """Receive the start of a big read's reply (see ``ClientTransmission.direct_lead``):
-        True if it is the usual one (the data follows, for the caller to receive
-        itself); else what came is handed to the core, which goes on as usual."""
-        head = self._head
-        n = sock.recv_into(head, len(lead))
-        if n == len(lead) and head.startswith(lead):
-            return True
-        core.receive_data(bytes(head[:n]))  # b"": end of stream, which raises
-        return False
-
-    def _direct_into(self, sock: socket.socket, view: memoryview, end: float | None) -> None:
-        """Receive a read's data straight into ``view`` (after :meth:`_direct_lead`)."""
-        got = 0
-        while True:
-            n = sock.recv_into(view[got:] if got else view, 0, _WAITALL)
-            if not n:
-                raise ProtocolError("server closed the connection in the middle of a reply")
-            got += n
-            if got == len(view):
-                return
-            self._timer.check(end)  # short: a timeout slice, a signal
 
     def _receive_rest(
         self, sock: socket.socket, core: ClientTransmission, end: float | None
@@ -617,7 +610,7 @@ class Client(ClientBase):
         """
         view = self._single(buf)
         if view is not None:
-            self._one(_READ, offset, 0, _DF if df else 0, timeout, None, view)
+            self._read(view, len(view), offset, _DF if df else 0, timeout)
             return
         ops = self._plan_read(buf, offset, df)
         if ops:
@@ -639,7 +632,9 @@ class Client(ClientBase):
             As :meth:`pread_into`.
         """
         if 0 < length <= self._maxp:
-            return self._read_bytes(offset, length, _DF if df else 0, timeout)
+            data = self._read(None, length, offset, _DF if df else 0, timeout)
+            assert data is not None
+            return data
         buf = bytearray(length)
         self.pread_into(buf, offset, df=df, timeout=timeout)
         return bytes(buf)
