@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from pynbd.errors import ProtocolError
+from pynbd.errors import InvalidRequest, ProtocolError
 from pynbd.proto.constants import Cmd, CmdFlag
 from pynbd.proto.transmission import DIRECT_READ, ClientTransmission
 
@@ -240,21 +240,30 @@ def test_bytewise_usual_reply() -> None:
     assert got is not None and got.error is None and buf == pattern(300)
 
 
-# -- a driver that receives the usual reply itself (direct_lead / direct_done) ----------
+# -- a driver that receives the usual reply itself (direct_read / direct_done) ----------
 
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("detached", [False, True], ids=["into", "bytes"])
-def test_direct_lead_is_the_usual_replys_header(style: str, detached: bool) -> None:
+def test_direct_read_lead_is_the_usual_replys_header(style: str, detached: bool) -> None:
     core = ClientTransmission(neg(style))
     buf = bytearray(DIRECT_READ)
-    c = core.read_bytes(DIRECT_READ, 4096) if detached else core.read(buf, 4096)
-    core.buffers_to_send()
-    assert core.direct_lead(c) == usual(style, c, 4096, pattern(DIRECT_READ))[: lead(style)]
+    direct = core.direct_read(None if detached else memoryview(buf), DIRECT_READ, 4096)
+    assert direct is not None
+    c, lead_bytes = direct
+    assert core.in_flight == 1
+    # The request on the wire is read()'s.
+    other = ClientTransmission(neg(style))
+    assert other.read(bytearray(DIRECT_READ), 4096) == c
+    assert core.data_to_send() == other.data_to_send()
+    assert lead_bytes == usual(style, c, 4096, pattern(DIRECT_READ))[: lead(style)]
     core.direct_done(c)
     assert core.in_flight == 0 and core.next_event() is None
-    # The stream goes on as usual afterwards.
+    with pytest.raises(ValueError):
+        core.direct_done(c)  # finished already
+    # The stream goes on as usual afterwards, with a new cookie.
     c2 = core.read(buf, 0)
+    assert c2 != c
     feed_buffer(core, usual(style, c2, 0, pattern(DIRECT_READ)))
     reply = core.next_event()
     assert reply is not None and reply.cookie == c2 and reply.error is None
@@ -262,18 +271,97 @@ def test_direct_lead_is_the_usual_replys_header(style: str, detached: bool) -> N
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_no_direct_lead_unless_alone_and_nothing_buffered(style: str) -> None:
+@pytest.mark.parametrize("detached", [False, True], ids=["into", "bytes"])
+@pytest.mark.parametrize("split", [1, 5, "lead", "lead+10"])
+def test_direct_read_handed_back_takes_the_general_path(
+    style: str, detached: bool, split: int | str
+) -> None:
+    """A driver that hands the reply to the core (the lead did not match, or came
+    short) gets exactly what read() or read_bytes() would have given."""
     core = ClientTransmission(neg(style))
     buf = bytearray(DIRECT_READ)
-    a = core.read(buf, 0)
+    direct = core.direct_read(None if detached else memoryview(buf), DIRECT_READ, 0)
+    assert direct is not None
+    c = direct[0]
+    data = pattern(DIRECT_READ)
+    reply = usual(style, c, 0, data)
+    cut = {"lead": lead(style), "lead+10": lead(style) + 10}.get(str(split), split)
+    assert isinstance(cut, int)
+    core.receive_data(reply[:cut])
+    core.receive_data(reply[cut:])
+    got = core.next_event()
+    assert got is not None and got.cookie == c and got.error is None
+    assert (got.data if detached else bytes(buf)) == data
+    assert core.in_flight == 0
+
+
+@pytest.mark.parametrize("style", ["structured", "extended"])
+def test_direct_read_error_reply(style: str) -> None:
+    core = ClientTransmission(neg(style))
+    direct = core.direct_read(memoryview(bytearray(DIRECT_READ)), DIRECT_READ, 0)
+    assert direct is not None
+    core.receive_data(R(style, direct[0]).error(errno.EIO, "bad"))
+    got = core.next_event()
+    assert got is not None and got.error is not None and got.error.errno == errno.EIO
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_direct_read_then_other_requests_and_end(style: str) -> None:
+    """Whatever the driver does next besides direct_done, the read is an ordinary
+    request in flight: a second request, the end of the stream, fail_all."""
+    core = ClientTransmission(neg(style))
+    direct = core.direct_read(None, DIRECT_READ, 0)
+    assert direct is not None
+    c = direct[0]
+    c2 = core.read_bytes(512, 0)
+    assert c2 != c and core.in_flight == 2
+    feed_buffer(core, usual(style, c, 0, pattern(DIRECT_READ)) + usual(style, c2, 0, pattern(512)))
+    first, second = core.next_event(), core.next_event()
+    assert first is not None and first.cookie == c and first.data == pattern(DIRECT_READ)
+    assert second is not None and second.cookie == c2
+    eof = ClientTransmission(neg(style))
+    assert eof.direct_read(None, DIRECT_READ, 0) is not None
+    with pytest.raises(ProtocolError):
+        eof.buffer_updated(0)  # end of stream with the read in flight
+    dead = ClientTransmission(neg(style))
+    direct = dead.direct_read(None, DIRECT_READ, 0)
+    assert direct is not None
+    assert dead.fail_all() == [direct[0]] and dead.in_flight == 0
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_no_direct_read_unless_alone_and_nothing_buffered(style: str) -> None:
+    buf = memoryview(bytearray(DIRECT_READ))
+    core = ClientTransmission(neg(style))
     b = core.read(bytearray(512), 0)
-    assert core.direct_lead(a) is None  # two in flight
+    assert core.direct_read(buf, DIRECT_READ, 0) is None  # another is in flight
+    assert core.in_flight == 1 and len(core.buffers_to_send()) == 1  # nothing queued
     feed_buffer(core, usual(style, b, 0, pattern(512))[:5])
+    core.receive_data(usual(style, b, 0, pattern(512))[5:])
+    assert core.next_event() is not None and core.in_flight == 0
     core2 = ClientTransmission(neg(style))
-    c = core2.read(buf, 0)
-    assert core2.direct_lead(c) is not None
-    feed_buffer(core2, usual(style, c, 0, pattern(DIRECT_READ))[:3])
-    assert core2.direct_lead(c) is None  # bytes of the reply are buffered already
+    c = core2.read(bytearray(512), 0)
+    feed_buffer(core2, usual(style, c, 0, pattern(512)) + b"\x67")
+    assert core2.next_event() is not None and core2.in_flight == 0
+    assert core2.direct_read(buf, DIRECT_READ, 0) is None  # a received byte is buffered
     core3 = ClientTransmission(neg(style))
-    assert core3.direct_lead(core3.read(bytearray(0), 0)) is None  # an empty read
-    assert core3.direct_lead(12345) is None  # not in flight
+    assert core3.direct_read(buf[:4096], 4096, 0) is None  # too small to be worth it
+    assert core3.direct_read(None, DIRECT_READ, 0) is not None
+    assert core3.direct_read(None, DIRECT_READ, 0) is None  # one is pending already
+    with pytest.raises(InvalidRequest):
+        ClientTransmission(neg(style)).direct_read(buf[:100], DIRECT_READ, 0)  # wrong size
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("detached", [False, True], ids=["into", "bytes"])
+def test_small_reply_bigger_than_the_receive_buffer(style: str, detached: bool) -> None:
+    """A small read's reply that cannot fit in the receive buffer does not wait there
+    (receive_buffer would be empty): it goes on through the read's own buffer."""
+    core = ClientTransmission(neg(style), buffer_size=64)
+    buf = bytearray(4096)
+    c = core.read_bytes(4096, 0) if detached else core.read(buf, 0)
+    data = pattern(4096)
+    feed_buffer(core, usual(style, c, 0, data))
+    got = core.next_event()
+    assert got is not None and got.cookie == c and got.error is None
+    assert (got.data if detached else bytes(buf)) == data

@@ -426,7 +426,7 @@ class Client(ClientBase):
         """One READ: into ``view``, or (None) into a new ``bytes``, which is returned.
 
         A big read's usual reply is received here, past the core (see
-        ``ClientTransmission.direct_lead``): its header into ``self._head``, then its
+        ``ClientTransmission.direct_read``): its header into ``self._head``, then its
         data straight into ``view`` with ``recv_into(MSG_WAITALL)``, or as one
         ``bytes`` with ``recv(length, MSG_WAITALL)``, which Python does not zero-fill
         first. Anything else (an error, a hole, another header, a short receive) is
@@ -435,13 +435,18 @@ class Client(ClientBase):
         sock, core, timer = self._sock, self._core, self._timer
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
-        # raises ConnectionClosed when the core is closed
-        cookie = (
-            core.read_bytes(length, offset, flags)
-            if view is None
-            else core.read(view, offset, flags)
-        )
-        lead = core.direct_lead(cookie) if length >= DIRECT_READ and self._recv_whole else None
+        # These raise ConnectionClosed when the core is closed.
+        direct = None
+        if length >= DIRECT_READ and self._recv_whole:
+            direct = core.direct_read(view, length, offset, flags)
+        if direct is not None:
+            cookie, lead = direct
+        else:
+            lead = None
+            if view is None:
+                cookie = core.read_bytes(length, offset, flags)
+            else:
+                cookie = core.read(view, offset, flags)
         limit = self.timeout if timeout is DEFAULT else timeout
         try:
             end = self._send_one(sock, core, limit)

@@ -281,6 +281,9 @@ class ClientTransmission:
             else SIMPLE_REPLY_SIZE
         )
         self._in_flight: dict[int, _InFlight] = {}
+        #: A read started by direct_read() whose entry is not made yet:
+        #: (cookie, buffer, length, offset, flags, lead). See _settle().
+        self._direct: tuple[int, memoryview | None, int, int, int, bytes] | None = None
         self._next_cookie = 1
         self._send: list[Buffer] = []
         self._replies: deque[Reply] = deque()
@@ -317,7 +320,7 @@ class ClientTransmission:
     @property
     def in_flight(self) -> int:
         """How many requests await their reply."""
-        return len(self._in_flight)
+        return len(self._in_flight) + (self._direct is not None)
 
     @property
     def closed(self) -> bool:
@@ -351,6 +354,8 @@ class ClientTransmission:
         """
         if self._closed or self._disconnecting:
             raise ConnectionClosed("the connection is closed")
+        if self._direct is not None:
+            self._settle()
         cmd = self._check(command, offset, length, flags)
         if cmd is Cmd.READ:
             if buffer is None:
@@ -428,6 +433,19 @@ class ClientTransmission:
         return self._queue_read(None, length, offset, flags)
 
     def _queue_read(self, view: memoryview | None, length: int, offset: int, flags: int) -> int:
+        if self._direct is not None:
+            self._settle()
+        cookie, expect = self._queue_read_header(length, offset, flags)
+        if length >= DIRECT_READ:
+            self._big_reads += 1
+        self._in_flight[cookie] = _InFlight(
+            cookie, _READ, flags, offset, length, view, expect, view is None
+        )
+        return cookie
+
+    def _queue_read_header(self, length: int, offset: int, flags: int) -> tuple[int, bytes | None]:
+        """Check a READ, take its cookie and queue its header; return the cookie and
+        the start of its usual reply (see _InFlight.expect)."""
         align = self._align
         if (
             flags
@@ -437,34 +455,79 @@ class ClientTransmission:
             or (align > 1 and (offset % align or length % align))
         ):
             self._check(_READ, offset, length, flags)  # the full check, which may pass
-        # Queue it: the header, the in-flight entry and the reply expected.
         in_flight = self._in_flight
         cookie = self._next_cookie
         while cookie in in_flight:
             cookie = (cookie + 1) & U64_MAX
         self._next_cookie = (cookie + 1) & U64_MAX
-        expect: bytes | None
         if self.extended:
             self._send.append(_EXT_REQ.pack(0x21E41C71, flags, _READ_WIRE, cookie, offset, length))
-            expect = _EXPECT_EXTENDED.pack(
+            if not length:
+                return cookie, None  # no OFFSET_DATA chunk can answer an empty read
+            return cookie, _EXPECT_EXTENDED.pack(
                 EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, offset, length + 8, offset
             )
-        else:
-            self._send.append(_REQ.pack(0x25609513, flags, _READ_WIRE, cookie, offset, length))
-            if self.structured:
-                expect = _EXPECT_STRUCTURED.pack(
-                    STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset
-                )
-            else:
-                expect = _EXPECT_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
-        if length >= DIRECT_READ:
-            self._big_reads += 1
-        elif not length:
-            expect = None  # no OFFSET_DATA chunk can answer an empty read
-        in_flight[cookie] = _InFlight(
-            cookie, _READ, flags, offset, length, view, expect, view is None
+        self._send.append(_REQ.pack(0x25609513, flags, _READ_WIRE, cookie, offset, length))
+        if not self.structured:
+            return cookie, _EXPECT_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        if not length:
+            return cookie, None
+        return cookie, _EXPECT_STRUCTURED.pack(
+            STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset
         )
-        return cookie
+
+    def direct_read(
+        self, buffer: memoryview | None, length: int, offset: int, flags: int = 0
+    ) -> tuple[int, bytes] | None:
+        """Queue a big READ whose usual reply the driver receives itself; return its
+        cookie and the ``lead``, the exact bytes that reply starts with. None when that
+        is not allowed, with nothing queued: then use :meth:`read` or
+        :meth:`read_bytes`.
+
+        ``buffer`` is the ``length``-byte writable byte view the data goes to, or None
+        for data that comes back as a new ``bytes`` (as :meth:`read_bytes`). It is
+        allowed for a read of at least ``DIRECT_READ`` bytes while nothing else is in
+        flight and nothing received is buffered here. The driver sends the request
+        (:meth:`buffers_to_send`) and receives exactly ``len(lead)`` bytes. If they are
+        ``lead``, the read's whole data follows: the driver receives it itself and
+        calls :meth:`direct_done`. If not (an error, a hole, a short receive), it
+        hands the bytes over with :meth:`receive_data` and carries on as usual: every
+        check applies. The comparison is the same as the parser's own fast path, so a
+        matching lead is a valid reply header for this read.
+
+        The read's bookkeeping is made only if the driver does anything but
+        :meth:`direct_done` next: the usual case costs one tuple.
+
+        Raises:
+            As :meth:`read`.
+        """
+        if self._closed or self._disconnecting:
+            raise ConnectionClosed("the connection is closed")
+        if (
+            length < DIRECT_READ
+            or self._in_flight
+            or self._direct is not None
+            or self._start != self._end
+            or self._state != _HEADER
+        ):
+            return None
+        if buffer is not None and (buffer.readonly or len(buffer) != length):
+            raise InvalidRequest(f"read buffer must be writable and {length} bytes long")
+        cookie, lead = self._queue_read_header(length, offset, flags)
+        assert lead is not None  # the read is not empty
+        self._direct = (cookie, buffer, length, offset, flags, lead)
+        return cookie, lead
+
+    def _settle(self) -> None:
+        """Make the read that direct_read() started an ordinary request in flight:
+        the driver did something other than direct_done()."""
+        direct, self._direct = self._direct, None
+        assert direct is not None
+        cookie, buffer, length, offset, flags, lead = direct
+        self._big_reads += 1
+        self._in_flight[cookie] = _InFlight(
+            cookie, _READ, flags, offset, length, buffer, lead, buffer is None
+        )
 
     def savepoint(self) -> int:
         """Mark the send queue, so that a batch of requests can be taken back whole."""
@@ -473,6 +536,8 @@ class ClientTransmission:
     def rollback(self, savepoint: int, cookies: Iterable[int]) -> None:
         """Take back requests queued since ``savepoint`` whose bytes were not handed
         out yet (a split call whose later piece was refused must send nothing)."""
+        if self._direct is not None:
+            self._settle()
         del self._send[savepoint:]
         for cookie in cookies:
             self._in_flight.pop(cookie, None)
@@ -498,6 +563,8 @@ class ClientTransmission:
         return b"".join(self.buffers_to_send())
 
     def _take_cookie(self) -> int:
+        if self._direct is not None:
+            self._settle()
         cookie = self._next_cookie
         while cookie in self._in_flight:
             cookie = (cookie + 1) & U64_MAX
@@ -585,6 +652,8 @@ class ClientTransmission:
 
     def receive_buffer(self) -> memoryview:
         """A buffer for the next bytes from the server (never empty)."""
+        if self._direct is not None:
+            self._settle()  # the driver hands over a direct read's reply
         if self._state == _INTO and self._start == self._end:
             assert self._target is not None
             return self._target[self._target_pos :]
@@ -652,6 +721,8 @@ class ClientTransmission:
 
     def fail_all(self) -> list[int]:
         """Mark the connection dead and forget every request; returns their cookies."""
+        if self._direct is not None:
+            self._settle()
         self._closed = True
         cookies = list(self._in_flight)
         self._in_flight.clear()
@@ -660,6 +731,8 @@ class ClientTransmission:
         return cookies
 
     def _on_eof(self) -> None:
+        if self._direct is not None:
+            self._settle()
         self._eof = True
         self._closed = True
         self.pending_data = 0
@@ -737,7 +810,7 @@ class ClientTransmission:
                 length = entry.length
                 end = head + length
                 if end > stop:
-                    if length < DIRECT_READ:
+                    if length < DIRECT_READ and end - start <= len(buf):
                         return True  # a small reply: wait for the rest of it here
                     self._start = start = head
                     self._begin_whole(entry)  # the rest goes to the read's buffer
@@ -783,32 +856,13 @@ class ClientTransmission:
         entry.buffer = memoryview(bytearray(entry.length))
         self._start_into(entry.buffer, entry.length)
 
-    def direct_lead(self, cookie: int) -> bytes | None:
-        """What the usual reply to the read ``cookie`` starts with, for a driver that
-        receives it itself; None when that is not allowed.
-
-        It is allowed while this read is the only request in flight, nothing received
-        is buffered here, and the read is not empty. The driver then receives exactly
-        ``len(lead)`` bytes; if they are ``lead``, the read's whole data follows and
-        the driver receives it into the read's buffer (or as one ``bytes``) and calls
-        :meth:`direct_done`. If not (an error, a hole, a short receive), it hands the
-        bytes over with :meth:`receive_data` and carries on as usual: every check
-        applies. The comparison is the same as the parser's own fast path, so a
-        matching lead is a valid reply header for this read.
-        """
-        if self._start != self._end or self._state != _HEADER or len(self._in_flight) != 1:
-            return None
-        entry = self._in_flight.get(cookie)
-        if entry is None or entry.command is not _READ:
-            return None
-        return entry.expect
-
     def direct_done(self, cookie: int) -> None:
-        """The driver received the reply to ``cookie`` itself (see :meth:`direct_lead`):
+        """The driver received the reply to ``cookie`` itself (see :meth:`direct_read`):
         the read is complete, and no :class:`Reply` is queued for it."""
-        entry = self._in_flight.pop(cookie)
-        if entry.length >= DIRECT_READ:
-            self._big_reads -= 1
+        direct = self._direct
+        if direct is None or direct[0] != cookie:
+            raise ValueError(f"no direct read {cookie:#x} to finish")
+        self._direct = None
 
     def data_received(self, data: bytes) -> bool:
         """The driver received ``data`` itself while :attr:`pending_data` was nonzero:
