@@ -56,7 +56,6 @@ from .base import (
 _IOV_MAX = 1024
 _WAITALL = socket.MSG_WAITALL
 _DF = int(CmdFlag.DF)
-_READ = Cmd.READ
 _FUA = int(CmdFlag.FUA)
 
 
