@@ -651,6 +651,24 @@ def fmt_rate(value: float | None, unit: str) -> str:
     return f"{value / 1000:,.1f}k IOPS"
 
 
+def paired_ratio(mine: Result, theirs: Result) -> float | None:
+    """The median over rounds of pynbd's rate over libnbd's in the same round.
+
+    The contenders of a round run next to each other, so a round in which the machine
+    was slower for both leaves this ratio alone, where it moves both medians apart.
+    None when a side failed or the rounds do not pair up."""
+    if mine.error or theirs.error or not mine.samples:
+        return None
+    if len(mine.samples) != len(theirs.samples):
+        return None
+    ratios = [
+        a.rate(mine.unit) / b.rate(theirs.unit)
+        for a, b in zip(mine.samples, theirs.samples, strict=True)
+        if b.rate(theirs.unit) > 0
+    ]
+    return statistics.median(ratios) if len(ratios) == len(mine.samples) else None
+
+
 def table_rows(
     cases: list[Case], results: dict[tuple[str, str, str], Result]
 ) -> list[dict[str, Any]]:
@@ -685,6 +703,7 @@ def table_rows(
                         "pynbd": a,
                         "libnbd": b,
                         "ratio": ratio,
+                        "paired_ratio": paired_ratio(mine, theirs),
                         "target": row.target,
                         "verdict": verdict,
                         "pynbd_cpu_us_per_op": mine.cpu_median(),
@@ -696,7 +715,7 @@ def table_rows(
 
 def render(rows: list[dict[str, Any]], markdown: bool) -> str:
     """The comparison table, then the client CPU time per operation of each side."""
-    header = ["test", "transport", "pynbd", "libnbd", "ratio", "target", "verdict"]
+    header = ["test", "transport", "pynbd", "libnbd", "ratio", "paired", "target", "verdict"]
     lines = [
         [
             r["test"],
@@ -704,6 +723,7 @@ def render(rows: list[dict[str, Any]], markdown: bool) -> str:
             fmt_rate(r["pynbd"], r["unit"]),
             fmt_rate(r["libnbd"], r["unit"]),
             "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+            "-" if r["paired_ratio"] is None else f"{r['paired_ratio']:.2f}x",
             "-" if r["target"] is None else f">= {r['target']:.1f}x",
             r["verdict"],
         ]

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = "/usr/bin/python3"
-HEADER = "| test | transport | pynbd | libnbd | ratio | target | verdict |"
+HEADER = "| test | transport | pynbd | libnbd | ratio | paired | target | verdict |"
 
 
 def _has_libnbd() -> bool:
@@ -68,8 +68,8 @@ def test_quick_run_prints_a_markdown_table(tmp_path: Path) -> None:
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[:2] == ["4 KiB random read, QD1", "unix"]
     assert cells[2].endswith("IOPS") and cells[3].endswith("IOPS"), lines[2]
-    assert cells[4].endswith("x") and cells[5] == ">= 0.8x", lines[2]
-    assert "error" not in cells[6], lines[2]
+    assert cells[4].endswith("x") and cells[5].endswith("x"), lines[2]
+    assert cells[6] == ">= 0.8x" and "error" not in cells[7], lines[2]
     assert cpu_table.splitlines()[0].startswith("| test | transport | pynbd CPU"), proc.stdout
 
     doc = json.loads(out_json.read_text())
@@ -78,6 +78,24 @@ def test_quick_run_prints_a_markdown_table(tmp_path: Path) -> None:
     assert row["pynbd"] > 0 and row["libnbd"] > 0
     assert {r["contender"] for r in doc["results"]} == {"pynbd Client.pread", "libnbd pread"}
     assert all(len(r["samples"]) == 2 for r in doc["results"])
+    assert row["paired_ratio"] > 0
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
+    from bench import bench_client as bc
+
+    def result(rates: list[float], error: str | None = None) -> bc.Result:
+        samples = [bc.Sample(ops=int(r), nbytes=int(r), seconds=1.0) for r in rates]
+        return bc.Result("unix", "case", "who", "IOPS", samples, error)
+
+    # Round 2 was slow for both sides. The medians' ratio is 0.8; the median of the
+    # rounds' own ratios (1.0, 1.0, 0.8) is 1.0.
+    mine, theirs = result([100, 40, 80]), result([100, 40, 100])
+    assert mine.median() is not None and theirs.median() is not None
+    assert mine.median() / theirs.median() == pytest.approx(0.8)
+    assert bc.paired_ratio(mine, theirs) == pytest.approx(1.0)
+    assert bc.paired_ratio(result([1, 2, 3]), result([1, 2])) is None  # no pairs
+    assert bc.paired_ratio(result([1]), result([1], error="boom")) is None
 
 
 # --------------------------------------------------------------------------- bench_kernel
