@@ -486,13 +486,12 @@ class Client(ClientBase):
                             return None
                         timer.check(end)  # short: a timeout slice, a signal
             # The general path: the core parses whatever comes.
-            if lead is not None or not core.buffer_updated(sock.recv_into(core.receive_buffer())):
-                while not core.replies:
-                    timer.check(end)  # a trickling server cannot stretch the call
-                    if core.pending_data and self._recv_whole:
-                        core.data_received(sock.recv(core.pending_data, _WAITALL))
-                    else:
-                        core.buffer_updated(sock.recv_into(core.receive_buffer()))
+            if lead is None:
+                done = core.buffer_updated(sock.recv_into(core.receive_buffer()))
+            else:
+                done = bool(core.replies)
+            if not done:
+                self._receive_rest(sock, core, end)
         except (OSError, NBDError) as exc:
             err = self._failure(exc, limit)
             if err is exc:
@@ -530,7 +529,11 @@ class Client(ClientBase):
     def _receive_rest(
         self, sock: socket.socket, core: ClientTransmission, end: float | None
     ) -> None:
-        """Receive until a reply completes (the first recv did not bring it whole)."""
+        """Receive until a reply completes (the first recv did not bring it whole).
+
+        Once only a read's data is left to come (``core.pending_data``), it is received
+        as one ``bytes`` with ``recv(n, MSG_WAITALL)``, which Python does not zero-fill
+        first."""
         recv_into, receive_buffer, updated = (
             sock.recv_into,
             core.receive_buffer,
@@ -539,7 +542,11 @@ class Client(ClientBase):
         timer = self._timer
         while True:
             timer.check(end)  # a trickling server cannot stretch the call
-            if updated(recv_into(receive_buffer())):
+            if core.pending_data and self._recv_whole:
+                done = core.data_received(sock.recv(core.pending_data, _WAITALL))
+            else:
+                done = updated(recv_into(receive_buffer()))
+            if done:
                 return
 
     def _failure(self, exc: BaseException, limit: float | None) -> BaseException:

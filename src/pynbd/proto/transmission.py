@@ -354,8 +354,6 @@ class ClientTransmission:
         """
         if self._closed or self._disconnecting:
             raise ConnectionClosed("the connection is closed")
-        if self._direct is not None:
-            self._settle()
         cmd = self._check(command, offset, length, flags)
         if cmd is Cmd.READ:
             if buffer is None:
