@@ -1,11 +1,12 @@
-"""Big reads against a server that breaks off a read's data.
+"""Reads against a server that breaks off a read's reply.
 
-The blocking client receives a large read's data with one ``recv(n, MSG_WAITALL)``: into
-the bytes object ``pread`` returns, or into the caller's buffer for ``pread_into``, after
-checking the reply's header itself; the asyncio client assembles it in a buffer. A recv that
-comes back short (end of stream, a timeout, a signal) must never turn into a short or
-wrong result: the documented exception, or (after a signal) the whole data. Both
-clients (the ``api`` fixture of test_hostile), every reply style.
+The blocking client receives a read's usual reply itself, past the core: a small read's
+header and data with one recv into a buffer of its own, a big read's header alone and
+then its data (into the bytes object ``pread`` returns, or into the caller's buffer for
+``pread_into``); the asyncio client assembles it in a buffer. A recv that comes back
+short (end of stream, a timeout, a signal) must never turn into a short or wrong result:
+the documented exception, or (after a signal) the whole data. Both clients (the ``api``
+fixture of test_hostile), every reply style, a small read and a big one.
 """
 
 from __future__ import annotations
@@ -52,18 +53,36 @@ serve = test_hostile.serve
 
 STYLES: list[Style] = ["simple", "structured", "extended"]
 BIG = 4 * DIRECT_READ  # 256 KiB: the header is received alone, then the data
+SMALL = 4096  # the header and the data in one recv
 OFFSET = 8192
 DATA = bytes((i * 13 + 7) & 0xFF for i in range(BIG))
 
 
+@pytest.fixture(params=[SMALL, BIG], ids=["small", "big"])
+def size(request: pytest.FixtureRequest) -> int:
+    """The read's length: DATA[:size] at OFFSET."""
+    n: int = request.param
+    return n
+
+
+def at(where: int | str, size: int) -> int:
+    """A place in the data: a byte count, "half" or "last" (one byte before the end)."""
+    if where == "half":
+        return size // 2
+    if where == "last":
+        return size - 1
+    assert isinstance(where, int)
+    return where
+
+
 def reply(s: Session) -> bytes:
-    """The correct reply to the read of DATA at OFFSET."""
-    return s.read_ok(DATA)
+    """The correct reply to the read of DATA[:size] at OFFSET (the last request's)."""
+    return s.read_ok(DATA[: s.last.length])
 
 
 def lead(s: Session) -> int:
     """The bytes of the reply before its data."""
-    return len(reply(s)) - BIG
+    return len(reply(s)) - s.last.length
 
 
 def head(extra: int) -> Send:
@@ -71,13 +90,13 @@ def head(extra: int) -> Send:
     return Send(lambda s: reply(s)[: lead(s) + extra])
 
 
-def read(c: Any, how: str) -> bytes:
-    """The read of DATA at OFFSET, by ``pread`` or ``pread_into``."""
+def read(c: Any, how: str, size: int) -> bytes:
+    """The read of DATA[:size] at OFFSET, by ``pread`` or ``pread_into``."""
     if how == "pread":
-        got: bytes = c.pread(BIG, OFFSET)
+        got: bytes = c.pread(size, OFFSET)
         assert type(got) is bytes
         return got
-    buf = bytearray(BIG)
+    buf = bytearray(size)
     c.pread_into(buf, OFFSET)
     return bytes(buf)
 
@@ -92,37 +111,44 @@ def tail(extra: int) -> Send:
 
 @HOW
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("split", [-20, -8, -1, 0, 1, 100_000, BIG - 1])
+@pytest.mark.parametrize("where", [-20, -8, -1, 0, 1, "half", "last"])
 def test_data_in_pieces(
-    api: Driver, serve: Callable[..., HostileServer], style: Style, split: int, how: str
+    api: Driver,
+    serve: Callable[..., HostileServer],
+    style: Style,
+    where: int | str,
+    how: str,
+    size: int,
 ) -> None:
     """The reply arrives in two writes with a pause between (negative splits cut the
     header itself): all of the data."""
+    split = at(where, size)
     if split < 0 and style == "simple":
         split //= 4  # a simple reply's header is 16 bytes
     server = serve(transmission(style, head(split), Sleep(0.2), tail(split), Silent()))
     c = api.connect(server.uri)
-    assert read(c, how) == DATA
+    assert read(c, how, size) == DATA[:size]
     assert not c.closed
 
 
 @HOW
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("close", [Close(), HalfClose()], ids=["close", "half-close"])
-@pytest.mark.parametrize("sent", [-5, 0, 1, BIG // 2, BIG - 1])
+@pytest.mark.parametrize("sent", [-5, 0, 1, "half", "last"])
 def test_eof_mid_data(
     api: Driver,
     serve: Callable[..., HostileServer],
     style: Style,
     close: Step,
-    sent: int,
+    sent: int | str,
     how: str,
+    size: int,
 ) -> None:
     """The header (or part of it) and part of the data, then end of stream: an error,
     never data."""
-    server = serve(transmission(style, head(sent), close))
+    server = serve(transmission(style, head(at(sent, size)), close))
     c = api.connect(server.uri)
-    fails((ProtocolError, ConnectionClosed), read, c, how)
+    fails((ProtocolError, ConnectionClosed), read, c, how, size)
     assert c.closed
     if isinstance(close, HalfClose):
         assert_dead(c, server)
@@ -130,16 +156,21 @@ def test_eof_mid_data(
 
 @HOW
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("sent", [-5, 0, BIG // 2])
+@pytest.mark.parametrize("sent", [-5, 0, "half"])
 def test_silent_mid_data(
-    api: Driver, serve: Callable[..., HostileServer], style: Style, sent: int, how: str
+    api: Driver,
+    serve: Callable[..., HostileServer],
+    style: Style,
+    sent: int | str,
+    how: str,
+    size: int,
 ) -> None:
     """The header (or part of it) and part of the data, then silence: NBDTimeout after
     the timeout."""
-    server = serve(transmission(style, head(sent), Silent()))
+    server = serve(transmission(style, head(at(sent, size)), Silent()))
     c = api.connect(server.uri)
     start = time.monotonic()
-    fails(NBDTimeout, read, c, how)
+    fails(NBDTimeout, read, c, how, size)
     assert time.monotonic() - start >= CLIENT_TIMEOUT * 0.9, "timed out too early"
     assert_dead(c, server)
 
@@ -147,23 +178,22 @@ def test_silent_mid_data(
 @HOW
 @pytest.mark.parametrize("style", ["structured", "extended"])
 def test_trickle_past_the_timeout(
-    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str
+    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str, size: int
 ) -> None:
     """Data in small pieces, each well within the timeout, the whole far beyond it:
     the call's deadline holds (one recv of the rest must not outlive it)."""
-    pieces = [head(1000)] + [
-        step for i in range(1, 9) for step in (Sleep(0.5), piece(i * 1000, 1000))
-    ]
+    n = size // 10
+    pieces = [head(n)] + [step for i in range(1, 9) for step in (Sleep(0.5), piece(i * n, n))]
     server = serve(transmission(style, *pieces, Silent()))
     c = api.connect(server.uri)
-    fails(NBDTimeout, read, c, how)
+    fails(NBDTimeout, read, c, how, size)
     assert_dead(c, server)
 
 
 @HOW
 @pytest.mark.parametrize("style", STYLES)
 def test_trickled_header_past_the_timeout(
-    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str
+    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str, size: int
 ) -> None:
     """The reply's header one byte at a time, each well within the timeout, the whole
     beyond it: the call's deadline holds while the client waits for the rest of the
@@ -172,7 +202,7 @@ def test_trickled_header_past_the_timeout(
     server = serve(transmission(style, Send(lambda s: reply(s)[: lead(s) - 12]), *pieces))
     c = api.connect(server.uri)
     start = time.monotonic()
-    fails(NBDTimeout, read, c, how)
+    fails(NBDTimeout, read, c, how, size)
     assert time.monotonic() - start < 12 * 0.25, "the trickle outlived the deadline"
     assert_dead(c, server)
 
@@ -204,23 +234,28 @@ def sigusr1() -> Iterator[list[int]]:
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 @pytest.mark.parametrize("style", STYLES)
 def test_signal_mid_data(
-    serve: Callable[..., HostileServer], sigusr1: list[int], style: Style, tcp: bool, how: str
+    serve: Callable[..., HostileServer],
+    sigusr1: list[int],
+    style: Style,
+    tcp: bool,
+    how: str,
+    size: int,
 ) -> None:
     """A signal while the recv waits for the rest of the data: the recv returns what
     it has, the client receives the rest, and the result is whole."""
-    steps = transmission(style, head(BIG // 2), Sleep(0.6), tail(BIG // 2), Silent())
+    steps = transmission(style, head(size // 2), Sleep(0.6), tail(size // 2), Silent())
     server = serve(steps, tcp=tcp)
     with Client(server.uri, timeout=CLIENT_TIMEOUT) as c:
         target = threading.get_ident()
         timer = threading.Timer(0.3, signal.pthread_kill, (target, signal.SIGUSR1))
         timer.start()
         try:
-            got = read(c, how)
+            got = read(c, how, size)
         finally:
             timer.cancel()
             timer.join()
         assert sigusr1 == [signal.SIGUSR1], "the signal did not arrive during the call"
-        assert got == DATA
+        assert got == DATA[:size]
         assert not c.closed
 
 
@@ -256,7 +291,7 @@ def test_interrupted_call_closes_the_connection(
         assert time.monotonic() - start < MAX_ELAPSED
 
 
-# --- Replies to a big read other than the usual one -----------------------------------------
+# --- Replies to a read other than the usual one ---------------------------------------------
 
 
 def _error(s: Session) -> bytes:
@@ -264,24 +299,31 @@ def _error(s: Session) -> bytes:
 
 
 def _hole_then_data(s: Session) -> bytes:
-    # DATA's first 4096 bytes are not zero, so a hole there reads zeroes instead.
-    half = BIG // 2
-    return s.hole(OFFSET, half) + s.data(OFFSET + half, DATA[half:], done=True)
+    # DATA's first bytes are not zero, so a hole there reads zeroes instead.
+    size = s.last.length
+    half = size // 2
+    return s.hole(OFFSET, half) + s.data(OFFSET + half, DATA[half:size], done=True)
 
 
 def _two_chunks(s: Session) -> bytes:
-    half = BIG // 2
-    return s.data(OFFSET + half, DATA[half:]) + s.data(OFFSET, DATA[:half], done=True)
+    size = s.last.length
+    half = size // 2
+    return s.data(OFFSET + half, DATA[half:size]) + s.data(OFFSET, DATA[:half], done=True)
+
+
+def _hole_expected(size: int) -> bytes:
+    return bytes(size // 2) + DATA[size // 2 : size]
+
+
+def _two_expected(size: int) -> bytes:
+    return DATA[:size]
 
 
 @HOW
 @pytest.mark.parametrize("style", ["structured", "extended"])
 @pytest.mark.parametrize(
     ("make", "expected"),
-    [
-        (_hole_then_data, bytes(BIG // 2) + DATA[BIG // 2 :]),
-        (_two_chunks, DATA),
-    ],
+    [(_hole_then_data, _hole_expected), (_two_chunks, _two_expected)],
     ids=["hole-then-data", "two-chunks-out-of-order"],
 )
 def test_other_reply_shapes(
@@ -290,38 +332,39 @@ def test_other_reply_shapes(
     style: Style,
     how: str,
     make: Callable[[Session], bytes],
-    expected: bytes,
+    expected: Callable[[int], bytes],
+    size: int,
 ) -> None:
     """Not the header the client looks for first: the general path reads the reply
     (all of it, in the right places), and the connection carries on."""
     server = serve(transmission(style, Send(make), ExpectRequest(), Send(reply), Silent()))
     c = api.connect(server.uri)
-    assert read(c, how) == expected
-    assert read(c, how) == DATA
+    assert read(c, how, size) == expected(size)
+    assert read(c, how, size) == DATA[:size]
     assert not c.closed
 
 
 @HOW
 @pytest.mark.parametrize("style", STYLES)
 def test_error_reply(
-    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str
+    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str, size: int
 ) -> None:
     """An error instead of data: RequestError, and the connection is still usable."""
     server = serve(transmission(style, Send(_error), ExpectRequest(), Send(reply), Silent()))
     c = api.connect(server.uri)
-    fails(RequestError, read, c, how)
-    assert read(c, how) == DATA
+    fails(RequestError, read, c, how, size)
+    assert read(c, how, size) == DATA[:size]
     assert not c.closed
 
 
 @HOW
 @pytest.mark.parametrize("style", STYLES)
 def test_reply_to_another_cookie(
-    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str
+    api: Driver, serve: Callable[..., HostileServer], style: Style, how: str, size: int
 ) -> None:
     """The header of the usual reply but for a cookie never sent: a protocol error."""
-    bad = Send(lambda s: s.read_ok(DATA).replace(struct.pack(">Q", s.last.cookie), bytes(8), 1))
+    bad = Send(lambda s: reply(s).replace(struct.pack(">Q", s.last.cookie), bytes(8), 1))
     server = serve(transmission(style, bad, Silent()))
     c = api.connect(server.uri)
-    fails(ProtocolError, read, c, how)
+    fails(ProtocolError, read, c, how, size)
     assert c.closed

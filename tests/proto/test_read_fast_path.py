@@ -245,18 +245,22 @@ def test_bytewise_usual_reply() -> None:
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("detached", [False, True], ids=["into", "bytes"])
-def test_direct_read_lead_is_the_usual_replys_header(style: str, detached: bool) -> None:
+@pytest.mark.parametrize("length", [1, 4096, DIRECT_READ])
+def test_direct_read_lead_is_the_usual_replys_header(
+    style: str, detached: bool, length: int
+) -> None:
     core = ClientTransmission(neg(style))
     buf = bytearray(DIRECT_READ)
-    direct = core.direct_read(None if detached else memoryview(buf), DIRECT_READ, 4096)
+    direct = core.direct_read(None if detached else memoryview(buf)[:length], length, 4096)
     assert direct is not None
-    c, lead_bytes = direct
+    c, request, lead_bytes = direct
     assert core.in_flight == 1
-    # The request on the wire is read()'s.
+    # The request is read()'s, and it is the driver's to send: nothing is queued.
     other = ClientTransmission(neg(style))
-    assert other.read(bytearray(DIRECT_READ), 4096) == c
-    assert core.data_to_send() == other.data_to_send()
-    assert lead_bytes == usual(style, c, 4096, pattern(DIRECT_READ))[: lead(style)]
+    assert other.read(bytearray(length), 4096) == c
+    assert request == other.data_to_send()
+    assert core.data_to_send() == b""
+    assert lead_bytes == usual(style, c, 4096, pattern(length))[: lead(style)]
     core.direct_done(c)
     assert core.in_flight == 0 and core.next_event() is None
     with pytest.raises(ValueError):
@@ -345,7 +349,8 @@ def test_no_direct_read_unless_alone_and_nothing_buffered(style: str) -> None:
     assert core2.next_event() is not None and core2.in_flight == 0
     assert core2.direct_read(buf, DIRECT_READ, 0) is None  # a received byte is buffered
     core3 = ClientTransmission(neg(style))
-    assert core3.direct_read(buf[:4096], 4096, 0) is None  # too small to be worth it
+    assert core3.direct_read(buf[:0], 0, 0) is None  # an empty read has no data chunk
+    assert core3.in_flight == 0 and core3.buffers_to_send() == []  # nothing queued
     assert core3.direct_read(None, DIRECT_READ, 0) is not None
     assert core3.direct_read(None, DIRECT_READ, 0) is None  # one is pending already
     with pytest.raises(InvalidRequest):

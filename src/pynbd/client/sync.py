@@ -282,7 +282,9 @@ class Client(ClientBase):
         # A read's data can be received as one bytes object (recv with MSG_WAITALL);
         # a TLS socket takes no recv flags.
         self._recv_whole = not isinstance(self._sock, ssl.SSLSocket)
-        self._head = bytearray(64)  # a big read's reply header (see _read)
+        # A read's reply header, and a small read's data after it (see _read).
+        self._head = bytearray(64 + DIRECT_READ)
+        self._head_view = memoryview(self._head)
 
     # -- negotiation mode --------------------------------------------------------------
 
@@ -424,45 +426,63 @@ class Client(ClientBase):
     ) -> bytes | None:
         """One READ: into ``view``, or (None) into a new ``bytes``, which is returned.
 
-        A big read's usual reply is received here, past the core (see
-        ``ClientTransmission.direct_read``): its header into ``self._head``, then its
-        data straight into ``view`` with plain ``recv_into`` calls (A/B against
-        MSG_WAITALL, 256 KiB over unix: about 5% more MB/s), or as one
-        ``bytes`` with ``recv(length, MSG_WAITALL)``, which Python does not zero-fill
-        first. Anything else (an error, a hole, another header, a short receive) is
-        handed to the core, and the general path goes on with every check. All in one
-        method: this is the client's hottest path, and each call costs."""
+        A read's usual reply is received here, past the core (see
+        ``ClientTransmission.direct_read``). A small read's header and data come with
+        one recv into ``self._head``, and the data is copied out once (4 KiB at depth
+        1: about 5 us less CPU per read than through the core's parser). A big read's
+        header comes alone, then its data straight into ``view`` with plain
+        ``recv_into`` calls (A/B against MSG_WAITALL, 256 KiB over unix: about 5% more
+        MB/s), or as one ``bytes`` with ``recv(length, MSG_WAITALL)``, which Python
+        does not zero-fill first. Anything else (an error, a hole, another header, a
+        short receive) is handed to the core, and the general path goes on with every
+        check. All in one method: this is the client's hottest path, and each call
+        costs."""
         sock, core, timer = self._sock, self._core, self._timer
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
         # These raise ConnectionClosed when the core is closed.
+        small = length < DIRECT_READ
         direct = None
-        if length >= DIRECT_READ and self._recv_whole:
+        if small or self._recv_whole:
             direct = core.direct_read(view, length, offset, flags)
-        if direct is not None:
-            cookie, lead = direct
-        else:
-            lead = None
+        lead = None
+        if direct is None:
             if view is None:
                 cookie = core.read_bytes(length, offset, flags)
             else:
                 cookie = core.read(view, offset, flags)
         limit = self.timeout if timeout is DEFAULT else timeout
         try:
-            end = self._send_one(sock, core, limit)
+            if direct is None:
+                end = self._send_one(sock, core, limit)
+            else:
+                cookie, request, lead = direct
+                if timer.current != limit:
+                    timer.arm(limit)
+                sock.sendall(request)
+                end = None if limit is None else time.monotonic() + limit
             if lead is not None:
-                head, want = self._head, len(lead)
+                # The lead, and a small read's data with it: one recv, as a rule.
+                head, lead_len = self._head, len(lead)
+                want = lead_len + length if small else lead_len
                 n = sock.recv_into(head, want)
-                while 0 < n < want and head[:n] == lead[:n]:
-                    # The header came before the offset that ends the lead: the usual
-                    # reply so far, so the rest of the lead is due.
+                while 0 < n < want and head[: min(n, lead_len)] == lead[:n]:
+                    # The usual reply so far: the rest of it is due (nbdkit sends a
+                    # reply's header and its data apart, and over unix about one
+                    # recv in twenty gets only the header).
                     timer.check(end)
-                    more = sock.recv_into(memoryview(head)[n:want])
+                    more = sock.recv_into(self._head_view[n:want])
                     if not more:
                         break
                     n += more
                 if n != want or not head.startswith(lead):
                     core.receive_data(bytes(head[:n]))  # b"": end of stream, which raises
+                elif small:
+                    core.direct_done(cookie)
+                    if view is None:
+                        return bytes(self._head_view[lead_len:want])
+                    view[:] = self._head_view[lead_len:want]
+                    return None
                 elif view is None:
                     data = sock.recv(length, _WAITALL)
                     if len(data) == length:

@@ -433,7 +433,8 @@ class ClientTransmission:
     def _queue_read(self, view: memoryview | None, length: int, offset: int, flags: int) -> int:
         if self._direct is not None:
             self._settle()
-        cookie, expect = self._queue_read_header(length, offset, flags)
+        cookie, request, expect = self._read_header(length, offset, flags)
+        self._send.append(request)
         if length >= DIRECT_READ:
             self._big_reads += 1
         self._in_flight[cookie] = _InFlight(
@@ -441,8 +442,8 @@ class ClientTransmission:
         )
         return cookie
 
-    def _queue_read_header(self, length: int, offset: int, flags: int) -> tuple[int, bytes | None]:
-        """Check a READ, take its cookie and queue its header; return the cookie and
+    def _read_header(self, length: int, offset: int, flags: int) -> tuple[int, bytes, bytes | None]:
+        """Check a READ and take its cookie; return the cookie, the request's bytes and
         the start of its usual reply (see _InFlight.expect)."""
         align = self._align
         if (
@@ -459,39 +460,49 @@ class ClientTransmission:
             cookie = (cookie + 1) & U64_MAX
         self._next_cookie = (cookie + 1) & U64_MAX
         if self.extended:
-            self._send.append(_EXT_REQ.pack(0x21E41C71, flags, _READ_WIRE, cookie, offset, length))
+            request = _EXT_REQ.pack(0x21E41C71, flags, _READ_WIRE, cookie, offset, length)
             if not length:
-                return cookie, None  # no OFFSET_DATA chunk can answer an empty read
-            return cookie, _EXPECT_EXTENDED.pack(
-                EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, offset, length + 8, offset
+                return cookie, request, None  # no OFFSET_DATA chunk answers an empty read
+            return (
+                cookie,
+                request,
+                _EXPECT_EXTENDED.pack(
+                    EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, offset, length + 8, offset
+                ),
             )
-        self._send.append(_REQ.pack(0x25609513, flags, _READ_WIRE, cookie, offset, length))
+        request = _REQ.pack(0x25609513, flags, _READ_WIRE, cookie, offset, length)
         if not self.structured:
-            return cookie, _EXPECT_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+            return cookie, request, _EXPECT_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         if not length:
-            return cookie, None
-        return cookie, _EXPECT_STRUCTURED.pack(
-            STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset
+            return cookie, request, None
+        return (
+            cookie,
+            request,
+            _EXPECT_STRUCTURED.pack(
+                STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset
+            ),
         )
 
     def direct_read(
         self, buffer: memoryview | None, length: int, offset: int, flags: int = 0
-    ) -> tuple[int, bytes] | None:
-        """Queue a big READ whose usual reply the driver receives itself; return its
-        cookie and the ``lead``, the exact bytes that reply starts with. None when that
-        is not allowed, with nothing queued: then use :meth:`read` or
-        :meth:`read_bytes`.
+    ) -> tuple[int, bytes, bytes] | None:
+        """Start a READ whose usual reply the driver receives itself; return its
+        cookie, the request's bytes and the ``lead``, the exact bytes that reply starts
+        with. None when that is not allowed, with nothing done: then use :meth:`read`
+        or :meth:`read_bytes`.
 
         ``buffer`` is the ``length``-byte writable byte view the data goes to, or None
         for data that comes back as a new ``bytes`` (as :meth:`read_bytes`). It is
-        allowed for a read of at least ``DIRECT_READ`` bytes while nothing else is in
-        flight and nothing received is buffered here. The driver sends the request
-        (:meth:`buffers_to_send`) and receives exactly ``len(lead)`` bytes. If they are
-        ``lead``, the read's whole data follows: the driver receives it itself and
-        calls :meth:`direct_done`. If not (an error, a hole, a short receive), it
-        hands the bytes over with :meth:`receive_data` and carries on as usual: every
-        check applies. The comparison is the same as the parser's own fast path, so a
-        matching lead is a valid reply header for this read.
+        allowed for a read that is not empty while nothing else is in flight and
+        nothing received is buffered here. The request is not queued (see
+        :meth:`buffers_to_send`): the driver sends it, all of it or the connection is
+        lost, and receives the reply's first bytes, at most ``len(lead) + length`` of
+        them. If they start with ``lead``, the read's data follows it: the driver
+        receives the rest itself and calls :meth:`direct_done`. If not (an error, a
+        hole, a short receive), it hands what it received over with
+        :meth:`receive_data` and carries on as usual: every check applies. The
+        comparison is the same as the parser's own fast path, so a matching lead is a
+        valid reply header for this read.
 
         The read's bookkeeping is made only if the driver does anything but
         :meth:`direct_done` next: the usual case costs one tuple.
@@ -502,7 +513,7 @@ class ClientTransmission:
         if self._closed or self._disconnecting:
             raise ConnectionClosed("the connection is closed")
         if (
-            length < DIRECT_READ
+            not length
             or self._in_flight
             or self._direct is not None
             or self._start != self._end
@@ -511,10 +522,10 @@ class ClientTransmission:
             return None
         if buffer is not None and (buffer.readonly or len(buffer) != length):
             raise InvalidRequest(f"read buffer must be writable and {length} bytes long")
-        cookie, lead = self._queue_read_header(length, offset, flags)
+        cookie, request, lead = self._read_header(length, offset, flags)
         assert lead is not None  # the read is not empty
         self._direct = (cookie, buffer, length, offset, flags, lead)
-        return cookie, lead
+        return cookie, request, lead
 
     def _settle(self) -> None:
         """Make the read that direct_read() started an ordinary request in flight:
