@@ -19,6 +19,9 @@ Cases (ids are ``TRANSPORT/CASE``, for ``--only REGEX``):
   vs ``nbd.NBD.aio_pread`` into a reused ``nbd.Buffer``, waited for one at a time
   (libnbd's zero-copy path: its blocking ``pread`` always returns new bytes).
 * ``seq-write-256k``, ``seq-write-4m``: ``Client.pwrite`` vs ``nbd.NBD.pwrite``.
+* ``seq-read-kept``: 256 KiB reads over a 64 MiB region, keeping every block until the
+  region is read whole (then dropping them all): ``Client.pread`` and ``nbd.NBD.pread``
+  into lists of new bytes, and ``Client.pread_into`` into slices of one 64 MiB buffer.
 * ``rand-read-qd1``: 4 KiB random reads, ``Client.pread`` vs ``nbd.NBD.pread``.
 * ``rand-read-qd16``: 4 KiB random reads with 16 in flight: ``AsyncClient`` with 16
   tasks (on the default asyncio loop, and on uvloop when it can be imported) vs libnbd
@@ -62,6 +65,7 @@ KiB = 1024
 MiB = 1024 * KiB
 EXPORT_SIZE = "1G"
 QUEUE_DEPTH = 16
+KEPT_REGION = 64 * MiB  # what the seq-read-kept case reads whole before dropping it
 # Offsets of the random reads: the same seeded list for every contender.
 RANDOM_OFFSETS = 1 << 16
 
@@ -130,7 +134,11 @@ class Workload:
 
 
 class PynbdSync:
-    """pynbd's blocking Client: ``pread``, ``pread_into`` or ``pwrite``, one at a time."""
+    """pynbd's blocking Client: ``pread``, ``pread_into`` or ``pwrite``, one at a time.
+
+    Two modes keep what they read until the region is read whole: ``pread_kept``
+    holds the ``bytes`` in a list, ``pread_into_kept`` reads into slices of one
+    region-sized buffer made once."""
 
     def __init__(self, uri: str, work: Workload, mode: str) -> None:
         self.client = Client(uri)
@@ -138,8 +146,9 @@ class PynbdSync:
         self.mode = mode
         self.offsets = work.offsets()
         self.pos = 0
-        self.buf = bytearray(work.block)
+        self.buf = bytearray(work.size if mode == "pread_into_kept" else work.block)
         self.data = pattern(work.block)
+        self.kept: list[bytes] = []
 
     def run(self, seconds: float) -> Sample:
         c, offs, n = self.client, self.offsets, len(self.offsets)
@@ -159,6 +168,25 @@ class PynbdSync:
         elif self.mode == "pread_into":
             while True:
                 c.pread_into(buf, offs[i])
+                i = (i + 1) % n
+                ops += 1
+                if clock() >= end:
+                    break
+        elif self.mode == "pread_kept":
+            kept = self.kept
+            while True:
+                kept.append(c.pread(block, offs[i]))
+                i = (i + 1) % n
+                if not i:
+                    kept.clear()  # the region was read whole: drop it, start again
+                ops += 1
+                if clock() >= end:
+                    break
+        elif self.mode == "pread_into_kept":
+            view, start = memoryview(buf), self.work.start
+            while True:
+                offset = offs[i]
+                c.pread_into(view[offset - start : offset - start + block], offset)
                 i = (i + 1) % n
                 ops += 1
                 if clock() >= end:
@@ -261,6 +289,7 @@ class LibnbdSync:
         self.pos = 0
         self.buf = nbd.Buffer(work.block)
         self.data = pattern(work.block)
+        self.kept: list[bytes] = []
 
     def run(self, seconds: float) -> Sample:
         h, offs, n = self.h, self.offsets, len(self.offsets)
@@ -273,6 +302,16 @@ class LibnbdSync:
             while True:
                 h.pread(block, offs[i])
                 i = (i + 1) % n
+                ops += 1
+                if clock() >= end:
+                    break
+        elif self.mode == "pread_kept":
+            kept = self.kept
+            while True:
+                kept.append(h.pread(block, offs[i]))
+                i = (i + 1) % n
+                if not i:
+                    kept.clear()  # the region was read whole: drop it, start again
                 ops += 1
                 if clock() >= end:
                     break
@@ -427,6 +466,38 @@ def build_cases(region: int, uvloop_ok: bool) -> list[Case]:
                 (Row(f"seq write {size}", "pynbd Client.pwrite", "libnbd pwrite", None),),
             )
         )
+    # A program that keeps what it reads (an image read whole into memory): new bytes
+    # need fresh pages each pass, one buffer made once does not. libnbd 1.14 cannot
+    # read into part of a buffer from Python, so its new bytes are the reference. No
+    # target: the rows show what reading into the caller's buffer saves.
+    kept = Workload(block=256 * KiB, start=0, size=min(region, KEPT_REGION))
+    cases.append(
+        Case(
+            "seq-read-kept",
+            "MB/s",
+            {
+                "pynbd Client.pread, kept": partial(PynbdSync, work=kept, mode="pread_kept"),
+                "libnbd pread, kept": partial(LibnbdSync, work=kept, mode="pread_kept"),
+                "pynbd Client.pread_into, one buffer": partial(
+                    PynbdSync, work=kept, mode="pread_into_kept"
+                ),
+            },
+            (
+                Row(
+                    "seq read 256 KiB kept, new buffer per call",
+                    "pynbd Client.pread, kept",
+                    "libnbd pread, kept",
+                    None,
+                ),
+                Row(
+                    "seq read 256 KiB kept, into one buffer",
+                    "pynbd Client.pread_into, one buffer",
+                    "libnbd pread, kept",
+                    None,
+                ),
+            ),
+        )
+    )
     rand = Workload(block=4 * KiB, start=0, size=region, random=True)
     cases.append(
         Case(
