@@ -130,6 +130,29 @@ class Workload:
         return [self.start + rng.randrange(count) * self.block for _ in range(RANDOM_OFFSETS)]
 
 
+def read_kept(
+    pread: Callable[[int, int], bytes],
+    block: int,
+    offs: list[int],
+    i: int,
+    kept: list[bytes],
+    end: float,
+) -> tuple[int, int]:
+    """Read ``block`` bytes at ``offs[i]``, ``offs[i + 1]``... until ``end`` (a
+    ``time.perf_counter()`` value), keeping each result in ``kept`` until the region
+    was read whole; return the next index and the reads made. Both libraries' kept
+    contenders run this same loop."""
+    n, clock, ops = len(offs), time.perf_counter, 0
+    while True:
+        kept.append(pread(block, offs[i]))
+        i = (i + 1) % n
+        if not i:
+            kept.clear()  # the region was read whole: drop it, start again
+        ops += 1
+        if clock() >= end:
+            return i, ops
+
+
 # -- pynbd contenders --------------------------------------------------------------------
 
 
@@ -173,15 +196,7 @@ class PynbdSync:
                 if clock() >= end:
                     break
         elif self.mode == "pread_kept":
-            kept = self.kept
-            while True:
-                kept.append(c.pread(block, offs[i]))
-                i = (i + 1) % n
-                if not i:
-                    kept.clear()  # the region was read whole: drop it, start again
-                ops += 1
-                if clock() >= end:
-                    break
+            i, ops = read_kept(c.pread, block, offs, i, self.kept, end)
         elif self.mode == "pread_into_kept":
             view, start = memoryview(buf), self.work.start
             while True:
@@ -306,15 +321,7 @@ class LibnbdSync:
                 if clock() >= end:
                     break
         elif self.mode == "pread_kept":
-            kept = self.kept
-            while True:
-                kept.append(h.pread(block, offs[i]))
-                i = (i + 1) % n
-                if not i:
-                    kept.clear()  # the region was read whole: drop it, start again
-                ops += 1
-                if clock() >= end:
-                    break
+            i, ops = read_kept(h.pread, block, offs, i, self.kept, end)
         elif self.mode == "aio_pread":
             aio_pread, completed, poll = h.aio_pread, h.aio_command_completed, h.poll
             while True:

@@ -32,7 +32,8 @@ def _has_libnbd() -> bool:
 pytestmark = [pytest.mark.interop]
 
 
-def test_quick_run_prints_a_markdown_table(tmp_path: Path) -> None:
+def quick_run(tmp_path: Path, only: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """A --quick --markdown run of the cases matching ``only``; its JSON file's path."""
     # CI installs the peers: a missing one is a failure, never a skip.
     assert shutil.which("nbdkit"), "nbdkit is not installed (.ci/run installs it)"
     assert _has_libnbd(), "python3-libnbd is missing for /usr/bin/python3 (.ci/run installs it)"
@@ -47,7 +48,7 @@ def test_quick_run_prints_a_markdown_table(tmp_path: Path) -> None:
             str(REPO / "bench" / "bench_client.py"),
             "--quick",
             "--only",
-            "^unix/rand-read-qd1$",
+            only,
             "--markdown",
             "--json",
             str(out_json),
@@ -60,6 +61,11 @@ def test_quick_run_prints_a_markdown_table(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    return proc, out_json
+
+
+def test_quick_run_prints_a_markdown_table(tmp_path: Path) -> None:
+    proc, out_json = quick_run(tmp_path, "^unix/rand-read-qd1$")
     # The comparison table, then (after a blank line) the CPU-per-operation table.
     table, cpu_table = proc.stdout.strip().split("\n\n")
     lines = table.splitlines()
@@ -79,6 +85,25 @@ def test_quick_run_prints_a_markdown_table(tmp_path: Path) -> None:
     assert {r["contender"] for r in doc["results"]} == {"pynbd Client.pread", "libnbd pread"}
     assert all(len(r["samples"]) == 2 for r in doc["results"])
     assert row["paired_ratio"] > 0
+
+
+def test_kept_case_compares_new_bytes_and_one_buffer(tmp_path: Path) -> None:
+    """The seq-read-kept case: three contenders, two rows without a target."""
+    proc, out_json = quick_run(tmp_path, "^unix/seq-read-kept$")
+    doc = json.loads(out_json.read_text())
+    rows = {row["test"]: row for row in doc["rows"]}
+    assert set(rows) == {
+        "seq read 256 KiB kept, new buffer per call",
+        "seq read 256 KiB kept, into one buffer",
+    }, proc.stdout
+    for row in rows.values():
+        assert row["target"] is None and row["pynbd"] > 0 and row["libnbd"] > 0, row
+    assert {r["contender"] for r in doc["results"]} == {
+        "pynbd Client.pread, kept",
+        "libnbd pread, kept",
+        "pynbd Client.pread_into, one buffer",
+    }
+    assert all(len(r["samples"]) == 2 and r["error"] is None for r in doc["results"])
 
 
 def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
