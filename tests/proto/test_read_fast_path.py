@@ -277,17 +277,19 @@ def test_direct_read_lead_is_the_usual_replys_header(
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("detached", [False, True], ids=["into", "bytes"])
 @pytest.mark.parametrize("split", [1, 5, "lead", "lead+10"])
+@pytest.mark.parametrize("length", [512, DIRECT_READ])
 def test_direct_read_handed_back_takes_the_general_path(
-    style: str, detached: bool, split: int | str
+    style: str, detached: bool, split: int | str, length: int
 ) -> None:
     """A driver that hands the reply to the core (the lead did not match, or came
-    short) gets exactly what read() or read_bytes() would have given."""
+    short) gets exactly what read() or read_bytes() would have given, and the core is
+    left as it was: its whole receive buffer is offered again."""
     core = ClientTransmission(neg(style))
-    buf = bytearray(DIRECT_READ)
-    direct = core.direct_read(None if detached else memoryview(buf), DIRECT_READ, 0)
+    buf = bytearray(length)
+    direct = core.direct_read(None if detached else memoryview(buf), length, 0)
     assert direct is not None
     c = direct[0]
-    data = pattern(DIRECT_READ)
+    data = pattern(length)
     reply = usual(style, c, 0, data)
     cut = {"lead": lead(style), "lead+10": lead(style) + 10}.get(str(split), split)
     assert isinstance(cut, int)
@@ -297,6 +299,7 @@ def test_direct_read_handed_back_takes_the_general_path(
     assert got is not None and got.cookie == c and got.error is None
     assert (got.data if detached else bytes(buf)) == data
     assert core.in_flight == 0
+    assert len(core.receive_buffer()) == len(ClientTransmission(neg(style)).receive_buffer())
 
 
 @pytest.mark.parametrize("style", ["structured", "extended"])

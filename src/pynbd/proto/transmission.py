@@ -435,12 +435,24 @@ class ClientTransmission:
             self._settle()
         cookie, request, expect = self._read_header(length, offset, flags)
         self._send.append(request)
+        self._track_read(cookie, view, length, offset, flags, expect)
+        return cookie
+
+    def _track_read(
+        self,
+        cookie: int,
+        view: memoryview | None,
+        length: int,
+        offset: int,
+        flags: int,
+        expect: bytes | None,
+    ) -> None:
+        """Put a READ in flight (its request is sent or queued already)."""
         if length >= DIRECT_READ:
             self._big_reads += 1
         self._in_flight[cookie] = _InFlight(
             cookie, _READ, flags, offset, length, view, expect, view is None
         )
-        return cookie
 
     def _read_header(self, length: int, offset: int, flags: int) -> tuple[int, bytes, bytes | None]:
         """Check a READ and take its cookie; return the cookie, the request's bytes and
@@ -532,11 +544,7 @@ class ClientTransmission:
         the driver did something other than direct_done()."""
         direct, self._direct = self._direct, None
         assert direct is not None
-        cookie, buffer, length, offset, flags, lead = direct
-        self._big_reads += 1
-        self._in_flight[cookie] = _InFlight(
-            cookie, _READ, flags, offset, length, buffer, lead, buffer is None
-        )
+        self._track_read(*direct)
 
     def savepoint(self) -> int:
         """Mark the send queue, so that a batch of requests can be taken back whole."""
