@@ -15,7 +15,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -415,7 +415,7 @@ class Client(ClientBase):
         core.request(command, offset, length, flags, payload=payload)
         limit = self.timeout if timeout is DEFAULT else timeout
         try:
-            end = self._send_one(sock, core, limit)
+            end = self._send_one(sock, core.buffers_to_send(), limit)
             if not core.buffer_updated(sock.recv_into(core.receive_buffer())):
                 self._receive_rest(sock, core, end)
         except (OSError, NBDError) as exc:
@@ -461,13 +461,10 @@ class Client(ClientBase):
         limit = self.timeout if timeout is DEFAULT else timeout
         try:
             if direct is None:
-                end = self._send_one(sock, core, limit)
+                end = self._send_one(sock, core.buffers_to_send(), limit)
             else:
                 cookie, request, lead = direct
-                if timer.current != limit:
-                    timer.arm(limit)
-                sock.sendall(request)
-                end = None if limit is None else time.monotonic() + limit
+                end = self._send_one(sock, (request,), limit)
             if lead is not None:
                 # The lead, and a small read's data with it: one recv, as a rule.
                 head, lead_len = self._head, len(lead)
@@ -530,14 +527,13 @@ class Client(ClientBase):
         return self._take_reply(core).data
 
     def _send_one(
-        self, sock: socket.socket, core: ClientTransmission, limit: float | None
+        self, sock: socket.socket, buffers: Sequence[Buffer], limit: float | None
     ) -> float | None:
-        """Send the request :meth:`_one` or :meth:`_read` queued, with the
+        """Send the request of :meth:`_one` or :meth:`_read` (``buffers``), with the
         socket's kernel timeout armed for ``limit``; return the reply's deadline."""
         timer = self._timer
         if timer.current != limit:
             timer.arm(limit)
-        buffers = core.buffers_to_send()
         if len(buffers) == 1:
             sock.sendall(buffers[0])
         else:
