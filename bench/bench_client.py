@@ -791,6 +791,91 @@ def table_rows(
     return rows
 
 
+def pooled_rows(docs: list[dict[str, Any]], resamples: int = 2000) -> list[dict[str, Any]]:
+    """Rows of several runs (their ``--json`` documents) with the rounds pooled.
+
+    One run's ratio moves by several percent from run to run on a shared machine. Here
+    each round's own ratio (pynbd's rate over libnbd's, as in :func:`paired_ratio`) is
+    pooled over every run; a row gets their median and a 95% interval for it (the
+    2.5th and 97.5th percentiles of the medians of ``resamples`` bootstrap resamples,
+    seeded: the same files give the same table). The verdict says "meets" when the
+    whole interval reaches the target, "meets within noise" when only the median does.
+    """
+    ratios: dict[str, list[float]] = {}
+    first: dict[str, dict[str, Any]] = {}
+    runs: dict[str, int] = {}
+    for doc in docs:
+        samples = {
+            (r["transport"], r["contender"]): r["samples"] for r in doc["results"] if not r["error"]
+        }
+        for row in doc["rows"]:
+            key = f"{row['id']}|{row['test']}"
+            mine = samples.get((row["transport"], row["pynbd_contender"]))
+            theirs = samples.get((row["transport"], row["libnbd_contender"]))
+            if not mine or not theirs or len(mine) != len(theirs):
+                continue
+            first.setdefault(key, row)
+            runs[key] = runs.get(key, 0) + 1
+            ratios.setdefault(key, []).extend(
+                a["rate"] / b["rate"] for a, b in zip(mine, theirs, strict=True) if b["rate"] > 0
+            )
+    rng = random.Random(0)
+    pooled = []
+    for key, row in first.items():
+        values = ratios[key]
+        if not values:
+            continue
+        median = statistics.median(values)
+        medians = sorted(
+            statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+        )
+        low, high = medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+        target = row["target"]
+        if target is None:
+            verdict = "no target"
+        elif low >= target:
+            verdict = "meets"
+        elif median >= target:
+            verdict = "meets within noise"
+        else:
+            verdict = f"misses by {(1 - median / target) * 100:.1f}%"
+        pooled.append(
+            {
+                "id": row["id"],
+                "test": row["test"],
+                "transport": row["transport"],
+                "runs": runs[key],
+                "rounds": len(values),
+                "median": median,
+                "low": low,
+                "high": high,
+                "target": target,
+                "verdict": verdict,
+            }
+        )
+    return pooled
+
+
+def render_pooled(rows: list[dict[str, Any]], markdown: bool) -> str:
+    """The table of :func:`pooled_rows`."""
+    header = ["test", "transport", "runs", "rounds", "paired", "95% interval", "target"]
+    lines = [
+        [
+            r["test"],
+            r["transport"],
+            str(r["runs"]),
+            str(r["rounds"]),
+            f"{r['median']:.3f}x",
+            f"{r['low']:.3f}x .. {r['high']:.3f}x",
+            "-" if r["target"] is None else f">= {r['target']:.1f}x",
+        ]
+        for r in rows
+    ]
+    for line, r in zip(lines, rows, strict=True):
+        line.append(r["verdict"])
+    return _table([*header, "verdict"], lines, markdown)
+
+
 def render(rows: list[dict[str, Any]], markdown: bool) -> str:
     """The comparison table, then the client CPU time per operation of each side."""
     header = ["test", "transport", "pynbd", "libnbd", "ratio", "paired", "target", "verdict"]
@@ -870,12 +955,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="timed rounds per contender (default 9)")
     p.add_argument("--seconds", type=float, help="length of one round (default 0.4)")
     p.add_argument("--list", action="store_true", help="list the case ids and exit")
+    p.add_argument(
+        "--pool",
+        metavar="FILE",
+        nargs="+",
+        help="run nothing: pool the rounds of earlier runs' --json files into one table",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table; return the exit status."""
     args = parse_args(argv)
+    if args.pool:
+        try:
+            docs = [json.loads(Path(name).read_text()) for name in args.pool]
+            rows = pooled_rows(docs)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            where = " ".join(args.pool)
+            print(f"cannot pool {where}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        print(render_pooled(rows, args.markdown))
+        return 0
     if nbd is None:
         print(
             "libnbd's Python binding (module nbd) is missing: run this with /usr/bin/python3",

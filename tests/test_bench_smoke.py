@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,69 @@ def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
     assert bc.paired_ratio(mine, theirs) == pytest.approx(1.0)
     assert bc.paired_ratio(result([1, 2, 3]), result([1, 2])) is None  # no pairs
     assert bc.paired_ratio(result([1]), result([1], error="boom")) is None
+
+
+def _run_doc(rounds: dict[str, tuple[list[float], list[float]]], target: float | None) -> dict:
+    """A --json document of one run: per row id, pynbd's and libnbd's round rates."""
+    doc: dict = {"rows": [], "results": []}
+    for name, (mine, theirs) in rounds.items():
+        doc["rows"].append(
+            {"id": f"unix/{name}", "test": name, "transport": "unix", "target": target,
+             "pynbd_contender": f"p {name}", "libnbd_contender": f"l {name}"}
+        )  # fmt: skip
+        for who, rates in ((f"p {name}", mine), (f"l {name}", theirs)):
+            samples = [{"rate": r} for r in rates]
+            doc["results"].append({"transport": "unix", "contender": who, "error": None,
+                                   "samples": samples})  # fmt: skip
+    return doc
+
+
+def test_pooled_rows_pool_each_rounds_ratio_over_runs() -> None:
+    from bench import bench_client as bc
+
+    steady = ([102.0] * 5, [100.0] * 5)  # 1.02 in every round: the interval is 1.02 too
+    mixed = ([99.0, 105.0, 103.0], [100.0] * 3)  # median 1.03, one round at 0.99
+    slow = ([90.0, 95.0], [100.0] * 2)
+    broken = ([1.0, 2.0], [1.0])  # the rounds do not pair up: left out
+    docs = [
+        _run_doc({"steady": steady, "mixed": mixed, "slow": slow, "broken": broken}, 1.0),
+        _run_doc({"steady": steady, "mixed": mixed}, 1.0),
+    ]
+    rows = {r["test"]: r for r in bc.pooled_rows(docs)}
+    assert set(rows) == {"steady", "mixed", "slow"}
+    assert (rows["steady"]["runs"], rows["steady"]["rounds"]) == (2, 10)
+    assert rows["steady"]["median"] == pytest.approx(1.02)
+    assert rows["steady"]["low"] == pytest.approx(1.02) == rows["steady"]["high"]
+    assert rows["steady"]["verdict"] == "meets"
+    assert rows["mixed"]["median"] == pytest.approx(1.03)
+    assert rows["mixed"]["low"] == pytest.approx(0.99)  # six rounds: a resample can be low
+    assert rows["mixed"]["verdict"] == "meets within noise"
+    assert rows["slow"]["verdict"] == "misses by 7.5%"
+    assert bc.pooled_rows(docs) == bc.pooled_rows(docs)  # seeded
+    (free,) = bc.pooled_rows([_run_doc({"free": steady}, None)])
+    assert free["verdict"] == "no target"
+    table = bc.render_pooled(list(rows.values()), markdown=True).splitlines()
+    assert table[0].split(" | ")[4:6] == ["paired", "95% interval"]
+    assert "| steady | unix | 2 | 10 | 1.020x | 1.020x .. 1.020x | >= 1.0x | meets |" in table
+
+
+def test_pool_option_reads_files_and_fails_in_one_line(tmp_path: Path) -> None:
+    from bench import bench_client as bc
+
+    good = tmp_path / "run.json"
+    good.write_text(json.dumps(_run_doc({"steady": ([102.0] * 3, [100.0] * 3)}, 1.0)))
+    assert bc.main(["--pool", str(good), str(good)]) == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    script = str(REPO / "bench" / "bench_client.py")
+    for args in ([str(bad)], [str(tmp_path / "missing.json")], [str(good), str(bad)]):
+        proc = subprocess.run(
+            [sys.executable, script, "--pool", *args], capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc
+        assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("cannot pool "), proc.stderr
 
 
 # --------------------------------------------------------------------------- bench_kernel
