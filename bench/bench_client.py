@@ -806,12 +806,15 @@ def pooled_rows(docs: list[dict[str, Any]], resamples: int = 2000) -> list[dict[
     runs: dict[str, int] = {}
     for doc in docs:
         samples = {
-            (r["transport"], r["contender"]): r["samples"] for r in doc["results"] if not r["error"]
+            (r["transport"], r["case"], r["contender"]): r["samples"]
+            for r in doc["results"]
+            if not r["error"]
         }
         for row in doc["rows"]:
             key = f"{row['id']}|{row['test']}"
-            mine = samples.get((row["transport"], row["pynbd_contender"]))
-            theirs = samples.get((row["transport"], row["libnbd_contender"]))
+            transport, case = row["id"].split("/", 1)
+            mine = samples.get((transport, case, row["pynbd_contender"]))
+            theirs = samples.get((transport, case, row["libnbd_contender"]))
             if not mine or not theirs or len(mine) != len(theirs):
                 continue
             first.setdefault(key, row)
