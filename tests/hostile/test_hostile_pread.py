@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -50,6 +50,8 @@ from .test_hostile import (
 # test_hostile's fixtures: both clients (``api``), hostile servers stopped at teardown.
 api = test_hostile.api
 serve = test_hostile.serve
+
+T = TypeVar("T")
 
 STYLES: list[Style] = ["simple", "structured", "extended"]
 BIG = 4 * DIRECT_READ  # 256 KiB: the header is received alone, then the data
@@ -230,6 +232,17 @@ def sigusr1() -> Iterator[list[int]]:
         signal.signal(signal.SIGUSR1, old)
 
 
+def with_signal(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, with SIGUSR1 sent to this thread 0.3 s into the call."""
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
+    timer.start()
+    try:
+        return fn(*args)
+    finally:
+        timer.cancel()
+        timer.join()
+
+
 @HOW
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 @pytest.mark.parametrize("style", STYLES)
@@ -246,14 +259,7 @@ def test_signal_mid_data(
     steps = transmission(style, head(size // 2), Sleep(0.6), tail(size // 2), Silent())
     server = serve(steps, tcp=tcp)
     with Client(server.uri, timeout=CLIENT_TIMEOUT) as c:
-        target = threading.get_ident()
-        timer = threading.Timer(0.3, signal.pthread_kill, (target, signal.SIGUSR1))
-        timer.start()
-        try:
-            got = read(c, how, size)
-        finally:
-            timer.cancel()
-            timer.join()
+        got = with_signal(read, c, how, size)
         assert sigusr1 == [signal.SIGUSR1], "the signal did not arrive during the call"
         assert got == DATA[:size]
         assert not c.closed
@@ -275,15 +281,8 @@ def test_interrupted_call_closes_the_connection(
 
     signal.signal(signal.SIGUSR1, raising)  # the fixture restores the old handler
     with Client(server.uri, timeout=CLIENT_TIMEOUT) as c:
-        main = threading.get_ident()
-        timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGUSR1))
-        timer.start()
-        try:
-            with pytest.raises(Interrupt):
-                c.pread(BIG, OFFSET)
-        finally:
-            timer.cancel()
-            timer.join()
+        with pytest.raises(Interrupt):
+            with_signal(c.pread, BIG, OFFSET)
         assert c.closed
         start = time.monotonic()
         with pytest.raises(ConnectionClosed):

@@ -120,11 +120,19 @@ def _send_all(
     buffers: Iterable[Buffer],
     deadline: _Deadline,
     timer: _KernelTimeout | None = None,
+    skip: int = 0,
 ) -> None:
-    """Write every buffer; with ``timer`` the socket is blocking with kernel limits,
-    else it is in Python's timeout mode and each write gets the time left."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    views = [v for v in views if len(v)]
+    """Write every buffer but the first ``skip`` bytes (sent already); with ``timer``
+    the socket is blocking with kernel limits, else it is in Python's timeout mode and
+    each write gets the time left."""
+    views = []
+    for b in buffers:
+        view = memoryview(b).cast("B")
+        if skip >= len(view):
+            skip -= len(view)
+            continue
+        views.append(view[skip:] if skip else view)
+        skip = 0
     if isinstance(sock, ssl.SSLSocket):
         for view in views:
             if timer is None:
@@ -281,7 +289,8 @@ class Client(ClientBase):
         self._maxp = self._max_payload()
         # A read's data can be received as one bytes object (recv with MSG_WAITALL);
         # a TLS socket takes no recv flags.
-        self._recv_whole = not isinstance(self._sock, ssl.SSLSocket)
+        self._tls = isinstance(self._sock, ssl.SSLSocket)
+        self._recv_whole = not self._tls
         # A big read's data goes into the caller's buffer with plain recv_into calls
         # over a unix socket, and with MSG_WAITALL over TCP. A/B, 256 KiB pread_into
         # against nbdkit, 6 to 16 alternating rounds: plain was 5% to 13% faster over
@@ -397,6 +406,15 @@ class Client(ClientBase):
         sock, core = self._live()
         return self._exchange(submit_all(core, ops), timeout, sock, core)
 
+    def _effect(self, ops: list[Op], timeout: Timeout) -> None:
+        """Run FLUSH, TRIM, WRITE_ZEROES or CACHE requests (no payload, no data back):
+        one request, the common case, goes through :meth:`_one`."""
+        if len(ops) == 1:
+            op = ops[0]
+            self._one(op.command, op.offset, op.length, op.flags, timeout)
+        else:
+            self._run(ops, timeout)
+
     def _one(
         self,
         command: Cmd,
@@ -408,16 +426,40 @@ class Client(ClientBase):
     ) -> None:
         """One request other than a read, the common case: :meth:`_exchange`
         specialised for one cookie (a blocking client has nothing else in flight, so
-        the next reply is this one)."""
+        the next reply is this one).
+
+        Its usual reply (a success, 16 bytes as a rule) is received here, past the core,
+        as a read's is (see :meth:`_read`): the core makes the request's header and the
+        reply it expects (``ClientTransmission.direct_request``), and anything else
+        goes to the core's general path. The Python cost of a write fell from about
+        15 to about 7 us, and a 256 KiB write's client CPU by about 20 us."""
         sock, core = self._sock, self._core
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
-        core.request(command, offset, length, flags, payload=payload)
+        direct = core.direct_request(command, offset, length, flags, payload)
+        if direct is None:
+            core.request(command, offset, length, flags, payload=payload)
         limit = self.timeout if timeout is DEFAULT else timeout
         try:
-            end = self._send_one(sock, core.buffers_to_send(), limit)
-            if not core.buffer_updated(sock.recv_into(core.receive_buffer())):
-                self._receive_rest(sock, core, end)
+            if direct is not None:
+                cookie, request, lead = direct
+                end = self._send_one(
+                    sock, (request,) if payload is None else (request, payload), limit
+                )
+                want = len(lead)
+                n = sock.recv_into(self._head, want)
+                if n != want:
+                    n = self._rest_of_lead(sock, lead, n, want, end)
+                if n == want and self._head.startswith(lead):
+                    core.direct_done(cookie)
+                    return
+                core.receive_data(bytes(self._head[:n]))  # b"": end of stream, which raises
+                if not core.replies:
+                    self._receive_rest(sock, core, end)
+            else:
+                end = self._send_one(sock, core.buffers_to_send(), limit)
+                if not core.buffer_updated(sock.recv_into(core.receive_buffer())):
+                    self._receive_rest(sock, core, end)
         except (OSError, NBDError) as exc:
             err = self._failure(exc, limit)
             if err is exc:
@@ -470,15 +512,8 @@ class Client(ClientBase):
                 head, lead_len = self._head, len(lead)
                 want = lead_len + length if small else lead_len
                 n = sock.recv_into(head, want)
-                while 0 < n < want and head[: min(n, lead_len)] == lead[:n]:
-                    # The usual reply so far: the rest of it is due (nbdkit sends a
-                    # reply's header and its data apart, and over unix about one
-                    # recv in twenty gets only the header).
-                    timer.check(end)
-                    more = sock.recv_into(self._head_view[n:want])
-                    if not more:
-                        break
-                    n += more
+                if n != want:
+                    n = self._rest_of_lead(sock, lead, n, want, end)
                 if n != want or not head.startswith(lead):
                     core.receive_data(bytes(head[:n]))  # b"": end of stream, which raises
                 elif small:
@@ -526,6 +561,22 @@ class Client(ClientBase):
             raise
         return self._take_reply(core).data
 
+    def _rest_of_lead(
+        self, sock: socket.socket, lead: bytes, n: int, want: int, end: float | None
+    ) -> int:
+        """The first recv of a direct reply brought ``n`` bytes of the ``want`` due into
+        ``self._head``: receive more while they are the usual reply so far (nbdkit
+        sends a reply's header and its data apart, and over unix about one recv in
+        twenty gets only the header). Return how many bytes ``self._head`` holds."""
+        head, view, check = self._head, self._head_view, self._timer.check
+        while 0 < n < want and head[: min(n, len(lead))] == lead[:n]:
+            check(end)
+            more = sock.recv_into(view[n:want])
+            if not more:
+                break
+            n += more
+        return n
+
     def _send_one(
         self, sock: socket.socket, buffers: Sequence[Buffer], limit: float | None
     ) -> float | None:
@@ -536,8 +587,14 @@ class Client(ClientBase):
             timer.arm(limit)
         if len(buffers) == 1:
             sock.sendall(buffers[0])
-        else:
+        elif self._tls:  # no sendmsg
             _send_all(sock, buffers, _Deadline(limit), timer)
+        else:
+            # A request and its payload: one sendmsg, as a rule. (Every buffer here is
+            # bytes or a byte view, so len() is its size.)
+            sent = sock.sendmsg(buffers)
+            if sent != sum(map(len, buffers)):
+                _send_all(sock, buffers, _Deadline(limit), timer, skip=sent)
         return None if limit is None else time.monotonic() + limit
 
     def _take_reply(self, core: ClientTransmission) -> Reply:
@@ -692,13 +749,13 @@ class Client(ClientBase):
 
     def flush(self, *, timeout: Timeout = DEFAULT) -> None:
         """Persist every write that has completed (NBD_CMD_FLUSH)."""
-        self._run(self._plan_flush(), timeout)
+        self._effect(self._plan_flush(), timeout)
 
     def trim(
         self, length: int, offset: int, *, fua: bool = False, timeout: Timeout = DEFAULT
     ) -> None:
         """Tell the server the range is no longer needed (NBD_CMD_TRIM)."""
-        self._run(self._plan_effect(Cmd.TRIM, offset, length, CmdFlag.FUA if fua else 0), timeout)
+        self._effect(self._plan_effect(Cmd.TRIM, offset, length, _FUA if fua else 0), timeout)
 
     def zero(
         self,
@@ -717,11 +774,11 @@ class Client(ClientBase):
             fast: fail with ENOTSUP rather than zero slowly (NBD_CMD_FLAG_FAST_ZERO).
         """
         flags = self._zero_flags(fua=fua, no_hole=no_hole, fast=fast)
-        self._run(self._plan_effect(Cmd.WRITE_ZEROES, offset, length, flags), timeout)
+        self._effect(self._plan_effect(Cmd.WRITE_ZEROES, offset, length, flags), timeout)
 
     def cache(self, length: int, offset: int, *, timeout: Timeout = DEFAULT) -> None:
         """Ask the server to prefetch the range (NBD_CMD_CACHE)."""
-        self._run(self._plan_effect(Cmd.CACHE, offset, length), timeout)
+        self._effect(self._plan_effect(Cmd.CACHE, offset, length), timeout)
 
     def block_status(
         self,

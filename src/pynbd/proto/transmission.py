@@ -98,6 +98,8 @@ DIRECT_READ = 64 * 1024
 _DONE = int(ReplyFlag.DONE)
 _READ = Cmd.READ
 _READ_WIRE = int(Cmd.READ)
+_WRITE = Cmd.WRITE
+_NONE = int(Chunk.NONE)
 _DF = int(CmdFlag.DF)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
@@ -281,9 +283,10 @@ class ClientTransmission:
             else SIMPLE_REPLY_SIZE
         )
         self._in_flight: dict[int, _InFlight] = {}
-        #: A read started by direct_read() whose entry is not made yet:
-        #: (cookie, buffer, length, offset, flags, lead). See _settle().
-        self._direct: tuple[int, memoryview | None, int, int, int, bytes] | None = None
+        #: A request started by direct_read() or direct_request() whose entry is not
+        #: made yet: (cookie, command, buffer, length, offset, flags, lead). See
+        #: _settle().
+        self._direct: tuple[int, Cmd, memoryview | None, int, int, int, bytes] | None = None
         self._next_cookie = 1
         self._send: list[Buffer] = []
         self._replies: deque[Reply] = deque()
@@ -536,15 +539,67 @@ class ClientTransmission:
             raise InvalidRequest(f"read buffer must be writable and {length} bytes long")
         cookie, request, lead = self._read_header(length, offset, flags)
         assert lead is not None  # the read is not empty
-        self._direct = (cookie, buffer, length, offset, flags, lead)
+        self._direct = (cookie, _READ, buffer, length, offset, flags, lead)
+        return cookie, request, lead
+
+    def direct_request(
+        self,
+        command: Cmd,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        payload: Buffer | None = None,
+    ) -> tuple[int, bytes, bytes] | None:
+        """:meth:`direct_read` for a WRITE, WRITE_ZEROES, TRIM, FLUSH or CACHE: start
+        it and return its cookie, its request header and the ``lead``, the whole of its
+        usual reply (a simple reply without error; with extended headers, a NONE chunk
+        with DONE that echoes the offset). None when that is not allowed, with nothing
+        done: then use :meth:`request`.
+
+        The driver sends the header, then a WRITE's ``payload``, which stays the
+        caller's (the core keeps no reference to it). It receives at most
+        ``len(lead)`` bytes: the lead whole, and it calls :meth:`direct_done`; anything
+        else it hands over with :meth:`receive_data`, and every check applies, as for a
+        read. The conditions are those of :meth:`direct_read`.
+
+        Raises:
+            As :meth:`request`; InvalidRequest for a READ or BLOCK_STATUS.
+        """
+        if self._closed or self._disconnecting:
+            raise ConnectionClosed("the connection is closed")
+        if self._in_flight or self._direct is not None or self._start != self._end:
+            return None
+        if self._state != _HEADER:
+            return None
+        cmd = self._check(command, offset, length, flags)
+        if cmd is _READ or cmd is Cmd.BLOCK_STATUS:
+            raise InvalidRequest(f"NBD_CMD_{cmd.name} has a reply with data: not a direct request")
+        if cmd is _WRITE:
+            if payload is None or memoryview(payload).nbytes != length:
+                raise InvalidRequest(f"write payload must be {length} bytes long")
+        elif payload is not None:
+            raise InvalidRequest(f"NBD_CMD_{cmd.name} takes no payload")
+        cookie = self._take_cookie()
+        if self.extended:
+            wire_flags = flags | _PAYLOAD_LEN if cmd is _WRITE else flags
+            request = _EXT_REQ.pack(0x21E41C71, wire_flags, cmd, cookie, offset, length)
+            lead = _EXTENDED.pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE, cookie, offset, 0)
+        else:
+            request = _REQ.pack(0x25609513, flags, cmd, cookie, offset, length)
+            lead = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        self._direct = (cookie, cmd, None, length, offset, flags, lead)
         return cookie, request, lead
 
     def _settle(self) -> None:
-        """Make the read that direct_read() started an ordinary request in flight:
-        the driver did something other than direct_done()."""
+        """Make the request that direct_read() or direct_request() started an ordinary
+        request in flight: the driver did something other than direct_done()."""
         direct, self._direct = self._direct, None
         assert direct is not None
-        self._track_read(*direct)
+        cookie, cmd, buffer, length, offset, flags, lead = direct
+        if cmd is _READ:
+            self._track_read(cookie, buffer, length, offset, flags, lead)
+        else:
+            self._in_flight[cookie] = _InFlight(cookie, cmd, flags, offset, length)
 
     def savepoint(self) -> int:
         """Mark the send queue, so that a batch of requests can be taken back whole."""
@@ -874,11 +929,12 @@ class ClientTransmission:
         self._start_into(entry.buffer, entry.length)
 
     def direct_done(self, cookie: int) -> None:
-        """The driver received the reply to ``cookie`` itself (see :meth:`direct_read`):
-        the read is complete, and no :class:`Reply` is queued for it."""
+        """The driver received the reply to ``cookie`` itself (see :meth:`direct_read`
+        and :meth:`direct_request`): the request succeeded, and no :class:`Reply` is
+        queued for it."""
         direct = self._direct
         if direct is None or direct[0] != cookie:
-            raise ValueError(f"no direct read {cookie:#x} to finish")
+            raise ValueError(f"no direct request {cookie:#x} to finish")
         self._direct = None
 
     def data_received(self, data: bytes) -> bool:
