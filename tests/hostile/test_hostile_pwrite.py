@@ -47,7 +47,7 @@ from .test_hostile import (
     stranger,
     transmission,
 )
-from .test_hostile_pread import with_signal
+from .test_hostile_pread import at, with_signal
 
 # test_hostile's fixtures: both clients (``api``), hostile servers stopped at teardown;
 # test_hostile_pread's SIGUSR1 handler that counts.
@@ -70,16 +70,6 @@ def size(request: pytest.FixtureRequest) -> int:
 def ok(s: Session) -> bytes:
     """The usual success reply to the last request."""
     return s.none() if s.extended else s.simple()
-
-
-def at(where: int | str, n: int) -> int:
-    """A place in a reply of ``n`` bytes: a byte count, "half" or "last"."""
-    if where == "half":
-        return n // 2
-    if where == "last":
-        return n - 1
-    assert isinstance(where, int)
-    return where
 
 
 def part(where: int | str) -> Send:

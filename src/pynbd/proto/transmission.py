@@ -386,13 +386,9 @@ class ClientTransmission:
                 extra = _U64.pack(length) + struct.pack(f">{len(ids)}I", *ids)
                 wire_flags |= _PAYLOAD_LEN
                 wire_len = len(extra)
-        if self.extended:
-            if cmd is Cmd.WRITE:
-                wire_flags |= _PAYLOAD_LEN
-            header = _EXT_REQ.pack(0x21E41C71, wire_flags, cmd, cookie, offset, wire_len)
-        else:
-            header = _REQ.pack(0x25609513, wire_flags, cmd, cookie, offset, wire_len)
-        self._send.append(header)
+        if self.extended and cmd is Cmd.WRITE:
+            wire_flags |= _PAYLOAD_LEN
+        self._send.append(self._header(cmd, wire_flags, cookie, offset, wire_len))
         if extra is not None and wire_len:
             self._send.append(extra)
         self._in_flight[cookie] = entry
@@ -582,13 +578,19 @@ class ClientTransmission:
         cookie = self._take_cookie()
         if self.extended:
             wire_flags = flags | _PAYLOAD_LEN if cmd is _WRITE else flags
-            request = _EXT_REQ.pack(0x21E41C71, wire_flags, cmd, cookie, offset, length)
             lead = _EXTENDED.pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE, cookie, offset, 0)
         else:
-            request = _REQ.pack(0x25609513, flags, cmd, cookie, offset, length)
+            wire_flags = flags
             lead = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        request = self._header(cmd, wire_flags, cookie, offset, length)
         self._direct = (cookie, cmd, None, length, offset, flags, lead)
         return cookie, request, lead
+
+    def _header(self, cmd: Cmd, wire_flags: int, cookie: int, offset: int, length: int) -> bytes:
+        """A request header in the negotiated form (``length``: its length field)."""
+        if self.extended:
+            return _EXT_REQ.pack(0x21E41C71, wire_flags, cmd, cookie, offset, length)
+        return _REQ.pack(0x25609513, wire_flags, cmd, cookie, offset, length)
 
     def _settle(self) -> None:
         """Make the request that direct_read() or direct_request() started an ordinary
