@@ -287,10 +287,9 @@ class Client(ClientBase):
         self._core = ClientTransmission(self.negotiated, handshake.trailing_data)
         self._timer = _KernelTimeout(self._sock)
         self._maxp = self._max_payload()
-        # A read's data can be received as one bytes object (recv with MSG_WAITALL);
-        # a TLS socket takes no recv flags.
+        # A TLS socket takes no recv flags (so a read's data cannot be received as one
+        # bytes object with MSG_WAITALL) and has no sendmsg.
         self._tls = isinstance(self._sock, ssl.SSLSocket)
-        self._recv_whole = not self._tls
         # A big read's data goes into the caller's buffer with plain recv_into calls
         # over a unix socket, and with MSG_WAITALL over TCP. A/B, 256 KiB pread_into
         # against nbdkit, 6 to 16 alternating rounds: plain was 5% to 13% faster over
@@ -492,7 +491,7 @@ class Client(ClientBase):
         # These raise ConnectionClosed when the core is closed.
         small = length < DIRECT_READ
         direct = None
-        if small or self._recv_whole:
+        if small or not self._tls:
             direct = core.direct_read(view, length, offset, flags)
         lead = None
         if direct is None:
@@ -622,7 +621,7 @@ class Client(ClientBase):
         timer = self._timer
         while True:
             timer.check(end)  # a trickling server cannot stretch the call
-            if core.pending_data and self._recv_whole:
+            if core.pending_data and not self._tls:
                 done = core.data_received(sock.recv(core.pending_data, _WAITALL))
             else:
                 done = updated(recv_into(receive_buffer()))
