@@ -747,6 +747,19 @@ def paired_ratio(mine: Result, theirs: Result) -> float | None:
     return statistics.median(ratios) if len(ratios) == len(mine.samples) else None
 
 
+def judge(ratio: float, target: float | None, low: float | None = None) -> str:
+    """The verdict on ``ratio`` against ``target``; with ``low``, the low end of an
+    interval around it, a ratio that reaches the target while ``low`` does not only
+    "meets within noise"."""
+    if target is None:
+        return "no target"
+    if ratio < target:
+        return f"misses by {(1 - ratio / target) * 100:.1f}%"
+    if low is not None and low < target:
+        return "meets within noise"
+    return "meets"
+
+
 def table_rows(
     cases: list[Case], results: dict[tuple[str, str, str], Result]
 ) -> list[dict[str, Any]]:
@@ -764,12 +777,8 @@ def table_rows(
                 ratio = None if a is None or b is None or not b else a / b
                 if ratio is None:
                     verdict = f"error: {mine.error or theirs.error}"
-                elif row.target is None:
-                    verdict = "no target"
-                elif ratio >= row.target:
-                    verdict = "meets"
                 else:
-                    verdict = f"misses by {(1 - ratio / row.target) * 100:.1f}%"
+                    verdict = judge(ratio, row.target)
                 rows.append(
                     {
                         "id": f"{transport}/{case.name}",
@@ -834,14 +843,7 @@ def pooled_rows(docs: list[dict[str, Any]], resamples: int = 2000) -> list[dict[
         )
         low, high = medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
         target = row["target"]
-        if target is None:
-            verdict = "no target"
-        elif low >= target:
-            verdict = "meets"
-        elif median >= target:
-            verdict = "meets within noise"
-        else:
-            verdict = f"misses by {(1 - median / target) * 100:.1f}%"
+        verdict = judge(median, target, low)
         pooled.append(
             {
                 "id": row["id"],
@@ -861,7 +863,7 @@ def pooled_rows(docs: list[dict[str, Any]], resamples: int = 2000) -> list[dict[
 
 def render_pooled(rows: list[dict[str, Any]], markdown: bool) -> str:
     """The table of :func:`pooled_rows`."""
-    header = ["test", "transport", "runs", "rounds", "paired", "95% interval", "target"]
+    header = ["test", "transport", "runs", "rounds", "paired", "95% interval", "target", "verdict"]
     lines = [
         [
             r["test"],
@@ -871,12 +873,11 @@ def render_pooled(rows: list[dict[str, Any]], markdown: bool) -> str:
             f"{r['median']:.3f}x",
             f"{r['low']:.3f}x .. {r['high']:.3f}x",
             "-" if r["target"] is None else f">= {r['target']:.1f}x",
+            r["verdict"],
         ]
         for r in rows
     ]
-    for line, r in zip(lines, rows, strict=True):
-        line.append(r["verdict"])
-    return _table([*header, "verdict"], lines, markdown)
+    return _table(header, lines, markdown)
 
 
 def render(rows: list[dict[str, Any]], markdown: bool) -> str:
