@@ -50,9 +50,6 @@ from .constants import (
     TransmissionFlag,
 )
 from .records import (
-    EXPORT_NAME_REPLY_SIZE,
-    OLDSTYLE_GREETING_SIZE,
-    OPTION_REPLY_HEADER_SIZE,
     BlockSizeInfo,
     ClientFlags,
     DescriptionInfo,
@@ -72,6 +69,7 @@ from .records import (
     encode_string,
     unpack_info,
 )
+from .wire import EXPORT_NAME_REPLY_SIZE, OLDSTYLE_GREETING_SIZE, OPTION_REPLY_HEADER_SIZE
 
 #: Largest option reply payload accepted. Replies carry at most a few strings of 4096
 #: bytes; anything larger is a lying length from a broken or hostile server.

@@ -11,7 +11,6 @@ the server the other way round.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -31,35 +30,29 @@ from .constants import (
     Chunk,
     Info,
 )
-
-_GREETING = struct.Struct(">QQH")
-_OLDSTYLE = struct.Struct(">QQQI")
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_OPT_REQ = struct.Struct(">QII")
-_OPT_REPLY = struct.Struct(">QIII")
-_EXPORT_NAME_REPLY = struct.Struct(">QH")
-_REQUEST = struct.Struct(">IHHQQI")
-_EXT_REQUEST = struct.Struct(">IHHQQQ")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
-_STRUCTURED_REPLY = struct.Struct(">IHHQI")
-_EXTENDED_REPLY = struct.Struct(">IHHQQQ")
-_INFO_EXPORT = struct.Struct(">HQH")
-_INFO_BLOCK_SIZE = struct.Struct(">HIII")
-_ERROR_CHUNK = struct.Struct(">IH")
-_HOLE = struct.Struct(">QI")
-
-NEWSTYLE_GREETING_SIZE = _GREETING.size  # 18
-OLDSTYLE_GREETING_SIZE = _OLDSTYLE.size + OLDSTYLE_ZEROES  # 152
-OPTION_HEADER_SIZE = _OPT_REQ.size  # 16
-OPTION_REPLY_HEADER_SIZE = _OPT_REPLY.size  # 20
-EXPORT_NAME_REPLY_SIZE = _EXPORT_NAME_REPLY.size  # 10, plus 124 zeroes without NO_ZEROES
-REQUEST_SIZE = _REQUEST.size  # 28
-EXTENDED_REQUEST_SIZE = _EXT_REQUEST.size  # 32
-SIMPLE_REPLY_SIZE = _SIMPLE_REPLY.size  # 16
-STRUCTURED_REPLY_SIZE = _STRUCTURED_REPLY.size  # 20
-EXTENDED_REPLY_SIZE = _EXTENDED_REPLY.size  # 32
+from .wire import (
+    DESCRIPTOR,
+    ERROR_CHUNK,
+    EXPORT_NAME_REPLY,
+    EXTENDED_DESCRIPTOR,
+    EXTENDED_REPLY,
+    EXTENDED_REQUEST,
+    EXTENDED_STATUS_HEAD,
+    GREETING,
+    HOLE,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    OLDSTYLE,
+    OLDSTYLE_GREETING_SIZE,
+    OPTION_REPLY,
+    OPTION_REQUEST,
+    REQUEST,
+    SIMPLE_REPLY,
+    STRUCTURED_REPLY,
+    U16,
+    U32,
+    U64,
+)
 
 
 def _need(data: bytes | memoryview, size: int, what: str) -> None:
@@ -95,12 +88,12 @@ class NewstyleGreeting:
     flags: int
 
     def pack(self) -> bytes:
-        return _GREETING.pack(NBDMAGIC, IHAVEOPT, self.flags)
+        return GREETING.pack(NBDMAGIC, IHAVEOPT, self.flags)
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> NewstyleGreeting:
-        _need(data, _GREETING.size, "newstyle greeting")
-        magic, opt_magic, flags = _GREETING.unpack(data)
+        _need(data, GREETING.size, "newstyle greeting")
+        magic, opt_magic, flags = GREETING.unpack(data)
         if magic != NBDMAGIC or opt_magic != IHAVEOPT:
             raise ProtocolError("newstyle greeting: bad magic")
         return cls(flags)
@@ -114,14 +107,14 @@ class OldstyleGreeting:
     flags: int
 
     def pack(self) -> bytes:
-        return _OLDSTYLE.pack(NBDMAGIC, CLISERV_MAGIC, self.size, self.flags) + bytes(
+        return OLDSTYLE.pack(NBDMAGIC, CLISERV_MAGIC, self.size, self.flags) + bytes(
             OLDSTYLE_ZEROES
         )
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> OldstyleGreeting:
         _need(data, OLDSTYLE_GREETING_SIZE, "oldstyle greeting")
-        magic, cliserv, size, flags = _OLDSTYLE.unpack_from(data)
+        magic, cliserv, size, flags = OLDSTYLE.unpack_from(data)
         if magic != NBDMAGIC or cliserv != CLISERV_MAGIC:
             raise ProtocolError("oldstyle greeting: bad magic")
         # The upper 16 bits are reserved; the transmission flags are the low 16.
@@ -135,12 +128,12 @@ class ClientFlags:
     flags: int
 
     def pack(self) -> bytes:
-        return _U32.pack(self.flags)
+        return U32.pack(self.flags)
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> ClientFlags:
         _need(data, 4, "client flags")
-        return cls(_U32.unpack(data)[0])
+        return cls(U32.unpack(data)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,24 +144,24 @@ class OptionRequest:
     data: bytes = b""
 
     def pack(self) -> bytes:
-        return _OPT_REQ.pack(IHAVEOPT, self.option, len(self.data)) + self.data
+        return OPTION_REQUEST.pack(IHAVEOPT, self.option, len(self.data)) + self.data
 
     @staticmethod
     def unpack_header(data: bytes | memoryview) -> tuple[int, int]:
         """Parse the 16-byte header; returns (option, data length)."""
-        _need(data, _OPT_REQ.size, "option request header")
-        magic, option, length = _OPT_REQ.unpack(data)
+        _need(data, OPTION_REQUEST.size, "option request header")
+        magic, option, length = OPTION_REQUEST.unpack(data)
         if magic != IHAVEOPT:
             raise ProtocolError("option request: bad magic")
         return option, length
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> OptionRequest:
-        if len(data) < _OPT_REQ.size:
+        if len(data) < OPTION_REQUEST.size:
             raise ProtocolError("option request: too short")
-        option, length = cls.unpack_header(data[: _OPT_REQ.size])
-        _need(data[_OPT_REQ.size :], length, "option request data")
-        return cls(option, bytes(data[_OPT_REQ.size :]))
+        option, length = cls.unpack_header(data[: OPTION_REQUEST.size])
+        _need(data[OPTION_REQUEST.size :], length, "option request data")
+        return cls(option, bytes(data[OPTION_REQUEST.size :]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,24 +173,26 @@ class OptionReply:
     data: bytes = b""
 
     def pack(self) -> bytes:
-        return _OPT_REPLY.pack(OPT_REPLY_MAGIC, self.option, self.reply, len(self.data)) + self.data
+        return (
+            OPTION_REPLY.pack(OPT_REPLY_MAGIC, self.option, self.reply, len(self.data)) + self.data
+        )
 
     @staticmethod
     def unpack_header(data: bytes | memoryview) -> tuple[int, int, int]:
         """Parse the 20-byte header; returns (option, reply type, data length)."""
-        _need(data, _OPT_REPLY.size, "option reply header")
-        magic, option, reply, length = _OPT_REPLY.unpack(data)
+        _need(data, OPTION_REPLY.size, "option reply header")
+        magic, option, reply, length = OPTION_REPLY.unpack(data)
         if magic != OPT_REPLY_MAGIC:
             raise ProtocolError(f"option reply: bad magic {magic:#x}")
         return option, reply, length
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> OptionReply:
-        if len(data) < _OPT_REPLY.size:
+        if len(data) < OPTION_REPLY.size:
             raise ProtocolError("option reply: too short")
-        option, reply, length = cls.unpack_header(data[: _OPT_REPLY.size])
-        _need(data[_OPT_REPLY.size :], length, "option reply data")
-        return cls(option, reply, bytes(data[_OPT_REPLY.size :]))
+        option, reply, length = cls.unpack_header(data[: OPTION_REPLY.size])
+        _need(data[OPTION_REPLY.size :], length, "option reply data")
+        return cls(option, reply, bytes(data[OPTION_REPLY.size :]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,13 +206,13 @@ class ExportNameReply:
     flags: int
 
     def pack(self, no_zeroes: bool = True) -> bytes:
-        data = _EXPORT_NAME_REPLY.pack(self.size, self.flags)
+        data = EXPORT_NAME_REPLY.pack(self.size, self.flags)
         return data if no_zeroes else data + bytes(124)
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> ExportNameReply:
-        _need(data, _EXPORT_NAME_REPLY.size, "export name reply")
-        size, flags = _EXPORT_NAME_REPLY.unpack(data)
+        _need(data, EXPORT_NAME_REPLY.size, "export name reply")
+        size, flags = EXPORT_NAME_REPLY.unpack(data)
         return cls(size, flags)
 
 
@@ -234,10 +229,10 @@ class InfoRequest:
     def pack(self) -> bytes:
         name = encode_string(self.name, "export name")
         return (
-            _U32.pack(len(name))
+            U32.pack(len(name))
             + name
-            + _U16.pack(len(self.infos))
-            + b"".join(_U16.pack(i) for i in self.infos)
+            + U16.pack(len(self.infos))
+            + b"".join(U16.pack(i) for i in self.infos)
         )
 
     @classmethod
@@ -245,16 +240,16 @@ class InfoRequest:
         data = bytes(data)
         if len(data) < 6:
             raise ProtocolError("info request: too short")
-        (nlen,) = _U32.unpack_from(data)
+        (nlen,) = U32.unpack_from(data)
         if nlen > len(data) - 6:
             raise ProtocolError("info request: name length exceeds option length")
         name = decode_string(data[4 : 4 + nlen], "export name")
         pos = 4 + nlen
-        (count,) = _U16.unpack_from(data, pos)
+        (count,) = U16.unpack_from(data, pos)
         pos += 2
         if len(data) - pos != 2 * count:
             raise ProtocolError("info request: information request count mismatch")
-        infos = tuple(_U16.unpack_from(data, pos + 2 * i)[0] for i in range(count))
+        infos = tuple(U16.unpack_from(data, pos + 2 * i)[0] for i in range(count))
         return cls(name, infos)
 
 
@@ -267,10 +262,10 @@ class MetaContextRequest:
 
     def pack(self) -> bytes:
         name = encode_string(self.name, "export name")
-        parts = [_U32.pack(len(name)), name, _U32.pack(len(self.queries))]
+        parts = [U32.pack(len(name)), name, U32.pack(len(self.queries))]
         for query in self.queries:
             q = encode_string(query, "meta context query")
-            parts += [_U32.pack(len(q)), q]
+            parts += [U32.pack(len(q)), q]
         return b"".join(parts)
 
     @classmethod
@@ -278,18 +273,18 @@ class MetaContextRequest:
         data = bytes(data)
         if len(data) < 8:
             raise ProtocolError("meta context request: too short")
-        (nlen,) = _U32.unpack_from(data)
+        (nlen,) = U32.unpack_from(data)
         if nlen > len(data) - 8:
             raise ProtocolError("meta context request: name length exceeds option length")
         name = decode_string(data[4 : 4 + nlen], "export name")
         pos = 4 + nlen
-        (count,) = _U32.unpack_from(data, pos)
+        (count,) = U32.unpack_from(data, pos)
         pos += 4
         queries = []
         for _ in range(count):
             if len(data) - pos < 4:
                 raise ProtocolError("meta context request: truncated query")
-            (qlen,) = _U32.unpack_from(data, pos)
+            (qlen,) = U32.unpack_from(data, pos)
             pos += 4
             if qlen > len(data) - pos:
                 raise ProtocolError("meta context request: query length exceeds option length")
@@ -309,14 +304,14 @@ class ServerEntry:
 
     def pack(self) -> bytes:
         name = encode_string(self.name, "export name")
-        return _U32.pack(len(name)) + name + encode_string(self.description, "description")
+        return U32.pack(len(name)) + name + encode_string(self.description, "description")
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> ServerEntry:
         data = bytes(data)
         if len(data) < 4:
             raise ProtocolError("NBD_REP_SERVER: too short")
-        (nlen,) = _U32.unpack_from(data)
+        (nlen,) = U32.unpack_from(data)
         if nlen > len(data) - 4:
             raise ProtocolError("NBD_REP_SERVER: name length exceeds reply length")
         name = decode_string(data[4 : 4 + nlen], "export name")
@@ -331,13 +326,13 @@ class MetaContextEntry:
     name: str
 
     def pack(self) -> bytes:
-        return _U32.pack(self.context_id) + encode_string(self.name, "meta context")
+        return U32.pack(self.context_id) + encode_string(self.name, "meta context")
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> MetaContextEntry:
         if len(data) < 4:
             raise ProtocolError("NBD_REP_META_CONTEXT: too short")
-        (cid,) = _U32.unpack_from(data)
+        (cid,) = U32.unpack_from(data)
         return cls(cid, decode_string(data[4:], "meta context name"))
 
 
@@ -349,7 +344,7 @@ class ExportInfo:
     flags: int
 
     def pack(self) -> bytes:
-        return _INFO_EXPORT.pack(Info.EXPORT, self.size, self.flags)
+        return INFO_EXPORT.pack(Info.EXPORT, self.size, self.flags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +354,7 @@ class NameInfo:
     name: str
 
     def pack(self) -> bytes:
-        return _U16.pack(Info.NAME) + encode_string(self.name, "export name")
+        return U16.pack(Info.NAME) + encode_string(self.name, "export name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +364,7 @@ class DescriptionInfo:
     description: str
 
     def pack(self) -> bytes:
-        return _U16.pack(Info.DESCRIPTION) + encode_string(self.description, "description")
+        return U16.pack(Info.DESCRIPTION) + encode_string(self.description, "description")
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +376,7 @@ class BlockSizeInfo:
     maximum: int
 
     def pack(self) -> bytes:
-        return _INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, self.minimum, self.preferred, self.maximum)
+        return INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, self.minimum, self.preferred, self.maximum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +387,7 @@ class UnknownInfo:
     data: bytes
 
     def pack(self) -> bytes:
-        return _U16.pack(self.info_type) + self.data
+        return U16.pack(self.info_type) + self.data
 
 
 InfoRecord: TypeAlias = ExportInfo | NameInfo | DescriptionInfo | BlockSizeInfo | UnknownInfo
@@ -402,11 +397,11 @@ def unpack_info(data: bytes | memoryview) -> InfoRecord:
     """Parse the data of an NBD_REP_INFO reply."""
     if len(data) < 2:
         raise ProtocolError("NBD_REP_INFO: too short")
-    (kind,) = _U16.unpack_from(data)
+    (kind,) = U16.unpack_from(data)
     body = data[2:]
     if kind == Info.EXPORT:
         _need(body, 10, "NBD_INFO_EXPORT")
-        _, size, flags = _INFO_EXPORT.unpack(data)
+        _, size, flags = INFO_EXPORT.unpack(data)
         return ExportInfo(size, flags)
     if kind == Info.NAME:
         return NameInfo(decode_string(body, "NBD_INFO_NAME"))
@@ -414,7 +409,7 @@ def unpack_info(data: bytes | memoryview) -> InfoRecord:
         return DescriptionInfo(decode_string(body, "NBD_INFO_DESCRIPTION"))
     if kind == Info.BLOCK_SIZE:
         _need(body, 12, "NBD_INFO_BLOCK_SIZE")
-        _, minimum, preferred, maximum = _INFO_BLOCK_SIZE.unpack(data)
+        _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(data)
         return BlockSizeInfo(minimum, preferred, maximum)
     return UnknownInfo(kind, bytes(body))
 
@@ -456,23 +451,23 @@ class Request:
 
     def pack(self, extended: bool = False) -> bytes:
         if extended:
-            return _EXT_REQUEST.pack(
+            return EXTENDED_REQUEST.pack(
                 EXTENDED_REQUEST_MAGIC, self.flags, self.type, self.cookie, self.offset, self.length
             )
-        return _REQUEST.pack(
+        return REQUEST.pack(
             REQUEST_MAGIC, self.flags, self.type, self.cookie, self.offset, self.length
         )
 
     @classmethod
     def unpack(cls, data: bytes | memoryview, extended: bool = False) -> Request:
         if extended:
-            _need(data, _EXT_REQUEST.size, "extended request")
-            magic, flags, type_, cookie, offset, length = _EXT_REQUEST.unpack(data)
+            _need(data, EXTENDED_REQUEST.size, "extended request")
+            magic, flags, type_, cookie, offset, length = EXTENDED_REQUEST.unpack(data)
             if magic != EXTENDED_REQUEST_MAGIC:
                 raise ProtocolError(f"extended request: bad magic {magic:#x}")
         else:
-            _need(data, _REQUEST.size, "request")
-            magic, flags, type_, cookie, offset, length = _REQUEST.unpack(data)
+            _need(data, REQUEST.size, "request")
+            magic, flags, type_, cookie, offset, length = REQUEST.unpack(data)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"request: bad magic {magic:#x}")
         return cls(flags, type_, cookie, offset, length)
@@ -486,12 +481,12 @@ class SimpleReply:
     cookie: int
 
     def pack(self) -> bytes:
-        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, self.error, self.cookie)
+        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, self.error, self.cookie)
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> SimpleReply:
-        _need(data, _SIMPLE_REPLY.size, "simple reply")
-        magic, error, cookie = _SIMPLE_REPLY.unpack(data)
+        _need(data, SIMPLE_REPLY.size, "simple reply")
+        magic, error, cookie = SIMPLE_REPLY.unpack(data)
         if magic != SIMPLE_REPLY_MAGIC:
             raise ProtocolError(f"simple reply: bad magic {magic:#x}")
         return cls(error, cookie)
@@ -512,23 +507,23 @@ class ChunkHeader:
 
     def pack(self, extended: bool = False) -> bytes:
         if extended:
-            return _EXTENDED_REPLY.pack(
+            return EXTENDED_REPLY.pack(
                 EXTENDED_REPLY_MAGIC, self.flags, self.type, self.cookie, self.offset, self.length
             )
-        return _STRUCTURED_REPLY.pack(
+        return STRUCTURED_REPLY.pack(
             STRUCTURED_REPLY_MAGIC, self.flags, self.type, self.cookie, self.length
         )
 
     @classmethod
     def unpack(cls, data: bytes | memoryview, extended: bool = False) -> ChunkHeader:
         if extended:
-            _need(data, _EXTENDED_REPLY.size, "extended reply")
-            magic, flags, type_, cookie, offset, length = _EXTENDED_REPLY.unpack(data)
+            _need(data, EXTENDED_REPLY.size, "extended reply")
+            magic, flags, type_, cookie, offset, length = EXTENDED_REPLY.unpack(data)
             if magic != EXTENDED_REPLY_MAGIC:
                 raise ProtocolError(f"extended reply: bad magic {magic:#x}")
             return cls(flags, type_, cookie, length, offset)
-        _need(data, _STRUCTURED_REPLY.size, "structured reply")
-        magic, flags, type_, cookie, length = _STRUCTURED_REPLY.unpack(data)
+        _need(data, STRUCTURED_REPLY.size, "structured reply")
+        magic, flags, type_, cookie, length = STRUCTURED_REPLY.unpack(data)
         if magic != STRUCTURED_REPLY_MAGIC:
             raise ProtocolError(f"structured reply: bad magic {magic:#x}")
         return cls(flags, type_, cookie, length)
@@ -545,12 +540,12 @@ class OffsetHole:
     size: int
 
     def pack(self) -> bytes:
-        return _HOLE.pack(self.offset, self.size)
+        return HOLE.pack(self.offset, self.size)
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> OffsetHole:
-        _need(data, _HOLE.size, "NBD_REPLY_TYPE_OFFSET_HOLE")
-        offset, size = _HOLE.unpack(data)
+        _need(data, HOLE.size, "NBD_REPLY_TYPE_OFFSET_HOLE")
+        offset, size = HOLE.unpack(data)
         if size == 0:
             raise ProtocolError("NBD_REPLY_TYPE_OFFSET_HOLE: zero-length hole")
         return cls(offset, size)
@@ -573,10 +568,11 @@ class BlockStatusChunk:
 
     def pack(self, extended: bool = False) -> bytes:
         if extended:
-            head = struct.pack(">II", self.context_id, len(self.extents))
-            return head + b"".join(struct.pack(">QQ", e.length, e.flags) for e in self.extents)
-        return _U32.pack(self.context_id) + b"".join(
-            struct.pack(">II", e.length, e.flags) for e in self.extents
+            head = EXTENDED_STATUS_HEAD.pack(self.context_id, len(self.extents))
+            body = (EXTENDED_DESCRIPTOR.pack(e.length, e.flags) for e in self.extents)
+            return head + b"".join(body)
+        return U32.pack(self.context_id) + b"".join(
+            DESCRIPTOR.pack(e.length, e.flags) for e in self.extents
         )
 
     @classmethod
@@ -585,15 +581,15 @@ class BlockStatusChunk:
         if extended:
             if len(data) < 24 or (len(data) - 8) % 16:
                 raise ProtocolError("NBD_REPLY_TYPE_BLOCK_STATUS_EXT: bad length")
-            cid, count = struct.unpack_from(">II", data)
+            cid, count = EXTENDED_STATUS_HEAD.unpack_from(data)
             if count != (len(data) - 8) // 16:
                 raise ProtocolError("NBD_REPLY_TYPE_BLOCK_STATUS_EXT: descriptor count mismatch")
-            pairs = struct.iter_unpack(">QQ", data[8:])
+            pairs = EXTENDED_DESCRIPTOR.iter_unpack(data[8:])
         else:
             if len(data) < 12 or (len(data) - 4) % 8:
                 raise ProtocolError("NBD_REPLY_TYPE_BLOCK_STATUS: bad length")
-            (cid,) = _U32.unpack_from(data)
-            pairs = struct.iter_unpack(">II", data[4:])
+            (cid,) = U32.unpack_from(data)
+            pairs = DESCRIPTOR.iter_unpack(data[4:])
         extents = tuple(Extent(length, flags) for length, flags in pairs)
         if any(e.length == 0 for e in extents):
             raise ProtocolError("block status: zero-length extent")
@@ -610,8 +606,8 @@ class ErrorChunk:
 
     def pack(self) -> bytes:
         msg = encode_string(self.message, "error message")
-        data = _ERROR_CHUNK.pack(self.error, len(msg)) + msg
-        return data if self.offset is None else data + _U64.pack(self.offset)
+        data = ERROR_CHUNK.pack(self.error, len(msg)) + msg
+        return data if self.offset is None else data + U64.pack(self.offset)
 
     @property
     def type(self) -> Chunk:
@@ -623,7 +619,7 @@ class ErrorChunk:
         data = bytes(data)
         if len(data) < 6:
             raise ProtocolError("error chunk: too short")
-        error, mlen = _ERROR_CHUNK.unpack_from(data)
+        error, mlen = ERROR_CHUNK.unpack_from(data)
         if mlen > len(data) - 6:
             raise ProtocolError("error chunk: message length exceeds chunk length")
         message = decode_string(data[6 : 6 + mlen], "error message")
@@ -631,7 +627,7 @@ class ErrorChunk:
         offset = None
         if chunk_type == Chunk.ERROR_OFFSET:
             _need(rest, 8, "NBD_REPLY_TYPE_ERROR_OFFSET offset")
-            (offset,) = _U64.unpack(rest)
+            (offset,) = U64.unpack(rest)
         # NBD_REPLY_TYPE_ERROR: the spec only bounds the message length by the chunk's
         # ("no more than header length - 6"), so bytes after the message are ignored,
         # as they are for error types this side does not know.

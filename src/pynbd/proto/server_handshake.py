@@ -28,7 +28,6 @@ from .constants import (
     Rep,
 )
 from .records import (
-    OPTION_HEADER_SIZE,
     BlockSizeInfo,
     ClientFlags,
     DescriptionInfo,
@@ -56,6 +55,7 @@ from .server_common import (
     TLSPolicy,
     TransmissionStarted,
 )
+from .wire import OPTION_HEADER_SIZE
 
 __all__ = ["OPTION_HANDLERS", "TRANSITIONS", "Input", "ServerHandshake", "State"]
 

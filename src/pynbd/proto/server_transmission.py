@@ -57,22 +57,28 @@ from .server_common import (
     ServerNegotiated,
 )
 from .server_handshake import truncate_message
+from .wire import (
+    DESCRIPTOR,
+    ERROR_CHUNK,
+    EXTENDED_DATA,
+    EXTENDED_DESCRIPTOR,
+    EXTENDED_REPLY,
+    EXTENDED_REQUEST,
+    EXTENDED_STATUS_HEAD,
+    HOLE,
+    REQUEST,
+    SIMPLE_REPLY,
+    STRUCTURED_DATA,
+    STRUCTURED_REPLY,
+    U32,
+    U64,
+    ReceiveBuffer,
+)
 
 __all__ = ["DOS_PAYLOAD", "MAX_EXTENTS", "ServerTransmission"]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
-_REQ = struct.Struct(">IHHQQI")
-_EXT_REQ = struct.Struct(">IHHQQQ")
-_SIMPLE = struct.Struct(">IIQ")
-_STRUCTURED = struct.Struct(">IHHQI")
-_EXTENDED = struct.Struct(">IHHQQQ")
-#: A data chunk's header with the chunk's offset, packed at once.
-_STRUCTURED_DATA = struct.Struct(">IHHQIQ")
-_EXTENDED_DATA = struct.Struct(">IHHQQQQ")
-_ERROR = struct.Struct(">IH")
-_U64 = struct.Struct(">Q")
-_HOLE = struct.Struct(">QI")
 
 #: A payload up to this size is consumed even when it is refused; a larger one is a
 #: denial of service and closes the connection (spec "Size constraints": 2**25 bytes
@@ -139,7 +145,7 @@ class _Pending:
         self.length = length
 
 
-class ServerTransmission:
+class ServerTransmission(ReceiveBuffer):
     """Server side of the transmission phase.
 
     Args:
@@ -187,17 +193,14 @@ class ServerTransmission:
         self._minimum = self.export.minimum_block
         self._max_payload = self.export.maximum_payload
         self._payload_limit = max(self._max_payload, DOS_PAYLOAD)
-        self._header = _EXT_REQ if self.extended else _REQ
+        self._header = EXTENDED_REQUEST if self.extended else REQUEST
         self._magic = EXTENDED_REQUEST_MAGIC if self.extended else REQUEST_MAGIC
         self._events: deque[RequestReceived | Disconnect] = deque()
         self._out: list[Buffer] = []
         self._in_flight: set[int] = set()
         self._seq = 0
         self._shutdown = False
-        self._buf = bytearray(max(buffer_size, 64))
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
+        ReceiveBuffer.__init__(self, buffer_size)
         self._state = _HEADER
         self._pending: _Pending | None = None
         self._target: memoryview | None = None
@@ -255,17 +258,11 @@ class ServerTransmission:
         if self._state == _PAYLOAD and self._start == self._end:
             assert self._target is not None
             return self._target[self._target_pos :]
-        if self._start == self._end:
-            self._start = self._end = 0
-            if self._streaming and self._state == _HEADER:
-                # Likely another big WRITE: its header alone, so that its payload
-                # goes straight to its own buffer, not through this one (a copy).
-                return self._view[: self._header.size]
-        elif self._end == len(self._buf):
-            pending = self._end - self._start
-            self._buf[:pending] = self._buf[self._start : self._end]
-            self._start, self._end = 0, pending
-        return self._view[self._end :]
+        if self._streaming and self._state == _HEADER:
+            # Likely another big WRITE: its header alone, so that its payload goes
+            # straight to its own buffer, not through this one (a copy).
+            return self._room(self._header.size)
+        return self._room(0)
 
     def receive_buffers(self) -> list[memoryview]:
         """Buffers for the next bytes, for a scattering read (``readv``): while a
@@ -314,19 +311,6 @@ class ServerTransmission:
         else:
             self._end += nbytes
         self._parse()
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the client (copying); ``b""`` means end of stream."""
-        if not data:
-            self.buffer_updated(0)
-            return
-        view = memoryview(data)
-        while view:
-            buf = self.receive_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            self.buffer_updated(n)
 
     def next_event(self) -> RequestReceived | Disconnect | _NeedData:
         """The next valid request or the end of the session; NEED_DATA when none."""
@@ -480,7 +464,7 @@ class ServerTransmission:
         try:
             if len(data) < 12 or (len(data) - 8) % 4:
                 raise _Refused(Err.EINVAL, "block status payload is not 8 + 4*n bytes")
-            (length,) = _U64.unpack_from(data)
+            (length,) = U64.unpack_from(data)
             ids = struct.unpack_from(f">{(len(data) - 8) // 4}I", data, 8)
             if len(set(ids)) != len(ids) or not set(ids) <= self.contexts.keys():
                 raise _Refused(Err.EINVAL, "block status payload names unknown or repeated ids")
@@ -639,14 +623,14 @@ class ServerTransmission:
     def _data_header(self, request: RequestReceived, n: int) -> bytes:
         cookie, offset = request.cookie, request.offset
         if self.extended:
-            return _EXTENDED_DATA.pack(
+            return EXTENDED_DATA.pack(
                 EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, offset, n + 8, offset
             )
         if self.structured:
-            return _STRUCTURED_DATA.pack(
+            return STRUCTURED_DATA.pack(
                 STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, n + 8, offset
             )
-        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
     def reply_read_chunks(
         self, request: RequestReceived, chunks: Iterable[tuple[int, Buffer | int]]
@@ -678,12 +662,12 @@ class ServerTransmission:
             if isinstance(piece, int):
                 self._out.append(
                     self._chunk_header(flags, Chunk.OFFSET_HOLE, request, 12)
-                    + _HOLE.pack(offset, piece)
+                    + HOLE.pack(offset, piece)
                 )
             else:
                 view = memoryview(piece).cast("B")
                 head = self._chunk_header(flags, Chunk.OFFSET_DATA, request, len(view) + 8)
-                self._out += [head + _U64.pack(offset), view]
+                self._out += [head + U64.pack(offset), view]
 
     def reply_block_status(
         self, request: RequestReceived, extents: Mapping[int, Sequence[tuple[int, int]]]
@@ -705,13 +689,13 @@ class ServerTransmission:
         for i, cid in enumerate(request.contexts):
             descriptors = self._clip_extents(request, extents.get(cid, ()))
             if self.extended:
-                body = struct.pack(">II", cid, len(descriptors)) + b"".join(
-                    struct.pack(">QQ", length, flags) for length, flags in descriptors
+                body = EXTENDED_STATUS_HEAD.pack(cid, len(descriptors)) + b"".join(
+                    EXTENDED_DESCRIPTOR.pack(length, flags) for length, flags in descriptors
                 )
                 kind = Chunk.BLOCK_STATUS_EXT
             else:
-                body = struct.pack(">I", cid) + b"".join(
-                    struct.pack(">II", length, flags & U32_MAX) for length, flags in descriptors
+                body = U32.pack(cid) + b"".join(
+                    DESCRIPTOR.pack(length, flags & U32_MAX) for length, flags in descriptors
                 )
                 kind = Chunk.BLOCK_STATUS
             flags = ReplyFlag.DONE if i == last else 0
@@ -756,38 +740,40 @@ class ServerTransmission:
 
     def _chunk_header(self, flags: int, kind: int, request: RequestReceived, length: int) -> bytes:
         if self.extended:
-            return _EXTENDED.pack(
+            return EXTENDED_REPLY.pack(
                 EXTENDED_REPLY_MAGIC, flags, kind, request.cookie, request.offset, length
             )
-        return _STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, flags, kind, request.cookie, length)
+        return STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, flags, kind, request.cookie, length)
 
     def _queue_ok(self, command: int, cookie: int, offset: int) -> None:
         # A simple reply is allowed for a success without data unless extended headers
         # are in use, or the request is a READ under structured replies.
         if self.extended:
             self._out.append(
-                _EXTENDED.pack(EXTENDED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.NONE, cookie, offset, 0)
+                EXTENDED_REPLY.pack(
+                    EXTENDED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.NONE, cookie, offset, 0
+                )
             )
         elif self.structured and command == Cmd.READ:
             self._out.append(
-                _STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.NONE, cookie, 0)
+                STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.NONE, cookie, 0)
             )
         else:
-            self._out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def _queue_error(self, cookie: int, offset: int, error: Err, message: str) -> None:
         if not self.structured:
-            self._out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie))
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie))
             return
         # An error chunk carries a message for a human (the spec's preference).
         text = truncate_message(message)
-        body = _ERROR.pack(error, len(text)) + text
+        body = ERROR_CHUNK.pack(error, len(text)) + text
         if self.extended:
-            head = _EXTENDED.pack(
+            head = EXTENDED_REPLY.pack(
                 EXTENDED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.ERROR, cookie, offset, len(body)
             )
         else:
-            head = _STRUCTURED.pack(
+            head = STRUCTURED_REPLY.pack(
                 STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, Chunk.ERROR, cookie, len(body)
             )
         self._out.append(head + body)

@@ -47,7 +47,9 @@ from .constants import (
     CHUNK_ERROR_BIT,
     COMMAND_NEEDS,
     EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     FLAG_NEEDS,
+    REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Chunk,
@@ -59,33 +61,34 @@ from .constants import (
 )
 from .handshake import Negotiated
 from .records import (
-    EXTENDED_REPLY_SIZE,
-    SIMPLE_REPLY_SIZE,
-    STRUCTURED_REPLY_SIZE,
     BlockStatusChunk,
     ErrorChunk,
     Extent,
     OffsetHole,
     Request,
 )
+from .wire import (
+    EXTENDED_DATA,
+    EXTENDED_REPLY,
+    EXTENDED_REPLY_SIZE,
+    EXTENDED_REQUEST,
+    REPLY_COOKIE,
+    REQUEST,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_SIZE,
+    STRUCTURED_DATA,
+    STRUCTURED_REPLY,
+    STRUCTURED_REPLY_SIZE,
+    U32,
+    U64,
+    ReceiveBuffer,
+)
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
-_SIMPLE = struct.Struct(">IIQ")
-_STRUCTURED = struct.Struct(">IHHQI")
-_EXTENDED = struct.Struct(">IHHQQQ")
-_REQ = struct.Struct(">IHHQQI")
-_EXT_REQ = struct.Struct(">IHHQQQ")
-_U64 = struct.Struct(">Q")
-_MAGIC = struct.Struct(">I")
-#: Every reply header carries the cookie at byte 8.
-_COOKIE = struct.Struct(">8xQ")
-# The usual start of a read's reply (see _InFlight.expect): a simple reply
-# without error; a structured OFFSET_DATA chunk with DONE and its data offset; the same
-# with extended headers, which echo the request's offset in the header too.
-_EXPECT_SIMPLE = struct.Struct(">IIQ")
-_EXPECT_STRUCTURED = struct.Struct(">IHHQIQ")
-_EXPECT_EXTENDED = struct.Struct(">IHHQQQQ")
+# The usual start of a read's reply (see _InFlight.expect): a simple reply without
+# error; a structured OFFSET_DATA chunk with DONE and its data offset; the same with
+# extended headers, which echo the request's offset in the header too.
 _NO_CONTEXTS: frozenset[int] = frozenset()
 
 U32_MAX = 0xFFFFFFFF
@@ -248,7 +251,7 @@ def split_range(
         offset += n
 
 
-class ClientTransmission:
+class ClientTransmission(ReceiveBuffer):
     """Client side of the transmission phase.
 
     Args:
@@ -309,10 +312,7 @@ class ClientTransmission:
         #: yet: the driver may receive them itself (see :meth:`data_received`).
         self.pending_data = 0
         # Receive side
-        self._buf = bytearray(max(buffer_size, 64))
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
+        ReceiveBuffer.__init__(self, buffer_size)
         self._state = _HEADER
         self._target: memoryview | None = None
         self._target_pos = 0
@@ -389,7 +389,7 @@ class ClientTransmission:
                 and len(entry.contexts) < len(self._context_names)
             ):
                 ids = sorted(entry.contexts)
-                extra = _U64.pack(length) + struct.pack(f">{len(ids)}I", *ids)
+                extra = U64.pack(length) + struct.pack(f">{len(ids)}I", *ids)
                 wire_flags |= _PAYLOAD_LEN
                 wire_len = len(extra)
         if self.extended and cmd is Cmd.WRITE:
@@ -479,25 +479,27 @@ class ClientTransmission:
             cookie = (cookie + 1) & U64_MAX
         self._next_cookie = (cookie + 1) & U64_MAX
         if self.extended:
-            request = _EXT_REQ.pack(0x21E41C71, flags, _READ_WIRE, cookie, offset, length)
+            request = EXTENDED_REQUEST.pack(
+                EXTENDED_REQUEST_MAGIC, flags, _READ_WIRE, cookie, offset, length
+            )
             if not length:
                 return cookie, request, None  # no OFFSET_DATA chunk answers an empty read
             return (
                 cookie,
                 request,
-                _EXPECT_EXTENDED.pack(
+                EXTENDED_DATA.pack(
                     EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, offset, length + 8, offset
                 ),
             )
-        request = _REQ.pack(0x25609513, flags, _READ_WIRE, cookie, offset, length)
+        request = REQUEST.pack(REQUEST_MAGIC, flags, _READ_WIRE, cookie, offset, length)
         if not self.structured:
-            return cookie, request, _EXPECT_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+            return cookie, request, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         if not length:
             return cookie, request, None
         return (
             cookie,
             request,
-            _EXPECT_STRUCTURED.pack(
+            STRUCTURED_DATA.pack(
                 STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset
             ),
         )
@@ -585,10 +587,10 @@ class ClientTransmission:
         cookie = self._take_cookie()
         if self.extended:
             wire_flags = flags | _PAYLOAD_LEN if cmd is _WRITE else flags
-            lead = _EXTENDED.pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE, cookie, offset, 0)
+            lead = EXTENDED_REPLY.pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE, cookie, offset, 0)
         else:
             wire_flags = flags
-            lead = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+            lead = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         request = self._header(cmd, wire_flags, cookie, offset, length)
         self._direct = (cookie, cmd, None, length, offset, flags, lead)
         return cookie, request, lead
@@ -596,8 +598,10 @@ class ClientTransmission:
     def _header(self, cmd: Cmd, wire_flags: int, cookie: int, offset: int, length: int) -> bytes:
         """A request header in the negotiated form (``length``: its length field)."""
         if self.extended:
-            return _EXT_REQ.pack(0x21E41C71, wire_flags, cmd, cookie, offset, length)
-        return _REQ.pack(0x25609513, wire_flags, cmd, cookie, offset, length)
+            return EXTENDED_REQUEST.pack(
+                EXTENDED_REQUEST_MAGIC, wire_flags, cmd, cookie, offset, length
+            )
+        return REQUEST.pack(REQUEST_MAGIC, wire_flags, cmd, cookie, offset, length)
 
     def _settle(self) -> None:
         """Make the request that direct_read() or direct_request() started an ordinary
@@ -738,23 +742,15 @@ class ClientTransmission:
         if self._state == _INTO and self._start == self._end:
             assert self._target is not None
             return self._target[self._target_pos :]
-        if self._start == self._end:
-            if self._state == _DETACHED:
-                self._assemble()
-                assert self._target is not None
-                return self._target
-            self._start = self._end = 0
-            if self._big_reads:
-                # A big read's payload should land in the caller's buffer, not here:
-                # take only the bytes before it, so that the payload is read directly.
-                return self._view[: 8 if self._state == _DATA_OFFSET else self._lead]
-            return self._view
-        if self._end == len(self._buf):
-            # Compact: move the unparsed tail to the front.
-            pending = self._end - self._start
-            self._buf[:pending] = self._buf[self._start : self._end]
-            self._start, self._end = 0, pending
-        return self._view[self._end :]
+        if self._state == _DETACHED and self._start == self._end:
+            self._assemble()
+            assert self._target is not None
+            return self._target
+        if self._big_reads:
+            # A big read's payload should land in the caller's buffer, not here:
+            # take only the bytes before it, so that the payload is read directly.
+            return self._room(8 if self._state == _DATA_OFFSET else self._lead)
+        return self._room(0)
 
     def buffer_updated(self, nbytes: int) -> bool:
         """``nbytes`` were written into the last :meth:`receive_buffer`; 0 means EOF.
@@ -782,19 +778,6 @@ class ClientTransmission:
             self._closed = True
             raise
         return bool(self._replies)
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the server (copying); ``b""`` means end of stream."""
-        if not data:
-            self.buffer_updated(0)
-            return
-        view = memoryview(data)
-        while view:
-            buf = self.receive_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            self.buffer_updated(n)
 
     def next_event(self) -> Reply | None:
         """The next completed request, or None when nothing has completed."""
@@ -852,7 +835,7 @@ class ClientTransmission:
             elif state == _DATA_OFFSET:
                 if self._end - self._start < 8:
                     return
-                (offset,) = _U64.unpack_from(buf, self._start)
+                (offset,) = U64.unpack_from(buf, self._start)
                 self._start += 8
                 self._begin_data(offset)
             elif state == _CHUNK:
@@ -877,7 +860,7 @@ class ClientTransmission:
         start, stop = self._start, self._end
         try:
             while stop - start >= 16:
-                entry = in_flight.get(_COOKIE.unpack_from(buf, start)[0])
+                entry = in_flight.get(REPLY_COOKIE.unpack_from(buf, start)[0])
                 if entry is None:
                     return False
                 expect = entry.expect
@@ -987,25 +970,25 @@ class ClientTransmission:
     def _parse_header(self) -> bool:
         buf, start = self._buf, self._start
         avail = self._end - start
-        (magic,) = _MAGIC.unpack_from(buf, start)
+        (magic,) = U32.unpack_from(buf, start)
         if self.extended:
             if magic != EXTENDED_REPLY_MAGIC:
                 raise ProtocolError(f"bad reply magic {magic:#x} (extended headers expected)")
             if avail < EXTENDED_REPLY_SIZE:
                 return False
-            _, flags, type_, cookie, offset, length = _EXTENDED.unpack_from(buf, start)
+            _, flags, type_, cookie, offset, length = EXTENDED_REPLY.unpack_from(buf, start)
             self._start = start + EXTENDED_REPLY_SIZE
             self._on_chunk_header(flags, type_, cookie, length, offset)
         elif magic == SIMPLE_REPLY_MAGIC:
             if avail < SIMPLE_REPLY_SIZE:
                 return False
-            _, error, cookie = _SIMPLE.unpack_from(buf, start)
+            _, error, cookie = SIMPLE_REPLY.unpack_from(buf, start)
             self._start = start + SIMPLE_REPLY_SIZE
             self._on_simple(error, cookie)
         elif magic == STRUCTURED_REPLY_MAGIC and self.structured:
             if avail < STRUCTURED_REPLY_SIZE:
                 return False
-            _, flags, type_, cookie, length = _STRUCTURED.unpack_from(buf, start)
+            _, flags, type_, cookie, length = STRUCTURED_REPLY.unpack_from(buf, start)
             self._start = start + STRUCTURED_REPLY_SIZE
             self._on_chunk_header(flags, type_, cookie, length, None)
         else:
