@@ -3,7 +3,7 @@
 
 Run it with Debian's interpreter, the only one that has libnbd's ``nbd`` module::
 
-    cd /work/main && PYTHONPATH=src /usr/bin/python3 bench/bench_client.py --markdown
+    PYTHONPATH=src /usr/bin/python3 bench/bench_client.py --markdown   # from the checkout's root
 
 One ``nbdkit memory`` server per transport (a unix socket, and TCP on 127.0.0.1 at a
 kernel-chosen port) serves every contender in the same run. The region read is

@@ -3,7 +3,7 @@
 
 ::
 
-    cd /work/main && PYTHONPATH=src python3 bench/bench_kernel.py
+    PYTHONPATH=src python3 bench/bench_kernel.py      # from the checkout's root
     PYTHONPATH=src python3 bench/bench_kernel.py --rounds 1 --runtime 1 --profile
 
 Boots the test guest once (:mod:`pynbd.testing.vm`: Debian's kernel under qemu TCG) and
@@ -29,7 +29,7 @@ included), read from /proc/PID/stat by fio's exec_prerun/exec_postrun around eac
 (under TCG that CPU time includes the guest's share of a busy host: compare columns).
 
 ``--profile`` adds an unmeasured in-process pass under ``py-spy record`` and prints the
-functions that take the most samples. Under TCG everything runs about 25 times slower
+functions that take the most samples. Under TCG everything runs many times slower
 than on the host, the kernel and nbdkit included: compare ratios within a run, not
 numbers between runs. A benchmark measures: a slow result is not an error (the exit
 status is 0 unless something broke).
@@ -284,8 +284,8 @@ def run_fio(
             stderr=err_file,
         )
     # A plain blocking wait: the in-process server's thread must have the GIL and the
-    # CPU to itself (communicate() with a timeout polls, and py-spy saw it). The guest
-    # has its own timeout.
+    # CPU to itself, and communicate() with a timeout polls, taking both from it. The
+    # guest has its own timeout.
     status = proc.wait()
     if status != 0:
         raise RuntimeError(f"fio failed ({status}): {err.read_text().strip()}")

@@ -3,7 +3,7 @@
 
 ::
 
-    cd /work/main && python3 bench/bench_server.py --markdown
+    python3 bench/bench_server.py                     # from the checkout's root
     python3 bench/bench_server.py --quick --only 'unix/.*qd16'
 
 Servers (contenders), all started by this script in the same run and stopped by pid:
