@@ -8,7 +8,9 @@ ids select kernel tests as usual. The summary ends with a "kernel guest" line: k
 version, boot time to stage 2, guest pytest time. The settings (``PYNBD_VM_TIMEOUT``
 and others) are in :mod:`tests.guest.bridge`.
 
-In the guest (``NBDVM=1``) the tests run as written, with the fixtures below.
+In the guest (``NBDVM=1``) the tests run as written, with the fixtures below. Every
+test that uses the nbd driver fails when the kernel logs a warning, a bug, an oops or a
+hung task while it runs (:func:`kernel_log_clean`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.guest import bridge, qemu
-from tests.kernel.helpers import umount
+from tests.kernel.helpers import KernelLog, umount
 
 
 # trylast: -k, -m and other plugins have deselected already; only selected tests go.
@@ -44,11 +46,34 @@ def pytest_terminal_summary(
 
 @pytest.fixture(scope="session")
 def nbd_module() -> Iterator[None]:
-    """Load the nbd driver (``modprobe nbd``) in the guest."""
+    """Load the nbd driver (``modprobe nbd``) in the guest; the kernel logs nothing bad
+    while it loads."""
     if not qemu.in_guest():
         pytest.fail("kernel tests run only in the test guest (NBDVM=1)")
-    subprocess.run(["modprobe", "nbd"], check=True, timeout=60)
+    with KernelLog() as log:
+        subprocess.run(["modprobe", "nbd"], check=True, timeout=60)
+        bad = log.bad_lines()
+    assert not bad, "kernel log while loading nbd:\n" + "\n".join(bad)
     yield
+
+
+@pytest.fixture(autouse=True)
+def kernel_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that uses the nbd driver (``nbd_module``) when the kernel logs a
+    warning, a bug, an oops or a hung task from its setup to its teardown.
+
+    Only the lines logged meanwhile count, so the check depends on no other test and
+    on no order. Autouse fixtures are set up before, and torn down after, the test's
+    other fixtures of its scope: a device detached or a server stopped in a fixture's
+    teardown is inside the window.
+    """
+    if "nbd_module" not in request.fixturenames:
+        yield
+        return
+    with KernelLog() as log:
+        yield
+        bad = log.bad_lines()
+    assert not bad, "the kernel logged, during this test:\n" + "\n".join(bad)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ import pytest
 from pynbd.kernel.attach import Attachment, attach, detach
 from pynbd.kernel.device import find_holders, sysfs_state
 from pynbd.kernel.errors import DeviceBusy
-from tests.kernel.helpers import check_dmesg as _check_dmesg
 from tests.kernel.helpers import run as _run
 from tests.kernel.helpers import umount as _umount
 from tests.kernel.test_kernel_cli import _one_line_error, _pynbd
@@ -175,8 +174,3 @@ def _until(cond: Callable[[], bool], timeout: float = 30) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
-
-
-def test_zz_dmesg_is_clean(nbd_module: None) -> None:
-    """Runs last in this module: nothing above upset the kernel."""
-    _check_dmesg()

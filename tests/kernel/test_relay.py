@@ -24,7 +24,7 @@ from pynbd.kernel.attach import connect_for_kernel, detach
 from pynbd.kernel.device import NetlinkControl, sysfs_state, wait_disconnected
 from pynbd.kernel.relay import TLSRelay
 from pynbd.proto.handshake import Negotiated
-from tests.kernel.helpers import check_dmesg, run
+from tests.kernel.helpers import run
 from tests.kernel.helpers import stop_process as _stop
 from tests.peers import Server, make_x509_dir, wait_for_socket
 
@@ -245,7 +245,3 @@ def test_throughput_relay_vs_plain_tcp(
     )
     print(line)
     assert rw > 0 and rr > 0
-
-
-def test_zz_dmesg_is_clean(nbd_module: None) -> None:
-    check_dmesg()

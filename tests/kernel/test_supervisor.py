@@ -33,7 +33,6 @@ from pynbd.kernel.attach import Attachment, attach, attach_backend, detach
 from pynbd.kernel.device import sysfs_state
 from pynbd.kernel.supervisor import Backoff, Keepalive, ReconnectPolicy, SupervisorState
 from pynbd.server import MemoryBackend
-from tests.kernel.helpers import check_dmesg as _check_dmesg
 from tests.kernel.helpers import run as _run
 from tests.kernel.helpers import umount as _umount
 from tests.peers import Peers, Server, make_raw_image
@@ -192,7 +191,6 @@ def test_ext4_survives_twenty_server_kills(server: Restartable, tmp_path: Path) 
         writer.stop()
         _umount(mnt)
         att.detach()
-    _check_dmesg()
 
 
 # --------------------------------------------------------------------------- one of four
@@ -559,8 +557,3 @@ def test_cli_attach_persist(server: Restartable) -> None:
             proc.kill()
             proc.wait(30)
     print("\n" + "\n".join(err.seen))
-
-
-def test_zz_dmesg_is_clean(nbd_module: None) -> None:
-    """Runs last in this module: nothing above upset the kernel."""
-    _check_dmesg()
