@@ -147,7 +147,7 @@ def test_nbd_client_attach_write_read_detach(
     )
     try:
         assert attach.returncode == 0, attach.stderr + attach.stdout
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while int(_sysfs("size").read_text()) * 512 != EXPORT_SIZE:
             assert time.monotonic() < deadline, "the device never got the export's size"
             time.sleep(0.1)
@@ -165,7 +165,7 @@ def test_nbd_client_attach_write_read_detach(
     finally:
         detach = _detach()
     assert detach.returncode == 0, detach.stderr + detach.stdout
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while _sysfs("pid").exists():
         assert time.monotonic() < deadline, "the device is still connected after nbd-client -d"
         time.sleep(0.1)
