@@ -6,7 +6,7 @@
     PYTHONPATH=src python3 bench/bench_kernel.py      # from the checkout's root
     PYTHONPATH=src python3 bench/bench_kernel.py --rounds 1 --runtime 1 --profile
 
-Boots the test guest once (:mod:`pynbd.testing.vm`: Debian's kernel under qemu TCG) and
+Boots the test guest once (:mod:`tests.guest`: Debian's kernel under qemu TCG) and
 runs this script in it (``--in-guest``). There, devices of the same size are attached
 by pynbd's netlink attach to three servers:
 
@@ -511,10 +511,10 @@ def profile_text(profile: dict[str, Any] | None) -> str:
 
 def host_main(args: argparse.Namespace) -> int:
     """Boot the guest, run this script in it, print the tables."""
-    sys.path.insert(0, os.fspath(SRC))
-    from pynbd.testing import vm
+    sys.path.insert(0, os.fspath(REPO))  # the guest harness lives with the tests
+    from tests.guest import boot, qemu
 
-    guest = vm.prepare(log=_log)
+    guest = boot.prepare(log=_log)
     argv = [sys.executable, os.fspath(Path(__file__).resolve()),
             "--in-guest", f"/xfer/{RESULTS_NAME}", "--size", str(args.size),
             "--runtime", str(args.runtime), "--rounds", str(args.rounds),
@@ -526,7 +526,7 @@ def host_main(args: argparse.Namespace) -> int:
     path = os.pathsep.join(p for p in (os.fspath(SRC), os.environ.get("PYTHONPATH", "")) if p)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-kernel-xfer-") as tmp:
-        result = vm.run(
+        result = qemu.run(
             guest,
             argv,
             cwd=REPO,

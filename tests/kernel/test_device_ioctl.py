@@ -93,7 +93,7 @@ def test_every_method_of_the_seed_api(memory_server: Server) -> None:
         dev.kill_async()
         dev.close()
         sock.close()
-    wait_disconnected(dev.path, 10)
+    wait_disconnected(dev.path, 30)
     assert sysfs_state(dev.path).pid is None
 
 
@@ -123,7 +123,7 @@ def test_run_blocks_until_disconnect(memory_server: Server) -> None:
             thread.join(30)
         assert not errors
     sock.close()
-    wait_disconnected(dev.path, 10)
+    wait_disconnected(dev.path, 30)
 
 
 def test_socket_none_clears_and_errors_name_device_and_call(memory_server: Server) -> None:
@@ -181,7 +181,7 @@ def test_kill_async_with_a_dead_server(nbd_module: None, nbdkit: Callable[..., S
         sock.close()
     finally:
         server.stop()
-    wait_disconnected(dev.path, 10)
+    wait_disconnected(dev.path, 30)
 
 
 def test_socket_stays_usable_by_kernel_only(memory_server: Server) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernel.helpers import KernelLog
 from tests.peers import Server
 
 # Generic netlink, from include/uapi/linux/netlink.h and genetlink.h. Netlink headers
@@ -129,6 +130,25 @@ def test_netlink_unknown_family_is_enoent() -> None:
     assert excinfo.value.errno == 2  # ENOENT
 
 
+def _log_to_kernel(line: str) -> None:
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write(line + "\n")
+
+
+def test_kernel_log_reads_what_came_after_it_opened() -> None:
+    """What the kernel log check (conftest.py's kernel_log_clean) reads: the lines
+    logged while it is open, no earlier ones, and so no other test's."""
+    with KernelLog() as first:
+        _log_to_kernel("pynbd-test: WARNING: a line the check must see")
+        with KernelLog() as second:
+            _log_to_kernel("pynbd-test: a harmless line")
+            ours = [line for line in second.read() if line.startswith("pynbd-test:")]
+            assert ours == ["pynbd-test: a harmless line"]
+            assert second.bad_lines() == []
+        assert first.bad_lines() == ["pynbd-test: WARNING: a line the check must see"]
+        assert first.read() == []
+
+
 def test_nbd_client_attach_write_read_detach(
     nbd_module: None, nbdkit: Callable[..., Server], tmp_path: Path
 ) -> None:
@@ -147,7 +167,7 @@ def test_nbd_client_attach_write_read_detach(
     )
     try:
         assert attach.returncode == 0, attach.stderr + attach.stdout
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while int(_sysfs("size").read_text()) * 512 != EXPORT_SIZE:
             assert time.monotonic() < deadline, "the device never got the export's size"
             time.sleep(0.1)
@@ -165,7 +185,7 @@ def test_nbd_client_attach_write_read_detach(
     finally:
         detach = _detach()
     assert detach.returncode == 0, detach.stderr + detach.stdout
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while _sysfs("pid").exists():
         assert time.monotonic() < deadline, "the device is still connected after nbd-client -d"
         time.sleep(0.1)

@@ -27,7 +27,6 @@ from pynbd.kernel import FamilyNotFound, KernelError
 from pynbd.kernel.attach import detach
 from pynbd.kernel.device import sysfs_state
 from pynbd.kernel.resize import read_state
-from tests.kernel.helpers import check_dmesg
 from tests.peers import Server, make_raw_image, make_x509_dir
 
 SIZE = 64 * 1024 * 1024
@@ -259,8 +258,3 @@ def test_usage_errors(nbd_module: None) -> None:
     _one_line_error(done, "not both")
     done = _pynbd("detach", "/tmp")
     _one_line_error(done, "not an nbd device")
-
-
-def test_zz_dmesg_is_clean(nbd_module: None) -> None:
-    """Runs last: no test of the kernel suite made the kernel warn, oops or hang."""
-    check_dmesg()

@@ -8,7 +8,7 @@ nbd-client's options differ between versions (Debian 12 has 3.24, Debian 13 3.26
 are read from ``nbd-client -h``, never assumed from a version.
 
 Runs in the test guest (see conftest.py). Each test disconnects its devices and stops its
-server, even when it fails; the last test reads dmesg.
+server, even when it fails.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 from pynbd.client.sync import Client
 from pynbd.kernel.attach import attach, device_status
 from pynbd.kernel.device import find_free_device, sysfs_state, wait_disconnected
-from tests.kernel.helpers import check_dmesg, filesystem_round_trip
+from tests.kernel.helpers import filesystem_round_trip
 from tests.kernel.helpers import run as _run
 from tests.peers import Server
 
@@ -186,8 +186,3 @@ def test_nbd_client_options_are_probed(nbd_module: None) -> None:
     client = nbd_client()
     print(f"\n[nbd-client] {client.help.splitlines()[0]}", flush=True)
     assert client.block_size in ("-b", "-block-size") and client.timeout in ("-t", "-timeout")
-
-
-def test_zz_dmesg_is_clean(nbd_module: None) -> None:
-    """Runs last in this module: neither client upset the kernel."""
-    check_dmesg()
