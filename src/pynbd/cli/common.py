@@ -11,21 +11,13 @@ import argparse
 import dataclasses
 import json
 import re
-import socket
-import ssl
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from ..client.base import DEFAULT_TIMEOUT, resolve
-from ..errors import ConnectionClosed, NBDTimeout, OptionError
+from ..client import DEFAULT_TIMEOUT, Client, ServerEntry
 from ..proto.constants import Opt, Rep
-from ..proto.handshake import NEED_DATA, ClientHandshake, HandshakeDone, StartTLS
-from ..proto.records import OptionRequest, ServerEntry
-from ..proto.transmission import ClientTransmission
-from ..transport.connect import open_stream
-from ..transport.tls import TLSConfig, start_client_tls
+from ..transport.tls import TLSConfig
 from ..transport.uri import NBDURI, parse_uri
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -223,11 +215,8 @@ def _tls_config(args: argparse.Namespace, uri: NBDURI) -> TLSConfig | None:
 def list_exports(conn: Connection) -> tuple[str, tuple[ServerEntry, ...]]:
     """Ask the server for its exports (NBD_OPT_LIST).
 
-    This drives the handshake core itself instead of calling ``Client.negotiate``:
-    negotiate follows LIST with NBD_OPT_INFO on the URI's export and raises when that
-    export does not exist, losing the list it already got, and a server with only named
-    exports (nbd-server) has no default export to ask about. Here a refused INFO is
-    ignored once the list is in.
+    Only the list is asked for: a server with named exports alone (nbd-server) has no
+    default export to ask about.
 
     Returns:
         The protocol style (``"fixed newstyle"``...) and the exports, in server order.
@@ -237,77 +226,18 @@ def list_exports(conn: Connection) -> tuple[str, tuple[ServerEntry, ...]]:
         OptionError: the server requires TLS and none was asked for.
         TLSError, ConnectionClosed, NBDTimeout, ProtocolError: connecting failed.
     """
-    target, options = resolve(conn.uri, export_name=conn.export_name, tls=conn.tls)
-    config = options.handshake_config(go=False, list_exports=True, list_meta_contexts=False)
-    handshake = ClientHandshake(config)
-    end = None if conn.timeout is None else time.monotonic() + conn.timeout
-
-    def left() -> float | None:
-        if end is None:
-            return None
-        remaining = end - time.monotonic()
-        if remaining <= 0:
-            raise NBDTimeout(f"negotiation timed out after {conn.timeout:g} s")
-        return remaining
-
-    refused: OptionError | None = None
-    sock = open_stream(host=target.host, port=target.port, path=target.path, timeout=left())
-    try:
-        while True:
-            try:
-                event = handshake.next_event()
-            except OptionError as exc:
-                refused = exc
-                _abort(sock)
-                break
-            out = handshake.data_to_send()
-            if out:
-                sock.settimeout(left())
-                sock.sendall(out)
-            if event is NEED_DATA:
-                sock.settimeout(left())
-                handshake.receive_data(sock.recv(65536))
-            elif isinstance(event, StartTLS):
-                assert target.tls is not None  # STARTTLS is only sent with a TLS config
-                sock = start_client_tls(sock, target.tls, target.host, timeout=left())
-                handshake.tls_established()
-            elif isinstance(event, HandshakeDone):
-                if event.result.in_transmission:
-                    # The server knew no INFO and took EXPORT_NAME: leave politely.
-                    core = ClientTransmission(event.result)
-                    core.disconnect()
-                    sock.sendall(core.data_to_send())
-                break
-    except (TimeoutError, ssl.SSLError, ConnectionError, socket.gaierror) as exc:
-        if isinstance(exc, TimeoutError):
-            raise NBDTimeout(f"negotiation timed out after {conn.timeout:g} s") from exc
-        raise ConnectionClosed(f"connection lost during negotiation: {exc}") from exc
-    finally:
-        sock.close()
-    result = handshake.result
+    result = Client.negotiate(
+        conn.uri, list_exports=True, list_meta_contexts=False, info=False, **conn.client_kwargs()
+    )
     if result.exports is None:
-        if refused is not None and refused.reply == Rep.ERR_TLS_REQD:
+        refusal = result.refused.get(Opt.LIST)
+        if refusal is not None and refusal.reply == Rep.ERR_TLS_REQD:
             # A server that wants TLS refuses every option with TLS_REQD, LIST included.
-            raise OptionError(Opt.LIST, refused.reply, refused.message) from refused
+            raise refusal
         if result.style != "fixed newstyle":
             raise CommandError(f"the server speaks {result.style} NBD, which cannot list exports")
         raise CommandError("the server refused to list its exports (NBD_OPT_LIST)")
     return result.style, result.exports
-
-
-def _abort(sock: socket.socket) -> None:
-    """End negotiation with NBD_OPT_ABORT after a refused option, then wait for EOF.
-
-    The core stops at the refusal; a bare close makes some servers log an error (and
-    ``nbd-server -d``, which serves connections in its main process, exit).
-    """
-    try:
-        sock.settimeout(1.0)
-        sock.sendall(OptionRequest(Opt.ABORT).pack())
-        while sock.recv(4096):
-            pass
-    except OSError:
-        pass  # the server may close first: either way the session is over
 
 
 __all__ = [

@@ -64,11 +64,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..client import Client
-from ..client.base import ClientBase
+from ..client import Client, Negotiated
 from ..errors import NBDError
 from ..proto.constants import BASE_ALLOCATION, TransmissionFlag
-from ..proto.handshake import Negotiated
 from .common import (
     EXIT_FALSE,
     Connection,
@@ -81,33 +79,24 @@ from .common import (
 )
 from .extents import show_map
 
-
-class _Negotiated(ClientBase):
-    """The ``can_*``/``is_*`` getters of the clients, over a negotiation result."""
-
-    def __init__(self, negotiated: Negotiated) -> None:
-        self.negotiated = negotiated
-        self._core = None
-
-
-CAN: dict[str, Callable[[_Negotiated], bool]] = {
-    "cache": _Negotiated.can_cache,
+CAN: dict[str, Callable[[Negotiated], bool]] = {
+    "cache": Negotiated.can_cache,
     "connect": lambda n: True,  # reaching this point means negotiation succeeded
-    "df": _Negotiated.can_df,
+    "df": Negotiated.can_df,
     "extended-headers": lambda n: n.extended_headers,
-    "fast-zero": _Negotiated.can_fast_zero,
-    "flush": _Negotiated.can_flush,
-    "fua": _Negotiated.can_fua,
-    "multi-conn": _Negotiated.can_multi_conn,
+    "fast-zero": Negotiated.can_fast_zero,
+    "flush": Negotiated.can_flush,
+    "fua": Negotiated.can_fua,
+    "multi-conn": Negotiated.can_multi_conn,
     "read": lambda n: True,  # every export can be read
     "structured-reply": lambda n: n.structured_replies,
-    "trim": _Negotiated.can_trim,
+    "trim": Negotiated.can_trim,
     "write": lambda n: not n.is_read_only(),
-    "zero": _Negotiated.can_zero,
+    "zero": Negotiated.can_zero,
 }
-IS: dict[str, Callable[[_Negotiated], bool]] = {
-    "read-only": _Negotiated.is_read_only,
-    "rotational": _Negotiated.is_rotational,
+IS: dict[str, Callable[[Negotiated], bool]] = {
+    "read-only": Negotiated.is_read_only,
+    "rotational": Negotiated.is_rotational,
     "tls": lambda n: n.tls,
 }
 
@@ -182,9 +171,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{n.size or 0}\n")
         return 0
     if args.can:
-        return 0 if CAN[args.can](_Negotiated(n)) else EXIT_FALSE
+        return 0 if CAN[args.can](n) else EXIT_FALSE
     if args.is_:
-        return 0 if IS[args.is_](_Negotiated(n)) else EXIT_FALSE
+        return 0 if IS[args.is_](n) else EXIT_FALSE
     doc = protocol_doc(n)
     doc["exports"] = [export_doc(conn, conn.export_name, n)]
     _emit(doc, args.json)
@@ -241,7 +230,6 @@ def export_doc(
     conn: Connection, name: str, n: Negotiated, listed_description: str = ""
 ) -> dict[str, Any]:
     """One export's entry of the JSON document (also what the text output shows)."""
-    v = _Negotiated(n)
     size = n.size or 0
     contexts = n.available_meta_contexts
     return {
@@ -254,17 +242,17 @@ def export_doc(
         "transmission_flags": int(n.flags),
         "transmission_flag_names": flag_names(int(n.flags)),
         "contexts": None if contexts is None else list(contexts),
-        "is_read_only": v.is_read_only(),
-        "is_rotational": v.is_rotational(),
-        "can_cache": v.can_cache(),
-        "can_df": v.can_df(),
-        "can_fast_zero": v.can_fast_zero(),
-        "can_flush": v.can_flush(),
-        "can_fua": v.can_fua(),
-        "can_multi_conn": v.can_multi_conn(),
-        "can_trim": v.can_trim(),
-        "can_zero": v.can_zero(),
-        "can_block_status_payload": v.can_block_status_payload(),
+        "is_read_only": n.is_read_only(),
+        "is_rotational": n.is_rotational(),
+        "can_cache": n.can_cache(),
+        "can_df": n.can_df(),
+        "can_fast_zero": n.can_fast_zero(),
+        "can_flush": n.can_flush(),
+        "can_fua": n.can_fua(),
+        "can_multi_conn": n.can_multi_conn(),
+        "can_trim": n.can_trim(),
+        "can_zero": n.can_zero(),
+        "can_block_status_payload": n.can_block_status_payload(),
         "block_size_minimum": n.minimum_block,
         "block_size_preferred": n.preferred_block,
         "block_size_maximum": n.maximum_payload,

@@ -1,16 +1,38 @@
-"""NBD clients: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio)."""
+"""NBD clients: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio), and the
+connections they are built on.
+
+A :class:`Connection` (blocking) or :class:`AsyncConnection` (asyncio) opens the stream
+and negotiates; :class:`Negotiated` is what negotiation settled. Code that needs the
+negotiated socket itself (the kernel side) or only negotiation (listing exports)
+uses them directly; everything else uses the clients.
+"""
 
 from __future__ import annotations
 
+from ..proto.handshake import Negotiated
+from ..proto.records import ServerEntry
 from .aio import AsyncClient, connect_multi_async
-from .base import DEFAULT, MappedExtent
+from .aio_connection import AsyncConnection, negotiate_async
+from .base import DEFAULT, DEFAULT_TIMEOUT, ConnectOptions, MappedExtent, Target, resolve
+from .connection import Connection, Deadline, negotiate
 from .sync import Client, connect_multi
 
 __all__ = [
     "DEFAULT",
+    "DEFAULT_TIMEOUT",
     "AsyncClient",
+    "AsyncConnection",
     "Client",
+    "ConnectOptions",
+    "Connection",
+    "Deadline",
     "MappedExtent",
+    "Negotiated",
+    "ServerEntry",
+    "Target",
     "connect_multi",
     "connect_multi_async",
+    "negotiate",
+    "negotiate_async",
+    "resolve",
 ]

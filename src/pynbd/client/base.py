@@ -13,16 +13,11 @@ from dataclasses import dataclass
 from typing import NamedTuple, TypeAlias
 
 from ..errors import (
-    ConnectionClosed,
     InvalidRequest,
-    NBDError,
-    NBDTimeout,
-    ProtocolError,
-    TLSError,
     UnsupportedError,
     URIError,
 )
-from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag, TransmissionFlag
+from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag, Opt, TransmissionFlag
 from ..proto.handshake import HandshakeConfig, Negotiated, TLSMode
 from ..proto.transmission import U32_MAX, ClientTransmission, Reply, split_range
 from ..transport.tls import TLSConfig
@@ -67,8 +62,15 @@ class ConnectOptions:
     timeout: float | None = DEFAULT_TIMEOUT
 
     def handshake_config(
-        self, *, go: bool = True, list_exports: bool = False, list_meta_contexts: bool = False
+        self,
+        *,
+        go: bool = True,
+        list_exports: bool = False,
+        list_meta_contexts: bool = False,
+        info: bool = True,
     ) -> HandshakeConfig:
+        """The handshake core's settings for these options (the arguments: see
+        :class:`~pynbd.proto.handshake.HandshakeConfig`)."""
         tls = TLSMode.DISABLE
         if self.tls is not None:
             tls = TLSMode.REQUIRE if self.tls.required else TLSMode.ALLOW
@@ -82,6 +84,7 @@ class ConnectOptions:
             go=go,
             list_exports=list_exports,
             list_meta_contexts=list_meta_contexts,
+            info=info,
         )
 
 
@@ -172,45 +175,42 @@ class ClientBase:
         """The transmission flags the server sent."""
         return self.negotiated.flags
 
-    def _has(self, flag: TransmissionFlag) -> bool:
-        return bool(self.negotiated.flags & flag)
-
     def is_read_only(self) -> bool:
-        return self._has(TransmissionFlag.READ_ONLY)
+        return self.negotiated.is_read_only()
 
     def is_rotational(self) -> bool:
-        return self._has(TransmissionFlag.ROTATIONAL)
+        return self.negotiated.is_rotational()
 
     def can_flush(self) -> bool:
-        return self._has(TransmissionFlag.SEND_FLUSH)
+        return self.negotiated.can_flush()
 
     def can_fua(self) -> bool:
-        return self._has(TransmissionFlag.SEND_FUA)
+        return self.negotiated.can_fua()
 
     def can_trim(self) -> bool:
-        return self._has(TransmissionFlag.SEND_TRIM)
+        return self.negotiated.can_trim()
 
     def can_zero(self) -> bool:
-        return self._has(TransmissionFlag.SEND_WRITE_ZEROES)
+        return self.negotiated.can_zero()
 
     def can_fast_zero(self) -> bool:
-        return self._has(TransmissionFlag.SEND_FAST_ZERO)
+        return self.negotiated.can_fast_zero()
 
     def can_df(self) -> bool:
-        return self._has(TransmissionFlag.SEND_DF) and self.negotiated.structured_replies
+        return self.negotiated.can_df()
 
     def can_multi_conn(self) -> bool:
-        return self._has(TransmissionFlag.CAN_MULTI_CONN)
+        return self.negotiated.can_multi_conn()
 
     def can_cache(self) -> bool:
-        return self._has(TransmissionFlag.SEND_CACHE)
+        return self.negotiated.can_cache()
 
     def can_block_status_payload(self) -> bool:
-        return self._has(TransmissionFlag.BLOCK_STATUS_PAYLOAD) and self.negotiated.extended_headers
+        return self.negotiated.can_block_status_payload()
 
     def can_meta_context(self, name: str = BASE_ALLOCATION) -> bool:
         """True when ``name`` was negotiated, so :meth:`block_status` may ask for it."""
-        return name in self.negotiated.meta_contexts
+        return self.negotiated.can_meta_context(name)
 
     @property
     def meta_contexts(self) -> tuple[str, ...]:
@@ -376,18 +376,13 @@ def submit_all(core: ClientTransmission, ops: list[Op]) -> list[int]:
     return cookies
 
 
-def handshake_error(exc: BaseException, tls_quiet: bool) -> BaseException:
-    """Translate an error of the handshake's I/O into the pynbd error to raise."""
-    if tls_quiet and isinstance(exc, OSError | ProtocolError) and not isinstance(exc, TimeoutError):
-        return TLSError(
-            "the server closed the connection right after the TLS handshake "
-            "(was the client certificate refused?)"
-        )
-    if isinstance(exc, NBDError) or not isinstance(exc, OSError):
-        return exc
-    if isinstance(exc, TimeoutError):
-        return NBDTimeout("the server did not finish the handshake in time")
-    return ConnectionClosed(f"connection lost during the handshake: {exc}")
+def with_export_info(result: Negotiated) -> Negotiated:
+    """``result``, unless the server refused to tell about the export (NBD_OPT_INFO in
+    negotiation mode): then raise that refusal (ExportNotFound, OptionError)."""
+    refusal = result.refused.get(Opt.INFO)
+    if refusal is not None:
+        raise refusal
+    return result
 
 
 def raise_first_error(replies: list[Reply]) -> None:

@@ -10,7 +10,6 @@ buffer. A :class:`Client` is not thread-safe: use one per thread, or
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 import struct
@@ -27,16 +26,9 @@ from ..errors import (
     UnsupportedError,
 )
 from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag
-from ..proto.handshake import (
-    NEED_DATA,
-    ClientHandshake,
-    HandshakeDone,
-    Negotiated,
-    StartTLS,
-)
+from ..proto.handshake import Negotiated
 from ..proto.transmission import DIRECT_READ, ClientTransmission, Reply
-from ..transport.connect import open_stream
-from ..transport.tls import TLSConfig, start_client_tls
+from ..transport.tls import TLSConfig
 from ..transport.uri import NBDURI
 from .base import (
     DEFAULT,
@@ -46,34 +38,17 @@ from .base import (
     ExtentCollector,
     MappedExtent,
     Op,
-    Target,
     Timeout,
-    handshake_error,
     resolve,
     submit_all,
+    with_export_info,
 )
+from .connection import Connection, Deadline, negotiate
 
 _IOV_MAX = 1024
 _WAITALL = socket.MSG_WAITALL
 _DF = int(CmdFlag.DF)
 _FUA = int(CmdFlag.FUA)
-
-
-class _Deadline:
-    """The time left for one call; None means no limit."""
-
-    __slots__ = ("end",)
-
-    def __init__(self, timeout: float | None) -> None:
-        self.end = None if timeout is None else time.monotonic() + timeout
-
-    def left(self) -> float | None:
-        if self.end is None:
-            return None
-        left = self.end - time.monotonic()
-        if left <= 0:
-            raise NBDTimeout("the call timed out")
-        return left
 
 
 class _KernelTimeout:
@@ -118,7 +93,7 @@ class _KernelTimeout:
 def _send_all(
     sock: socket.socket,
     buffers: Iterable[Buffer],
-    deadline: _Deadline,
+    deadline: Deadline,
     timer: _KernelTimeout | None = None,
     skip: int = 0,
 ) -> None:
@@ -151,65 +126,6 @@ def _send_all(
             else:
                 views[0] = views[0][sent:]
                 sent = 0
-
-
-def run_handshake(
-    sock: socket.socket,
-    handshake: ClientHandshake,
-    target: Target,
-    deadline: _Deadline,
-) -> tuple[socket.socket, Negotiated]:
-    """Drive ``handshake`` over a blocking socket; returns the (maybe TLS) socket.
-
-    Socket errors become pynbd errors: NBDTimeout when the deadline passes,
-    ConnectionClosed when the connection breaks, TLSError when the server hangs up
-    right after the TLS handshake (with TLS 1.3 that is how a refused client
-    certificate shows). On any error the socket in use is closed (after STARTTLS it
-    is the TLS socket, which the caller cannot see).
-    """
-    tls_quiet = False  # TLS is up and the server has not spoken since
-    try:
-        while True:
-            event = handshake.next_event()
-            out = handshake.data_to_send()
-            if out:
-                _send_all(sock, [out], deadline)
-            if event is NEED_DATA:
-                sock.settimeout(deadline.left())
-                data = sock.recv(65536)
-                tls_quiet = tls_quiet and not data
-                handshake.receive_data(data)
-            elif isinstance(event, StartTLS):
-                assert target.tls is not None
-                sock = start_client_tls(sock, target.tls, target.host, timeout=deadline.left())
-                tls_quiet = True
-                handshake.tls_established()
-            elif isinstance(event, HandshakeDone):
-                return sock, event.result
-    except BaseException as exc:
-        _send_parting(sock, handshake)
-        sock.close()
-        err = handshake_error(exc, tls_quiet)
-        if err is exc:
-            raise
-        raise err from exc
-
-
-def _send_parting(sock: socket.socket, handshake: ClientHandshake) -> None:
-    """Best effort: send what the core queued as it gave up (NBD_OPT_ABORT)."""
-    out = handshake.data_to_send()
-    if out:
-        with contextlib.suppress(OSError, ValueError):
-            sock.settimeout(0.5)
-            sock.sendall(out)
-
-
-def _open(target: Target, sock: socket.socket | None, deadline: _Deadline) -> socket.socket:
-    if sock is not None:
-        return sock
-    return open_stream(
-        host=target.host, port=target.port, path=target.path, timeout=deadline.left()
-    )
 
 
 class Client(ClientBase):
@@ -273,30 +189,25 @@ class Client(ClientBase):
         )
         self.target = target
         self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._core = None
-        deadline = _Deadline(timeout)
-        raw = _open(target, sock, deadline)
-        handshake = ClientHandshake(self.options.handshake_config())
+        self._conn = conn = Connection.open(target, self.options, sock=sock, timeout=timeout)
+        self.negotiated = conn.negotiated
+        assert conn.sock is not None  # just opened
+        sock = conn.sock
         try:
-            self._sock, self.negotiated = run_handshake(raw, handshake, target, deadline)
+            self._core = conn.core
         except BaseException:
-            raw.close()
+            conn.abort()
             raise
-        # Bytes the server sent right after GO are checked, not dropped.
-        self._core = ClientTransmission(self.negotiated, handshake.trailing_data)
-        self._timer = _KernelTimeout(self._sock)
+        self._sock: socket.socket | None = sock
+        self._timer = _KernelTimeout(sock)
         self._maxp = self._max_payload()
         # A TLS socket takes no recv flags (so a read's data cannot be received as one
         # bytes object with MSG_WAITALL) and has no sendmsg.
-        self._tls = isinstance(self._sock, ssl.SSLSocket)
+        self._tls = isinstance(sock, ssl.SSLSocket)
         # A big read's data goes into the caller's buffer with plain recv_into calls
-        # over a unix socket, and with MSG_WAITALL over TCP. A/B, 256 KiB pread_into
-        # against nbdkit, 6 to 16 alternating rounds: plain was 5% to 13% faster over
-        # unix (three runs); over TCP MSG_WAITALL was 13%, 0% and 2% faster (once, a
-        # full benchmark run had plain recv_into over TCP at 0.69x of libnbd, with
-        # twice its usual CPU per read).
-        self._into_flags = 0 if self._sock.family == socket.AF_UNIX else _WAITALL
+        # over a unix socket (the faster there), and with MSG_WAITALL over TCP (which
+        # wakes the reader less often there).
+        self._into_flags = 0 if sock.family == socket.AF_UNIX else _WAITALL
         # A read's reply header, and a small read's data after it (see _read).
         self._head = bytearray(64 + DIRECT_READ)
         self._head_view = memoryview(self._head)
@@ -315,38 +226,42 @@ class Client(ClientBase):
         tls: TLSConfig | None = None,
         list_exports: bool = True,
         list_meta_contexts: bool = True,
+        info: bool = True,
         go: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> Negotiated:
         """Negotiate without using the export: list exports, meta contexts, export info.
 
-        With ``go=False`` (the default) the client asks NBD_OPT_INFO and aborts, never
-        entering transmission; with ``go=True`` it enters transmission with NBD_OPT_GO
-        and disconnects at once (some servers, like nbd-server, report the right size
-        only to GO). Arguments are as for :class:`Client`.
+        With ``go=False`` (the default) the client asks NBD_OPT_INFO (unless ``info``
+        is False) and aborts, never entering transmission; with ``go=True`` it enters
+        transmission with NBD_OPT_GO and disconnects at once (some servers, like
+        nbd-server, report the right size only to GO). Arguments are as for
+        :class:`Client`; :func:`pynbd.client.negotiate` is the same without the
+        :meth:`resolve` step and without raising for a refused INFO.
 
         Returns:
             A :class:`~pynbd.proto.handshake.Negotiated`: ``exports`` (None if the
-            server refused LIST), ``available_meta_contexts``, size, flags, block sizes.
+            server refused LIST: see ``refused``), ``available_meta_contexts``, size,
+            flags, block sizes.
+
+        Raises:
+            ExportNotFound, OptionError: the server refused INFO (or GO) for the
+            export; as :class:`Client` otherwise.
         """
         target, options = resolve(
             uri, host=host, port=port, path=path, export_name=export_name, tls=tls, timeout=timeout
         )
-        config = options.handshake_config(
-            go=go, list_exports=list_exports, list_meta_contexts=list_meta_contexts
+        result = negotiate(
+            target,
+            options,
+            sock=sock,
+            list_exports=list_exports,
+            list_meta_contexts=list_meta_contexts,
+            info=info,
+            go=go,
+            timeout=timeout,
         )
-        deadline = _Deadline(timeout)
-        raw = _open(target, sock, deadline)
-        try:
-            conn, result = run_handshake(raw, ClientHandshake(config), target, deadline)
-            raw = conn
-            if result.in_transmission:
-                core = ClientTransmission(result)
-                core.disconnect()
-                _send_all(conn, core.buffers_to_send(), deadline)
-            return result
-        finally:
-            raw.close()
+        return with_export_info(result)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -367,28 +282,12 @@ class Client(ClientBase):
 
     def close(self) -> None:
         """Disconnect (NBD_CMD_DISC when possible) and close the socket. Idempotent."""
-        sock, self._sock = self._sock, None
-        if sock is None:
-            return
-        core = self._core
-        try:
-            if core is not None and not core.closed and core.in_flight == 0:
-                core.disconnect()
-                self._timer.arm(1.0)
-                _send_all(sock, core.buffers_to_send(), _Deadline(1.0), self._timer)
-                if isinstance(sock, ssl.SSLSocket):
-                    sock.unwrap()
-        except (OSError, NBDError, ValueError):
-            pass
-        finally:
-            sock.close()
+        self._sock = None
+        self._conn.close()
 
     def _die(self) -> None:
-        if self._core is not None:
-            self._core.fail_all()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self._sock = None
+        self._conn.abort()
 
     # -- the request loop --------------------------------------------------------------
 
@@ -587,13 +486,13 @@ class Client(ClientBase):
         if len(buffers) == 1:
             sock.sendall(buffers[0])
         elif self._tls:  # no sendmsg
-            _send_all(sock, buffers, _Deadline(limit), timer)
+            _send_all(sock, buffers, Deadline(limit), timer)
         else:
             # A request and its payload: one sendmsg, as a rule. (Every buffer here is
             # bytes or a byte view, so len() is its size.)
             sent = sock.sendmsg(buffers)
             if sent != sum(map(len, buffers)):
-                _send_all(sock, buffers, _Deadline(limit), timer, skip=sent)
+                _send_all(sock, buffers, Deadline(limit), timer, skip=sent)
         return None if limit is None else time.monotonic() + limit
 
     def _take_reply(self, core: ClientTransmission) -> Reply:
@@ -656,7 +555,7 @@ class Client(ClientBase):
             if len(buffers) == 1:
                 sock.sendall(buffers[0])
             else:
-                _send_all(sock, buffers, _Deadline(limit), timer)
+                _send_all(sock, buffers, Deadline(limit), timer)
             recv_into, receive_buffer = sock.recv_into, core.receive_buffer
             updated, next_event = core.buffer_updated, core.next_event
             while len(done) < want:

@@ -36,11 +36,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from ..client.base import ConnectOptions, Target
-from ..client.sync import _Deadline, run_handshake
+from ..client import Negotiated, Target
 from ..errors import ConnectionClosed, InvalidRequest, ProtocolError
 from ..proto.constants import TransmissionFlag
-from ..proto.handshake import ClientHandshake, Negotiated
 from ..transport.connect import open_stream
 from ..transport.uri import NBDURI, parse_uri
 from .control import SETTLE_TIMEOUT, DeviceInfo, detach, device_status, refuse_if_held
@@ -56,6 +54,7 @@ from .device import (
     validate_block_size,
     wait_disconnected,
 )
+from .dial import negotiate_for_kernel
 from .errors import DeviceBusy, FamilyNotFound, KernelError
 from .netlink import CFlag
 from .relay import TLSRelay
@@ -209,18 +208,6 @@ class Attachment:
 # --- negotiation ----------------------------------------------------------------------
 
 
-def _kernel_options(export_name: str) -> ConnectOptions:
-    # The driver reads simple replies only, and never asks for block status.
-    return ConnectOptions(
-        export_name=export_name,
-        tls=None,
-        structured_replies=False,
-        extended_headers=False,
-        meta_contexts=(),
-        request_block_size=True,
-    )
-
-
 def _negotiate(
     sock: socket.socket, export_name: str, timeout: float, keepalive: Keepalive | None = None
 ) -> tuple[socket.socket, Negotiated]:
@@ -228,20 +215,10 @@ def _negotiate(
 
     The socket is closed on error.
     """
-    handshake = ClientHandshake(_kernel_options(export_name).handshake_config())
-    sock, result = run_handshake(sock, handshake, Target(), _Deadline(timeout))
+    sock, result = negotiate_for_kernel(sock, Target(), export_name, timeout)
     try:
-        if not result.in_transmission:
-            raise ProtocolError("the handshake ended without entering transmission")
-        if handshake.trailing_data:
-            raise ProtocolError("the server sent data before any request")
-        if not result.size:
-            raise InvalidRequest("the export's size is 0: nothing to attach")
-        # The kernel owns the socket from now on: blocking, no Python timeout (which
-        # would leave O_NONBLOCK on the file), no Nagle delay, keepalive and a user
-        # timeout to find a peer that vanished while the device is idle (the request
-        # timeout cannot).
-        sock.settimeout(None)
+        # No Nagle delay; keepalive and a user timeout find a peer that vanished
+        # while the device is idle (the request timeout cannot).
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             (keepalive or Keepalive()).apply(sock)

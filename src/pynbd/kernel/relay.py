@@ -66,13 +66,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from ..client.base import ConnectOptions, Target
-from ..client.sync import _Deadline, run_handshake
+from ..client import Negotiated, Target
 from ..errors import InvalidRequest, ProtocolError
-from ..proto.handshake import ClientHandshake, Negotiated
 from ..transport.connect import open_stream
 from ..transport.tls import TLSConfig
 from ..transport.uri import NBDURI, parse_uri
+from .dial import negotiate_for_kernel
 
 __all__ = ["TLSRelay", "lock_memory"]
 
@@ -337,18 +336,6 @@ def _set_events(sel: selectors.BaseSelector, sock: socket.socket, events: int) -
         sel.modify(sock, events)
 
 
-def _kernel_options(export_name: str, tls: TLSConfig) -> ConnectOptions:
-    # What the driver can use: simple replies only, no block status; TLS required.
-    return ConnectOptions(
-        export_name=export_name,
-        tls=replace(tls, required=True),
-        structured_replies=False,
-        extended_headers=False,
-        meta_contexts=(),
-        request_block_size=True,
-    )
-
-
 def _default_tune(sock: socket.socket) -> None:
     # Keepalive finds a peer that vanished while the device is idle; the pump then
     # sees the error and closes the kernel's end.
@@ -435,7 +422,6 @@ class TLSRelay:
         return self.dial()[0]
 
     def _negotiate(self) -> tuple[ssl.SSLSocket, Negotiated]:
-        deadline = _Deadline(self.handshake_timeout)
         sock = open_stream(self.uri, timeout=self.handshake_timeout)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -444,21 +430,12 @@ class TLSRelay:
             except BaseException:
                 sock.close()
                 raise
-        options = _kernel_options(self.uri.export_name, self.tls)
-        handshake = ClientHandshake(options.handshake_config())
-        out, result = run_handshake(sock, handshake, self.target, deadline)
-        try:
-            if not isinstance(out, ssl.SSLSocket):
-                raise ProtocolError("the server did not start TLS")
-            if not result.in_transmission:
-                raise ProtocolError("the handshake ended without entering transmission")
-            if handshake.trailing_data:
-                raise ProtocolError("the server sent data before any request")
-            if not result.size:
-                raise InvalidRequest("the export's size is 0: nothing to attach")
-        except BaseException:
+        u = self.uri
+        target = Target(u.host, u.port, u.socket_path, replace(self.tls, required=True))
+        out, result = negotiate_for_kernel(sock, target, u.export_name, self.handshake_timeout)
+        if not isinstance(out, ssl.SSLSocket):
             out.close()
-            raise
+            raise ProtocolError("the server did not start TLS")
         return out, result
 
     @property

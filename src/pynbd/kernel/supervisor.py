@@ -65,9 +65,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..client import Negotiated
 from ..errors import InvalidRequest, ProtocolError
 from ..proto.constants import TransmissionFlag
-from ..proto.handshake import Negotiated
 from .device import NetlinkControl, device_path, sysfs_state
 from .errors import KernelError
 

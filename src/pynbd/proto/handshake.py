@@ -49,6 +49,7 @@ from .constants import (
     Rep,
     TransmissionFlag,
 )
+from .events import NEED_DATA, NeedData, StartTLS
 from .records import (
     BlockSizeInfo,
     ClientFlags,
@@ -95,11 +96,14 @@ class HandshakeConfig:
         extended_headers: ask for NBD_OPT_EXTENDED_HEADERS (taken first when offered).
         meta_contexts: contexts to select with NBD_OPT_SET_META_CONTEXT.
         request_block_size: ask for NBD_INFO_BLOCK_SIZE (and then obey it).
-        go: enter transmission (GO, or EXPORT_NAME as a fallback); when False, ask
-            NBD_OPT_INFO and abort: negotiation mode.
+        go: enter transmission (GO, or EXPORT_NAME as a fallback); when False,
+            negotiation mode: ask NBD_OPT_INFO (see ``info``) and abort.
         list_exports: send NBD_OPT_LIST first and record the exports.
         list_meta_contexts: send NBD_OPT_LIST_META_CONTEXT with no query (all
             contexts of the export) and record them.
+        info: in negotiation mode, ask NBD_OPT_INFO about the export. A refusal
+            ends negotiation without an error: it is recorded in
+            :attr:`Negotiated.refused`, with what was learned before it.
     """
 
     export_name: str = ""
@@ -111,11 +115,21 @@ class HandshakeConfig:
     go: bool = True
     list_exports: bool = False
     list_meta_contexts: bool = False
+    info: bool = True
 
 
 @dataclass(slots=True)
 class Negotiated:
-    """What negotiation settled; the transmission core is built from it."""
+    """What negotiation settled; the transmission core is built from it.
+
+    The ``can_*`` and ``is_*`` methods answer from the transmission flags, as the
+    clients' methods of the same names do.
+
+    Attributes:
+        refused: the options the server refused and negotiation went on (or ended
+            cleanly) without, by option: NBD_OPT_LIST, NBD_OPT_INFO in negotiation
+            mode, NBD_OPT_STRUCTURED_REPLY... Their error says why.
+    """
 
     export_name: str = ""
     size: int | None = None
@@ -135,20 +149,47 @@ class Negotiated:
     style: str = "fixed newstyle"
     no_zeroes: bool = False
     in_transmission: bool = False
+    refused: dict[Opt, OptionError] = field(default_factory=dict)
 
+    def _has(self, flag: TransmissionFlag) -> bool:
+        return bool(self.flags & flag)
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
+    def is_read_only(self) -> bool:
+        return self._has(TransmissionFlag.READ_ONLY)
 
+    def is_rotational(self) -> bool:
+        return self._has(TransmissionFlag.ROTATIONAL)
 
-NEED_DATA = _NeedData()
+    def can_flush(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FLUSH)
 
+    def can_fua(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FUA)
 
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """The server accepted STARTTLS: the driver upgrades the stream, then calls
-    :meth:`ClientHandshake.tls_established`."""
+    def can_trim(self) -> bool:
+        return self._has(TransmissionFlag.SEND_TRIM)
+
+    def can_zero(self) -> bool:
+        return self._has(TransmissionFlag.SEND_WRITE_ZEROES)
+
+    def can_fast_zero(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FAST_ZERO)
+
+    def can_df(self) -> bool:
+        return self._has(TransmissionFlag.SEND_DF) and self.structured_replies
+
+    def can_multi_conn(self) -> bool:
+        return self._has(TransmissionFlag.CAN_MULTI_CONN)
+
+    def can_cache(self) -> bool:
+        return self._has(TransmissionFlag.SEND_CACHE)
+
+    def can_block_status_payload(self) -> bool:
+        return self._has(TransmissionFlag.BLOCK_STATUS_PAYLOAD) and self.extended_headers
+
+    def can_meta_context(self, name: str = BASE_ALLOCATION) -> bool:
+        """True when ``name`` was negotiated for block status."""
+        return name in self.meta_contexts
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +199,7 @@ class HandshakeDone:
     result: Negotiated
 
 
-HandshakeEvent: TypeAlias = _NeedData | StartTLS | HandshakeDone
+HandshakeEvent: TypeAlias = NeedData | StartTLS | HandshakeDone
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,6 +623,13 @@ class ClientHandshake:
 
     # -- the plan --
 
+    def _note(self, res: OptionResult) -> bool:
+        """True when the option succeeded; else record its refusal (see
+        :attr:`Negotiated.refused`)."""
+        if not res.ok:
+            self.result.refused[Opt(res.option)] = res.error()
+        return res.ok
+
     def _set_export(self, size: int, flags: int) -> None:
         self.result.size = size
         self.result.flags = TransmissionFlag(flags)
@@ -624,24 +672,24 @@ class ClientHandshake:
             return
         if cfg.tls is not TLSMode.DISABLE:
             res = yield OptionRequest(Opt.STARTTLS)
-            if not res.ok and cfg.tls is TLSMode.REQUIRE:
+            if not self._note(res) and cfg.tls is TLSMode.REQUIRE:
                 raise TLSError(f"TLS is required but the server refused it: {res.error()}")
         if cfg.list_exports:
             res = yield OptionRequest(Opt.LIST)
-            if res.ok:
+            if self._note(res):
                 self.result.exports = tuple(e for e in res.entries if isinstance(e, ServerEntry))
         if cfg.extended_headers:
             res = yield OptionRequest(Opt.EXTENDED_HEADERS)
-            self.result.extended_headers = res.ok
+            self.result.extended_headers = self._note(res)
         if cfg.structured_replies and not self.result.extended_headers:
             res = yield OptionRequest(Opt.STRUCTURED_REPLY)
-            self.result.structured_replies = res.ok
+            self.result.structured_replies = self._note(res)
         self.result.structured_replies |= self.result.extended_headers
         if cfg.list_meta_contexts and self.result.structured_replies:
             res = yield OptionRequest(
                 Opt.LIST_META_CONTEXT, MetaContextRequest(cfg.export_name, ()).pack()
             )
-            if res.ok:
+            if self._note(res):
                 self.result.available_meta_contexts = tuple(
                     e.name for e in res.entries if isinstance(e, MetaContextEntry)
                 )
@@ -649,10 +697,13 @@ class ClientHandshake:
             res = yield OptionRequest(
                 Opt.SET_META_CONTEXT, MetaContextRequest(cfg.export_name, cfg.meta_contexts).pack()
             )
-            if res.ok:
+            if self._note(res):
                 self.result.meta_contexts = {
                     e.name: e.context_id for e in res.entries if isinstance(e, MetaContextEntry)
                 }
+        if not cfg.go and not cfg.info:
+            yield _Abort()
+            return
         option = Opt.GO if cfg.go else Opt.INFO
         res = yield self._info_request(option)
         if res.reply == Rep.ERR_UNSUP and not self.result.extended_headers:
@@ -661,11 +712,35 @@ class ClientHandshake:
             self.result.meta_contexts = {}
             yield self._export_name_request()
             return
-        if not res.ok:
+        if not res.ok and cfg.go:
             raise res.error()
+        if not self._note(res):
+            yield _Abort()  # negotiation mode: what was learned so far stands
+            return
         if not self._apply_info(res.entries):
             raise ProtocolError(f"NBD_OPT_{option.name} succeeded without NBD_INFO_EXPORT")
         if cfg.go:
             self.result.in_transmission = True
             return  # the GO ACK moved the machine to DONE
         yield _Abort()
+
+
+__all__ = [
+    "MAX_OPTION_REPLY",
+    "NEED_DATA",
+    "REPLY_OUTCOMES",
+    "TRANSITIONS",
+    "ClientHandshake",
+    "HandshakeConfig",
+    "HandshakeDone",
+    "HandshakeEvent",
+    "Input",
+    "NeedData",
+    "Negotiated",
+    "OptionResult",
+    "ReplyKind",
+    "StartTLS",
+    "State",
+    "TLSMode",
+    "reply_kind",
+]

@@ -24,7 +24,7 @@ from .constants import (
     CmdFlag,
     TransmissionFlag,
 )
-from .handshake import NEED_DATA, StartTLS, _NeedData
+from .events import NEED_DATA, NeedData, StartTLS
 from .records import encode_string
 
 __all__ = [
@@ -344,4 +344,4 @@ class Disconnect:
     soft: bool
 
 
-ServerEvent: TypeAlias = _NeedData | StartTLS | TransmissionStarted | RequestReceived | Disconnect
+ServerEvent: TypeAlias = NeedData | StartTLS | TransmissionStarted | RequestReceived | Disconnect

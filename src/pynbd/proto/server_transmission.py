@@ -47,7 +47,7 @@ from .constants import (
     ReplyFlag,
     TransmissionFlag,
 )
-from .handshake import _NeedData
+from .events import NeedData
 from .server_common import (
     NEED_DATA,
     U32_MAX,
@@ -312,7 +312,7 @@ class ServerTransmission(ReceiveBuffer):
             self._end += nbytes
         self._parse()
 
-    def next_event(self) -> RequestReceived | Disconnect | _NeedData:
+    def next_event(self) -> RequestReceived | Disconnect | NeedData:
         """The next valid request or the end of the session; NEED_DATA when none."""
         if not self._events:
             return NEED_DATA
