@@ -981,12 +981,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(render_pooled(rows, args.markdown))
         return 0
-    if nbd is None:
-        print(
-            "libnbd's Python binding (module nbd) is missing: run this with /usr/bin/python3",
-            file=sys.stderr,
-        )
-        return 2
     uvloop_ok = _load("uvloop") is not None
     if args.quick:
         rounds, seconds, warmup, region = 2, 0.1, 0.02, 16 * MiB
@@ -1008,6 +1002,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for case in cases:
                 print(f"{transport}/{case.name}")
         return 0
+    if nbd is None:
+        print(
+            "libnbd's Python binding (module nbd) is missing: run this with /usr/bin/python3",
+            file=sys.stderr,
+        )
+        return 2
     if not selected:
         print(f"no case matches {args.only!r} (see --list)", file=sys.stderr)
         return 2

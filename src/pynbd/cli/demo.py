@@ -79,8 +79,10 @@ def _exercise(c: Client, size: int) -> None:
     )
     _line("meta contexts", ", ".join(c.meta_contexts) or "(none)")
 
-    # Write 8 MiB of random data at 100 MiB with FUA, read it back, compare.
-    offset, length = 100 * MiB, 8 * MiB
+    # Write 8 MiB of random data with FUA (at 100 MiB, or in the middle of a smaller
+    # export, on a MiB boundary), read it back, compare.
+    length = 8 * MiB
+    offset = min(100 * MiB, (size - length) // 2 // MiB * MiB)
     data = os.urandom(length)
     start = time.perf_counter()
     c.pwrite(data, offset, fua=c.can_fua())
@@ -92,7 +94,7 @@ def _exercise(c: Client, size: int) -> None:
     if back != data:
         raise CommandError("data read back differs from what was written")
     digest = hashlib.sha256(data).hexdigest()[:16]
-    _line("write 8 MiB (FUA)", f"{length / wrote / 1e6:,.0f} MB/s")
+    _line(f"write 8M at {human_size(offset)}, FUA", f"{length / wrote / 1e6:,.0f} MB/s")
     _line("read 8 MiB back", f"{length / read / 1e6:,.0f} MB/s, sha256 {digest}… matches")
 
     # Zero the first MiB of that region, trim the last, flush, check both read as zeroes.
