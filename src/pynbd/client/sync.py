@@ -206,7 +206,8 @@ class Client(ClientBase):
         self._tls = isinstance(sock, ssl.SSLSocket)
         # A big read's data goes into the caller's buffer with plain recv_into calls
         # over a unix socket (the faster there), and with MSG_WAITALL over TCP (which
-        # wakes the reader less often there).
+        # wakes the reader less often there). Either way the data lands in place, and a
+        # short receive (a timeout slice, a signal) is finished by the loop.
         self._into_flags = 0 if sock.family == socket.AF_UNIX else _WAITALL
         # A read's reply header, and a small read's data after it (see _read).
         self._head = bytearray(64 + DIRECT_READ)
@@ -329,8 +330,8 @@ class Client(ClientBase):
         Its usual reply (a success, 16 bytes as a rule) is received here, past the core,
         as a read's is (see :meth:`_read`): the core makes the request's header and the
         reply it expects (``ClientTransmission.direct_request``), and anything else
-        goes to the core's general path. The Python cost of a write fell from about
-        15 to about 7 us, and a 256 KiB write's client CPU by about 20 us."""
+        goes to the core's general path. The usual case thus skips the core's send
+        queue, its in-flight table, its parser and the Reply object."""
         sock, core = self._sock, self._core
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
@@ -375,8 +376,8 @@ class Client(ClientBase):
 
         A read's usual reply is received here, past the core (see
         ``ClientTransmission.direct_read``). A small read's header and data come with
-        one recv into ``self._head``, and the data is copied out once (4 KiB at depth
-        1: about 5 us less CPU per read than through the core's parser). A big read's
+        one recv into ``self._head``, and the data is copied out once, without the
+        core's parser, which a lone small read would otherwise pay in full. A big read's
         header comes alone, then its data straight into ``view`` (``recv_into``,
         plain over unix and with MSG_WAITALL over TCP, the faster on each: see
         ``_into_flags``), or as one ``bytes`` with ``recv(length, MSG_WAITALL)``,

@@ -28,11 +28,9 @@ end down, so the driver sees a dead link at once (and a supervisor can re-dial).
 :meth:`TLSRelay.close` stops the pumps that are left and joins their threads.
 
 The cost. Every byte crosses user space (kernel -> socketpair -> Python -> OpenSSL ->
-TCP and back), and OpenSSL reads one TLS record (16 KiB) per call, so the relay costs
-about 2 CPU-seconds per GiB on a current x86 core: against plain TCP to the same
-nbdkit, 1 MiB reads ran at 0.45x and writes at 0.3x on the host (the README's "TLS for
-the kernel device" section has the figures, and the test guest's, where emulated AES
-dominates).
+TCP and back), and OpenSSL reads one TLS record (16 KiB) per call, so the relay is
+much slower than plain TCP and spends CPU on every byte (docs/perf-notes.md, "The TLS
+relay", has the measurements, on the host and in the test guest).
 
 The swap caveat. The relay is a userspace process in the kernel's I/O path: every
 request to the device waits for it. A device used for swap (or with a large dirty page
@@ -47,7 +45,8 @@ kTLS: with kernel TLS the TCP socket itself encrypts, and could be handed to the
 driver with no relay. Python 3.11's :mod:`ssl` has no kTLS switch (``OP_ENABLE_KTLS``
 is 3.12+). In the test guest (Linux 6.1, OpenSSL 3.0, Python 3.13) a TLS 1.2 AES-GCM
 socket got both directions offloaded and carried the driver's I/O intact; TLS 1.3 got
-transmit offload only. Not used here yet: see the README.
+transmit offload only. Not used here yet: docs/perf-notes.md ("The TLS relay") says
+why.
 """
 
 from __future__ import annotations

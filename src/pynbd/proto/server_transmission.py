@@ -102,8 +102,8 @@ _CMD_FLAGS: dict[Cmd, CmdFlag] = {
 }
 #: Commands with a nonzero effect length that succeed at once when the length is 0.
 _EMPTY_OK = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES})
-# The hot path compares plain ints and members bound once (an enum constructor or an
-# IntFlag operator costs a microsecond each, per request).
+# The hot path compares plain ints and members bound once: an enum constructor or an
+# IntFlag operator is a Python-level call, and this runs for every request.
 _READ = Cmd.READ
 _WRITE = Cmd.WRITE
 _FLUSH = Cmd.FLUSH
