@@ -386,7 +386,7 @@ def test_sigterm_during_a_write_completes_it(tmp_path: Path) -> None:
             assert srv.proc.poll() is None  # waiting for the rest of the payload
             raw.sendall(data[3 * MiB :])
             assert read_simple_reply(raw) == (0, 42)
-            assert is_closed(raw)  # then it closes the connection
+            assert is_closed(raw, timeout=20)  # then it closes the connection
         assert srv.proc.wait(20) == 0
     assert image.read_bytes()[MiB : 9 * MiB] == data
 
@@ -406,7 +406,7 @@ def test_sigterm_during_a_slow_read_answers_it(tmp_path: Path) -> None:
             srv.proc.send_signal(signal.SIGTERM)
             assert read_simple_reply(raw) == (0, 7)
             assert recv_exactly(raw, 512) == b"s" * 512
-            assert is_closed(raw)
+            assert is_closed(raw, timeout=20)
         assert srv.proc.wait(20) == 0
 
 
