@@ -6,7 +6,7 @@ then its data (into the bytes object ``pread`` returns, or into the caller's buf
 ``pread_into``); the asyncio client assembles it in a buffer. A recv that comes back
 short (end of stream, a timeout, a signal) must never turn into a short or wrong result:
 the documented exception, or (after a signal) the whole data. Both clients (the ``api``
-fixture of test_hostile), every reply style, a small read and a big one.
+fixture), every reply style, a small read and a big one.
 """
 
 from __future__ import annotations

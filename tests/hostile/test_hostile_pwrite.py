@@ -4,8 +4,8 @@ The blocking client sends a write's header and payload with one sendmsg, then re
 the usual reply (a success: 16 bytes, or a 32-byte NONE chunk with extended headers)
 itself, past the core, and hands anything else to the core's general path. A reply that
 comes short, late or wrong must give the documented exception, never a success, and a
-success in pieces must still succeed. Both clients (the ``api`` fixture of
-test_hostile), every reply style, a small write and a big one.
+success in pieces must still succeed. Both clients (the ``api`` fixture), every reply
+style, a small write and a big one.
 """
 
 from __future__ import annotations
