@@ -64,6 +64,7 @@ __all__ = [
     "peer_env",
     "peer_versions",
     "peers",
+    "python313",
     "qemu_nbd",
     "require_program",
     "run_tool",
@@ -183,6 +184,25 @@ def run_tool(
             f"--- stdout\n{done.stdout}--- stderr\n{done.stderr}"
         )
     return done
+
+
+#: Where the tests look for a Python 3.13 (TLS-PSK needs it) unless $PYNBD_PYTHON313 says.
+PYTHON313_DEFAULT = "/root/.pyenv/versions/3.13.0/bin/python3"
+
+
+def python313() -> str:
+    """Return the path of a Python 3.13 interpreter, for the TLS-PSK tests.
+
+    Raises:
+        PeerError: there is none at $PYNBD_PYTHON313 (default :data:`PYTHON313_DEFAULT`).
+    """
+    path = os.environ.get("PYNBD_PYTHON313", PYTHON313_DEFAULT)
+    if not os.access(path, os.X_OK):
+        raise PeerError(
+            f"Python 3.13 is needed to test TLS-PSK for real and {path} is not there; "
+            "install it there or point $PYNBD_PYTHON313 at a 3.13 interpreter"
+        )
+    return path
 
 
 def nbdinfo_json(uri: str, *options: str, timeout: float = 60.0) -> Any:

@@ -11,6 +11,9 @@ object with ``run(session)``. The steps:
   request, and record it;
 - :class:`Sleep` (say nothing, read nothing), :class:`Silent` (say nothing, but read
   and record until the client closes);
+- :class:`Drained`: wait until the client has read everything sent so far, so that
+  the next :class:`Send` reaches it in a recv of its own (a pause could only make
+  that likely); :class:`Do`: call a function (signal the client's thread, say);
 - :class:`Close`, :class:`HalfClose` (``shutdown(SHUT_WR)``: the client sees EOF while
   the server still records what it sends).
 
@@ -26,11 +29,13 @@ in pynbd's records cannot hide by being on both sides. Only the enum values are 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
 import struct
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -61,6 +66,8 @@ from pynbd.proto.constants import (
 __all__ = [
     "DEFAULT_FLAGS",
     "Close",
+    "Do",
+    "Drained",
     "Expect",
     "ExpectClientFlags",
     "ExpectOption",
@@ -331,6 +338,30 @@ class Session:
             if into is not None:
                 into += data
 
+    def wait_drained(self) -> None:
+        """Wait until the client has read every byte sent (on TCP: until its kernel
+        acknowledged them). Raises ScriptError if it stops reading for io_timeout."""
+        # SIOCOUTQ: a unix socket's bytes the peer has not read yet; a TCP socket's
+        # bytes the peer has not acknowledged.
+        self._wait_until(lambda: self._ioctl(termios.TIOCOUTQ) == 0, "the client stopped reading")
+
+    def wait_queued(self, n: int) -> None:
+        """Wait until the client has sent ``n`` bytes that are not read yet. Raises
+        ScriptError if they do not come within io_timeout."""
+        self._wait_until(lambda: self._ioctl(termios.FIONREAD) >= n, f"fewer than {n} bytes came")
+
+    def _ioctl(self, request: int) -> int:
+        return int.from_bytes(fcntl.ioctl(self.conn, request, bytes(4)), "little", signed=True)
+
+    def _wait_until(self, done: Callable[[], bool], failure: str) -> None:
+        deadline = time.monotonic() + self.io_timeout
+        while not done():
+            if self.stop.is_set():
+                raise _Stopped
+            if time.monotonic() > deadline:
+                raise ScriptError(failure)
+            time.sleep(0.001)
+
     def send(self, data: bytes) -> None:
         """Write all of ``data``; raises PeerClosed if the client is gone."""
         self.conn.settimeout(self.io_timeout)
@@ -515,6 +546,24 @@ class Sleep:
 
 
 @dataclass(frozen=True)
+class Drained:
+    """Wait until the client has read everything sent so far (see Session.wait_drained)."""
+
+    def run(self, s: Session) -> None:
+        s.wait_drained()
+
+
+@dataclass(frozen=True)
+class Do:
+    """Call ``fn(session)``."""
+
+    fn: Callable[[Session], None]
+
+    def run(self, s: Session) -> None:
+        self.fn(s)
+
+
+@dataclass(frozen=True)
 class Silent:
     """Say nothing; record what the client sends until it closes (or ``seconds`` pass)."""
 
@@ -687,7 +736,7 @@ class HostileServer:
     """
 
     def __init__(
-        self, script: Sequence[Step], *, tcp: bool = False, io_timeout: float = 10.0
+        self, script: Sequence[Step], *, tcp: bool = False, io_timeout: float = 30.0
     ) -> None:
         self.script = list(script)
         self.tcp = tcp
@@ -724,7 +773,7 @@ class HostileServer:
         self._stop.set()
         try:
             if self._thread is not None:
-                self._thread.join(5.0)
+                self._thread.join(30.0)
                 if self._thread.is_alive():
                     raise RuntimeError("hostile server thread did not stop")
         finally:
@@ -757,7 +806,7 @@ class HostileServer:
 
     # -- results --
 
-    def wait(self, timeout: float = 5.0) -> Session:
+    def wait(self, timeout: float = 30.0) -> Session:
         """Wait for the script (and the final drain) to end; raise its error if any."""
         assert self._thread is not None
         self._thread.join(timeout)
@@ -767,7 +816,7 @@ class HostileServer:
             raise AssertionError(f"the script failed: {self.error!r}") from self.error
         return self.s
 
-    def wait_peer_closed(self, timeout: float = 2.0) -> bool:
+    def wait_peer_closed(self, timeout: float = 30.0) -> bool:
         """True once the client closed its end (seen as EOF or a reset)."""
         if not self._connected.wait(timeout):
             return False

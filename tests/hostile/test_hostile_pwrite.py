@@ -4,27 +4,40 @@ The blocking client sends a write's header and payload with one sendmsg, then re
 the usual reply (a success: 16 bytes, or a 32-byte NONE chunk with extended headers)
 itself, past the core, and hands anything else to the core's general path. A reply that
 comes short, late or wrong must give the documented exception, never a success, and a
-success in pieces must still succeed. Both clients (the ``api`` fixture of
-test_hostile), every reply style, a small write and a big one.
+success in pieces must still succeed. Both clients (the ``api`` fixture), every reply
+style, a small write and a big one.
 """
 
 from __future__ import annotations
 
 import errno
 import signal
-import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from pynbd.client.sync import Client
-from pynbd.errors import ConnectionClosed, NBDTimeout, ProtocolError, RequestError
+from pynbd.errors import ConnectionClosed, ProtocolError, RequestError
 from pynbd.proto.constants import Chunk, Cmd
+from tests.drivers import Driver, Handle
 
-from . import test_hostile, test_hostile_pread
+from .checks import (
+    CLIENT_TIMEOUT,
+    Usr1,
+    answer_read,
+    assert_alive,
+    assert_dead,
+    fails,
+    gave_up_first,
+    silence,
+    stranger,
+    times_out,
+    transmission,
+)
 from .server import (
     Close,
+    Do,
+    Drained,
     ExpectRequest,
     HalfClose,
     HostileServer,
@@ -36,24 +49,7 @@ from .server import (
     Style,
     handshake,
 )
-from .test_hostile import (
-    CLIENT_TIMEOUT,
-    Driver,
-    Handle,
-    answer_read,
-    assert_alive,
-    assert_dead,
-    fails,
-    stranger,
-    transmission,
-)
-from .test_hostile_pread import at, with_signal
-
-# test_hostile's fixtures: both clients (``api``), hostile servers stopped at teardown;
-# test_hostile_pread's SIGUSR1 handler that counts.
-api = test_hostile.api
-serve = test_hostile.serve
-sigusr1 = test_hostile_pread.sigusr1
+from .test_hostile_pread import at
 
 STYLES: list[Style] = ["simple", "structured", "extended"]
 OFFSET = 8192
@@ -95,8 +91,9 @@ def wrote(c: Handle, server: HostileServer, size: int) -> None:
 def test_reply_in_pieces(
     api: Driver, serve: Callable[..., HostileServer], style: Style, where: int | str, size: int
 ) -> None:
-    """The success comes in two writes with a pause between: the write succeeds."""
-    steps = transmission(style, part(where), Sleep(0.2), rest(where), *answer_read())
+    """The success comes in two writes, the second once the client has read the first:
+    the write succeeds."""
+    steps = transmission(style, part(where), Drained(), rest(where), *answer_read())
     server = serve(steps)
     c = api.connect(server.uri)
     c.pwrite(DATA[:size], OFFSET)
@@ -130,11 +127,9 @@ def test_silent_mid_reply(
     api: Driver, serve: Callable[..., HostileServer], style: Style, sent: int | str, size: int
 ) -> None:
     """Part of the success (or nothing), then silence: NBDTimeout after the timeout."""
-    server = serve(transmission(style, part(sent), Silent()))
+    server = serve(transmission(style, part(sent), *silence()))
     c = api.connect(server.uri)
-    start = time.monotonic()
-    fails(NBDTimeout, c.pwrite, DATA[:size], OFFSET)
-    assert time.monotonic() - start >= CLIENT_TIMEOUT * 0.9, "timed out too early"
+    times_out(c.pwrite, DATA[:size], OFFSET)
     assert_dead(c, server)
 
 
@@ -142,25 +137,30 @@ def test_silent_mid_reply(
 def test_trickled_reply_past_the_timeout(
     api: Driver, serve: Callable[..., HostileServer], style: Style
 ) -> None:
-    """The success one byte at a time, each well within the timeout, the whole beyond
-    it: the call's deadline holds while the client waits for the rest of a reply that
-    has begun as expected."""
-    pieces = [
-        step for i in range(1, 13) for step in (Send(lambda s, i=i: ok(s)[i : i + 1]), Sleep(0.25))
-    ]
-    server = serve(transmission(style, part(1), Sleep(0.25), *pieces))
+    """The success one byte at a time (all but its last), each well within the
+    timeout, the whole far beyond it (7 s or more): the call's deadline holds while the
+    client waits for the rest of a reply that has begun as expected, so it gives up
+    while the trickle goes on. (The reply has 16 bytes or more to trickle: a timeout
+    of 1 s gives them gaps of 0.5 s.)"""
+    limit = 1.0
+
+    def trickle(s: Session) -> None:
+        for i in range(1, len(ok(s)) - 1):
+            Sleep(limit / 2).run(s)
+            Send(ok(s)[i : i + 1]).run(s)
+
+    server = serve(transmission(style, part(1), Do(trickle), *silence()))
     c = api.connect(server.uri)
-    start = time.monotonic()
-    fails(NBDTimeout, c.pwrite, DATA[:4096], OFFSET)
-    assert time.monotonic() - start < 12 * 0.25, "the trickle outlived the deadline"
+    times_out(c.pwrite, DATA[:4096], OFFSET, limit=limit)
     assert_dead(c, server)
+    gave_up_first(server)
 
 
-CALLS: dict[str, tuple[Cmd, Callable[[Any], None]]] = {
-    "flush": (Cmd.FLUSH, lambda c: c.flush()),
-    "trim": (Cmd.TRIM, lambda c: c.trim(4096, OFFSET)),
-    "zero": (Cmd.WRITE_ZEROES, lambda c: c.zero(4096, OFFSET, no_hole=True)),
-    "cache": (Cmd.CACHE, lambda c: c.cache(4096, OFFSET)),
+CALLS: dict[str, tuple[Cmd, Callable[..., None]]] = {
+    "flush": (Cmd.FLUSH, lambda c, **kw: c.flush(**kw)),
+    "trim": (Cmd.TRIM, lambda c, **kw: c.trim(4096, OFFSET, **kw)),
+    "zero": (Cmd.WRITE_ZEROES, lambda c, **kw: c.zero(4096, OFFSET, no_hole=True, **kw)),
+    "cache": (Cmd.CACHE, lambda c, **kw: c.cache(4096, OFFSET, **kw)),
 }
 
 
@@ -172,15 +172,15 @@ def test_other_requests_take_the_same_path(
     """FLUSH, TRIM, WRITE_ZEROES and CACHE: a success in pieces succeeds, an error
     fails that call alone, silence times out."""
     command, call = CALLS[name]
-    steps = [part(1), Sleep(0.2), rest(1), ExpectRequest(), Send(_eio), ExpectRequest()]
-    server = serve(transmission(style, *steps, Silent()))
+    steps = [part(1), Drained(), rest(1), ExpectRequest(), Send(_eio), ExpectRequest()]
+    server = serve(transmission(style, *steps, *silence()))
     c = api.connect(server.uri)
-    c.driver.call(call, c.client)
-    info = fails(RequestError, c.driver.call, call, c.client)
+    call(c)
+    info = fails(RequestError, call, c)
     assert isinstance(info.value, RequestError)
     assert info.value.errno == errno.EIO and info.value.command is command
     assert not c.closed
-    fails(NBDTimeout, c.driver.call, call, c.client)
+    times_out(call, c)
     assert_dead(c, server)
     assert [r.type for r in server.wait().requests] == [command] * 3
 
@@ -204,7 +204,7 @@ def test_error_reply_fails_the_write_only(
     stays usable."""
     rest_of_error = Send(lambda s: s.error(errno.EIO, b"disk on fire")[10:])
     server = serve(
-        transmission(style, Send(_eio_in_pieces), Sleep(0.2), rest_of_error, *answer_read())
+        transmission(style, Send(_eio_in_pieces), Drained(), rest_of_error, *answer_read())
     )
     c = api.connect(server.uri)
     info = fails(RequestError, c.pwrite, DATA[:size], OFFSET)
@@ -277,30 +277,34 @@ def test_eshutdown_makes_the_client_disconnect(
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 @pytest.mark.parametrize("style", STYLES)
 def test_signal_mid_reply(
-    serve: Callable[..., HostileServer], sigusr1: list[int], style: Style, tcp: bool
+    serve: Callable[..., HostileServer], sigusr1: Usr1, style: Style, tcp: bool
 ) -> None:
-    """A signal while the recv waits for the rest of the success: it succeeds."""
-    server = serve(transmission(style, part(1), Sleep(0.6), rest(1), Silent()), tcp=tcp)
+    """A signal while the recv waits for the rest of the success (the server sends it
+    once the client has read the first byte and the handler has run): it succeeds."""
+    steps = [part(1), Drained(), sigusr1.step(), rest(1), Silent()]
+    server = serve(transmission(style, *steps), tcp=tcp)
     with Client(server.uri, timeout=CLIENT_TIMEOUT) as c:
-        with_signal(c.pwrite, DATA[:4096], OFFSET)
-        assert sigusr1 == [signal.SIGUSR1], "the signal did not arrive during the call"
+        c.pwrite(DATA[:4096], OFFSET)
+        assert sigusr1.seen == [signal.SIGUSR1], "the signal did not arrive during the call"
         assert not c.closed
 
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 @pytest.mark.parametrize("style", STYLES)
 def test_signal_mid_send(
-    serve: Callable[..., HostileServer], sigusr1: list[int], style: Style, tcp: bool
+    serve: Callable[..., HostileServer], sigusr1: Usr1, style: Style, tcp: bool
 ) -> None:
     """A signal while sendmsg waits for a server that reads the request late (16 MiB,
-    more than the socket buffers hold): the send goes on from where it stopped, and
+    more than the socket buffers hold; the server signals once 32 KiB are waiting,
+    and reads once the handler has run): the send goes on from where it stopped, and
     the server gets every byte."""
     data = DATA * 64
-    steps = [*handshake(style, size=64 << 20), Sleep(0.6), ExpectRequest(), Send(ok), Silent()]
-    server = serve(steps, tcp=tcp)
+    backlog = Do(lambda s: s.wait_queued(32 << 10))
+    steps = [backlog, sigusr1.step(), ExpectRequest(), Send(ok), Silent()]
+    server = serve([*handshake(style, size=64 << 20), *steps], tcp=tcp)
     with Client(server.uri, timeout=CLIENT_TIMEOUT) as c:
-        with_signal(c.pwrite, data, OFFSET)
-        assert sigusr1 == [signal.SIGUSR1], "the signal did not arrive during the call"
+        c.pwrite(data, OFFSET)
+        assert sigusr1.seen == [signal.SIGUSR1], "the signal did not arrive during the call"
         assert not c.closed
     (request,) = server.wait().requests[:1]
     assert (request.type, request.offset, request.length) == (Cmd.WRITE, OFFSET, len(data))

@@ -1,9 +1,7 @@
 """What the interop tests of pynbd's clients share.
 
-- ``api``: a fixture parametrized over the two clients. ``"sync"`` drives
-  :class:`pynbd.Client` directly; ``"async"`` drives :class:`pynbd.AsyncClient` on an
-  event loop that keeps running in a thread (as an application's would), so each test
-  body is written once, in blocking style, for both.
+- ``api``: both clients, one after the other, driven by tests/drivers.py so that each
+  test body is written once, in blocking style, for both.
 - :func:`exercise_all`: every command and flag a server advertises, run with its data
   checked; every one it does not advertise must raise UnsupportedError and leave the
   connection usable.
@@ -13,36 +11,24 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import errno
-import inspect
 import os
 import random
-import threading
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from pynbd import AsyncClient, Client, connect_multi, connect_multi_async
 from pynbd.client.base import MappedExtent
 from pynbd.errors import InvalidRequest, RequestError, UnsupportedError
 from pynbd.proto.constants import StateFlag
-from pynbd.proto.handshake import Negotiated
+from tests.drivers import KINDS, Driver, Handle, driving
 from tests.peers import START_TIMEOUT, PeerError, Peers, Server, require_program
-
-T = TypeVar("T")
 
 KiB = 1024
 MiB = 1024 * KiB
-
-#: An async call still running after this many seconds has hung: fail the test rather
-#: than block the run (each client call also has its own timeout, well below this).
-HANG_LIMIT = 90.0
 
 BASE_ALLOCATION = "base:allocation"
 
@@ -50,156 +36,13 @@ BASE_ALLOCATION = "base:allocation"
 # --------------------------------------------------------------------------- drivers
 
 
-class Handle:
-    """A connected client of either kind, used in blocking style.
-
-    Attribute access goes to the client; for an :class:`AsyncClient`, a coroutine
-    method is run on the driver's loop and its result (or exception) returned.
-    """
-
-    def __init__(self, driver: Driver, client: Any) -> None:
-        self.driver = driver
-        self.client = client
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if inspect.iscoroutinefunction(attr):
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                return self.driver.run(attr(*args, **kwargs))
-
-            return call
-        return attr
-
-    def many(self, method: str, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Call ``method(*args)`` for each tuple: concurrently on one connection for
-        the asyncio client (so the requests pipeline), one after another for the
-        blocking one. Returns the results in order."""
-        fn = getattr(self.client, method)
-        if inspect.iscoroutinefunction(fn):
-
-            async def gather() -> list[Any]:
-                return list(await asyncio.gather(*(fn(*args) for args in calls)))
-
-            result: list[Any] = self.driver.run(gather())
-            return result
-        return [fn(*args) for args in calls]
-
-
-class Driver:
-    """Connects clients of one kind and closes them at teardown."""
-
-    kind = ""
-
-    def __init__(self) -> None:
-        self.handles: list[Handle] = []
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        raise NotImplementedError
-
-    def connect(self, uri: str, **kwargs: Any) -> Handle:
-        """A connected client (arguments as for :class:`pynbd.Client`)."""
-        raise NotImplementedError
-
-    def connect_multi(self, uri: str, connections: int, **kwargs: Any) -> list[Handle]:
-        """``connect_multi`` or ``connect_multi_async``."""
-        raise NotImplementedError
-
-    def negotiate(self, uri: str, **kwargs: Any) -> Negotiated:
-        """``Client.negotiate`` or ``AsyncClient.negotiate``."""
-        raise NotImplementedError
-
-    def _keep(self, clients: Sequence[Any]) -> list[Handle]:
-        handles = [Handle(self, c) for c in clients]
-        self.handles += handles
-        return handles
-
-    def shutdown(self) -> None:
-        for handle in self.handles:
-            # A client that fails to close is its test's business, not teardown's.
-            with contextlib.suppress(Exception):
-                handle.close()
-
-
-class SyncDriver(Driver):
-    kind = "sync"
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        coro.close()
-        raise TypeError("the blocking client has no coroutines")
-
-    def connect(self, uri: str, **kwargs: Any) -> Handle:
-        return self._keep([Client(uri, **kwargs)])[0]
-
-    def connect_multi(self, uri: str, connections: int, **kwargs: Any) -> list[Handle]:
-        return self._keep(connect_multi(uri, connections, **kwargs))
-
-    def negotiate(self, uri: str, **kwargs: Any) -> Negotiated:
-        return Client.negotiate(uri, **kwargs)
-
-
-class AsyncDriver(Driver):
-    """An event loop running in a thread; calls are submitted to it."""
-
-    kind = "async"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        # Not future.result(timeout): its TimeoutError would also catch NBDTimeout.
-        done, _ = concurrent.futures.wait([future], HANG_LIMIT)
-        if not done:
-            future.cancel()
-            pytest.fail(f"an asyncio client call hung for {HANG_LIMIT} s")
-        return future.result()
-
-    async def _until_closed(self, limit: float = 5.0) -> None:
-        # AsyncClient.close() returns before a TLS transport has finished closing (its
-        # close_notify exchange needs the loop): wait for connection_lost, which the
-        # protocol records in hs_eof, so that stopping the loop leaks no socket.
-        protos = [getattr(h.client, "_proto", None) for h in self.handles]
-        deadline = self.loop.time() + limit
-        while self.loop.time() < deadline:
-            if all(p is None or getattr(p, "hs_eof", True) for p in protos):
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0)
-
-    def connect(self, uri: str, **kwargs: Any) -> Handle:
-        return self._keep([self.run(AsyncClient.connect(uri, **kwargs))])[0]
-
-    def connect_multi(self, uri: str, connections: int, **kwargs: Any) -> list[Handle]:
-        return self._keep(self.run(connect_multi_async(uri, connections, **kwargs)))
-
-    def negotiate(self, uri: str, **kwargs: Any) -> Negotiated:
-        return self.run(AsyncClient.negotiate(uri, **kwargs))
-
-    def shutdown(self) -> None:
-        try:
-            super().shutdown()
-            self.run(self._until_closed())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5.0)
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
-
-
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=KINDS)
 def api(request: pytest.FixtureRequest, peers: Peers) -> Iterator[Driver]:
-    """Both clients, one after the other. Depends on ``peers`` so that its clients are
-    closed before the servers are stopped (nbdkit 1.32 can abort when a client drops
-    mid-request)."""
-    driver: Driver = SyncDriver() if request.param == "sync" else AsyncDriver()
-    try:
+    """Both clients, one after the other (see tests/drivers.py). Depends on ``peers``
+    so that its clients are closed before the servers are stopped (nbdkit 1.32 can
+    abort when a client drops mid-request)."""
+    with driving(request.param) as driver:
         yield driver
-    finally:
-        driver.shutdown()
 
 
 # --------------------------------------------------------------------------- nbd-server

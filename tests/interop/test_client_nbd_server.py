@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from pynbd.errors import ExportNotFound, UnsupportedError
+from tests.drivers import Driver
 from tests.peers import Peers, Server, make_raw_image
 
-from .conftest import Driver, KiB, MiB, assert_alive, exercise_all, start_nbd_server
+from .conftest import KiB, MiB, assert_alive, exercise_all, start_nbd_server
 
 pytestmark = pytest.mark.interop
 

@@ -15,9 +15,10 @@ import pytest
 
 from pynbd.errors import ExportNotFound, UnsupportedError
 from pynbd.proto.constants import StateFlag
+from tests.drivers import Driver
 from tests.peers import Server, make_qcow2_with_bitmap, make_raw_image
 
-from .conftest import Driver, KiB, MiB, assert_covers, exercise_all
+from .conftest import KiB, MiB, assert_covers, exercise_all
 
 pytestmark = pytest.mark.interop
 
@@ -143,7 +144,7 @@ def test_multi_conn_refused_without_shared(api: Driver, qemu_nbd: Factory, tmp_p
         api.connect_multi(server.uri, 4)
     # The refused attempt left no connection open: with --shared=1 the next one would
     # otherwise not be served.
-    c = api.connect(server.uri, timeout=5)
+    c = api.connect(server.uri, timeout=30)
     assert not c.can_multi_conn()
     assert c.pread(512, 0) == bytes(512)
 

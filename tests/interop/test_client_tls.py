@@ -29,9 +29,10 @@ from pynbd.errors import (
     TLSError,
 )
 from pynbd.proto.constants import Rep
+from tests.drivers import Driver
 from tests.peers import Peers, Server, make_psk_file, make_raw_image, make_x509_dir
 
-from .conftest import Driver, KiB, MiB, exercise_all
+from .conftest import KiB, MiB, exercise_all
 
 pytestmark = pytest.mark.interop
 
