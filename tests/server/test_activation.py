@@ -1,5 +1,5 @@
 """The socket-activation helpers in-process (the real thing, with sockets on fds 3 and
-up and an exec'd server, is in tests/test_serve_cli.py)."""
+up and an exec'd server, is in tests/cli/test_serve.py)."""
 
 from __future__ import annotations
 

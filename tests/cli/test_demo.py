@@ -11,7 +11,7 @@ import pytest
 
 from pynbd.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_readme_first_command_runs_as_written() -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from tests.guest import boot, cli, cpio, fetch, host, initrd, junit, kernel, qemu
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_QEMU = """\
 import os, subprocess, sys, time

@@ -36,7 +36,7 @@ from pynbd.transport.tls import TLSConfig
 from tests.peers import make_x509_dir, peer_env
 from tests.server.helpers import is_closed, raw_go, raw_request, read_simple_reply, recv_exactly
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 MiB = 1 << 20
 
 DEVICE = textwrap.dedent(

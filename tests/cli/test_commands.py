@@ -30,7 +30,7 @@ from pynbd.cli.extents import describe
 from pynbd.client import Client
 from tests.peers import require_program, run_tool
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 # A 1 MiB disk with data at 0, 128 KiB and 512 KiB (nbdkit's data plugin allocates in
