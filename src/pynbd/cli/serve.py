@@ -65,7 +65,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from ..proto.server import TLSPolicy, check_block_sizes
+from ..proto.server_common import TLSPolicy, check_block_sizes
 from ..server import Export, FileBackend, Limits, MemoryBackend, OverlayBackend, Server
 from ..server.activation import inetd_socket, listen_fds, socket_activated
 from ..server.backend import AnyBackend, Backend
