@@ -211,7 +211,7 @@ def running_server(exports: Exports, **options: Any) -> Iterator[ServerThread]:
         st = ServerThread(holder["server"], loop, path)
         yield st
     finally:
-        if "server" in holder and not holder["server"]._closing:  # (unless the test did)
+        if "server" in holder and not holder["server"].closing:  # (unless the test did)
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(holder["server"].close(5), loop).result(15)
         thread.join(15)

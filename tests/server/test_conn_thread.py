@@ -19,7 +19,7 @@ import pytest
 
 from pynbd.client import Client
 from pynbd.proto.constants import Cmd
-from pynbd.server import AsyncBackend, Backend, Capabilities, Limits, MemoryBackend
+from pynbd.server import AsyncBackend, Backend, Blocking, Capabilities, Limits, MemoryBackend
 from pynbd.server.session import Session
 
 from .helpers import (
@@ -44,7 +44,7 @@ def only_session(srv: ServerThread) -> Session:
 
 def threaded(srv: ServerThread) -> bool:
     session = only_session(srv)
-    return bool(srv.call(lambda: session._thread is not None))
+    return srv.call(lambda: session.threaded)
 
 
 class GatedReads(Backend):
@@ -76,10 +76,16 @@ class Lonely(GatedReads):
     capabilities = Capabilities(thread_safe=False)
 
 
-class Inline(GatedReads):
-    """Thread-safe by default, but inline: promised one call at a time."""
+class NeverBlocks(GatedReads):
+    """Thread-safe by default, and its calls never wait."""
 
-    capabilities = Capabilities(inline=True)
+    capabilities = Capabilities(blocking=Blocking.NEVER)
+
+
+class NeverBlocksAlone(GatedReads):
+    """Its calls never wait, but may not overlap: it stays in the event loop."""
+
+    capabilities = Capabilities(blocking=Blocking.NEVER, thread_safe=False)
 
 
 class Async(AsyncBackend):
@@ -100,10 +106,19 @@ class Async(AsyncBackend):
         (GatedReads(), True, True),
         (MemoryBackend(1 << 20), False, False),
         (Lonely(), True, False),
-        (Inline(), True, False),
+        (NeverBlocks(), True, True),
+        (NeverBlocksAlone(), True, False),
         (Async(), True, False),
     ],
-    ids=["memory", "thread-safe", "turned-off", "not-thread-safe", "inline", "async"],
+    ids=[
+        "memory",
+        "thread-safe",
+        "turned-off",
+        "not-thread-safe",
+        "never-blocks",
+        "never-blocks-alone",
+        "async",
+    ],
 )
 def test_which_connections_get_a_thread(backend: Any, threads: bool, expected: bool) -> None:
     if isinstance(backend, GatedReads):
