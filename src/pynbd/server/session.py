@@ -5,11 +5,11 @@ A :class:`Session` moves bytes between its transport and a
 request and builds every reply; the session runs backends and upgrades the transport
 to TLS when the core says so (:class:`~pynbd.proto.server.StartTLS`).
 
-Requests run as the connection's plan says (:mod:`pynbd.server.policy`), drawn once
-when it enters transmission from what the export's backend declares, by one
-:class:`~pynbd.server.runner.Runner`, and are answered by one
-:class:`~pynbd.server.responder.Responder`. A plain (not TLS) connection to a blocking,
-thread-safe backend is then handed over, socket and core, to a
+When the connection enters transmission, the session draws its plan from what the
+export's backend declares (:mod:`pynbd.server.policy`): a
+:class:`~pynbd.server.runner.Runner` performs its requests as the plan says, and a
+:class:`~pynbd.server.responder.Responder` answers them. A plain (not TLS) connection
+to a blocking, thread-safe backend is then handed over, socket and core, to a
 :class:`~pynbd.server.conn_thread.ConnectionThread`, and the session keeps only the
 paused transport, to close it when the thread is done. What follows describes the
 connections the event loop keeps serving.
@@ -269,7 +269,7 @@ class Session(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._responder is not None:
+        if self._responder is not None and self._thread is None:  # (else the thread's)
             self._responder.views_sent()  # what was not sent never will be
         for task in self._tasks:
             task.cancel()
