@@ -28,6 +28,7 @@ from pynbd.proto.server import (
     TransmissionStarted,
 )
 from pynbd.proto.transmission import ClientTransmission, Reply
+from pynbd.server import AsyncBackend, Backend, Capabilities
 from pynbd.server.aio import Exports, Limits, Server
 
 
@@ -137,6 +138,31 @@ class Pair:
         while (r := self.client.next_event()) is not None:
             replies.append(r)
         return replies
+
+
+class Zeroes(Backend):
+    """1 MiB of zeroes, read-only in effect, with the capabilities given."""
+
+    def __init__(self, capabilities: Capabilities | None = None) -> None:
+        self.capabilities = capabilities or Capabilities()
+
+    @property
+    def size(self) -> int:
+        return 1 << 20
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        buf[:] = bytes(len(buf))
+
+
+class AsyncZeroes(AsyncBackend):
+    """The same, async."""
+
+    @property
+    def size(self) -> int:
+        return 1 << 20
+
+    async def pread_into(self, buf: memoryview, offset: int) -> None:
+        buf[:] = bytes(len(buf))
 
 
 # --- A real server in a background thread -------------------------------------------------

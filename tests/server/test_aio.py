@@ -408,9 +408,11 @@ def test_blocking_backends_run_in_threads(thread_safe: bool, sock_path: str) -> 
         async with Server(backend, limits=Limits(threads=8)) as server:
             path = sock_path
             await server.start(unix=path)
-            c = await AsyncClient.connect(path=path)
-            await asyncio.gather(*(c.pread(512, i * 512) for i in range(16)))
-            await c.close()
+            # Two connections: one at a time means across connections too.
+            clients = [await AsyncClient.connect(path=path) for _ in range(2)]
+            await asyncio.gather(*(c.pread(512, i * 512) for c in clients for i in range(8)))
+            for c in clients:
+                await c.close()
 
     asyncio.run(main())
     if thread_safe:

@@ -19,10 +19,11 @@ import pytest
 
 from pynbd.client import Client
 from pynbd.proto.constants import Cmd
-from pynbd.server import AsyncBackend, Backend, Blocking, Capabilities, Limits, MemoryBackend
+from pynbd.server import Backend, Blocking, Capabilities, Limits, MemoryBackend
 from pynbd.server.session import Session
 
 from .helpers import (
+    AsyncZeroes,
     ServerThread,
     is_closed,
     raw_request,
@@ -89,17 +90,6 @@ class NeverBlocksAlone(GatedReads):
     capabilities = Capabilities(blocking=Blocking.NEVER, thread_safe=False)
 
 
-class Async(AsyncBackend):
-    capabilities = Capabilities()
-
-    @property
-    def size(self) -> int:
-        return 1 << 20
-
-    async def pread_into(self, buf: memoryview, offset: int) -> None:
-        buf[:] = bytes(len(buf))
-
-
 @pytest.mark.parametrize(
     ("backend", "threads", "expected"),
     [
@@ -109,7 +99,7 @@ class Async(AsyncBackend):
         (Lonely(), True, False),
         (NeverBlocks(), True, True),
         (NeverBlocksAlone(), True, False),
-        (Async(), True, False),
+        (AsyncZeroes(), True, False),
     ],
     ids=[
         "memory",

@@ -193,7 +193,7 @@ class Session(asyncio.BufferedProtocol):
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(timeout, self.abort, "handshake took too long")
         log.debug("%s: connected", self.peer)
-        self._flush()
+        self.send()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._upgrading:
@@ -217,7 +217,7 @@ class Session(asyncio.BufferedProtocol):
         # The replies of the whole burst go out together (one writev, not one each).
         self._process(flush=False)
         self._read_more(nbytes == self._offered)
-        self._flush()
+        self.send()
 
     def _read_more(self, full: bool) -> None:
         """Take what the client has already sent, straight from the socket.
@@ -381,7 +381,7 @@ class Session(asyncio.BufferedProtocol):
         if self._ending is not None and not self.core.receiving_payload:
             self._pause("ending")  # a shutdown that waited for a payload
         if flush:
-            self._flush()
+            self.send()
         self._maybe_close()
 
     def _started(self, event: TransmissionStarted) -> None:
@@ -484,7 +484,7 @@ class Session(asyncio.BufferedProtocol):
         if context is None:  # pragma: no cover - the core refuses STARTTLS without TLS
             self.abort("TLS is not configured")
             return
-        self._flush()  # the ACK of STARTTLS goes out in plaintext, first
+        self.send()  # the ACK of STARTTLS goes out in plaintext, first
         self._fd = -1  # from now on every byte goes through the TLS transport
         self._pause("tls")
         self._upgrading = True
@@ -537,10 +537,7 @@ class Session(asyncio.BufferedProtocol):
     # -- sending ----------------------------------------------------------------------
 
     def send(self) -> None:
-        """Send what the core has queued (the runner's driver; see _flush)."""
-        self._flush()
-
-    def _flush(self) -> None:
+        """Send what the core has queued (also the runner's driver's send)."""
         responder = self._responder
         buffers = self.core.buffers_to_send()
         if responder is not None:
@@ -593,7 +590,7 @@ class Session(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         if self.transport is not None and not self.transport.is_closing():
-            self._flush()
+            self.send()
             # close() sends what is buffered first; a soft or hard disconnect alike.
             self.transport.close()
 
@@ -637,7 +634,7 @@ class Session(asyncio.BufferedProtocol):
         self._request_done()
 
     def _request_done(self) -> None:
-        self._flush()
+        self.send()
         if self.core.in_flight < self._max_in_flight:
             self._resume("in flight")
         self._maybe_close()
