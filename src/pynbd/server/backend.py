@@ -33,7 +33,7 @@ with ``pwrite``), ``cache(length, offset)`` and ``extents(length, offset)``
 (``zero_copy``: see :class:`Backend`). Arguments are always in range and multiples of
 ``minimum_block``.
 
-A blocking backend also says how its calls behave, and the server schedules them
+A :class:`Backend` also says how its calls behave, and the server schedules them
 accordingly: ``thread_safe`` (the default: calls may overlap, in several threads;
 False: one at a time) and ``blocking`` (:class:`Blocking`: whether a call may wait for
 a disk or the network; the default YES keeps every call out of the server's event
@@ -153,7 +153,7 @@ class Support(enum.Enum):
 
 
 class Blocking(enum.Enum):
-    """Whether a blocking backend's calls wait (for a disk, the network, a lock held
+    """Whether a :class:`Backend`'s calls wait (for a disk, the network, a lock held
     long): what the server may call them from (its event loop serves every connection
     that has no thread of its own, and a call that waits there holds them all up)."""
 
@@ -188,9 +188,9 @@ class Capabilities:
         is_rotational: advertise NBD_FLAG_ROTATIONAL.
         minimum_block, preferred_block, maximum_payload: size constraints.
         thread_safe: calls may run at once, in different threads; when False the
-            server makes one call at a time (blocking backends).
-        blocking: whether a call may wait (:class:`Blocking`; blocking backends).
-        zero_copy: the backend lends views of its own memory (blocking backends): the
+            server makes one call at a time (:class:`Backend` only).
+        blocking: whether a call may wait (:class:`Blocking`; :class:`Backend` only).
+        zero_copy: the backend lends views of its own memory (:class:`Backend` only): the
             server sends READ replies from :meth:`Backend.pread_views` without a
             copy, and may receive a WRITE straight into the buffers of
             :meth:`Backend.receive_pages`. These calls never wait.

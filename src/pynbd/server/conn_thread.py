@@ -8,13 +8,14 @@ whose threads each serve one connection.
 
 So a :class:`~pynbd.server.session.Session` hands a plain (not TLS) connection over to
 a :class:`ConnectionThread` when it enters transmission, if its plan says so (a
-blocking, thread-safe backend: see :mod:`pynbd.server.policy`). The thread reads and
-writes the socket itself, blocking in ``readv`` and ``writev``: the GIL is released in
-each of these calls, so the copies of several connections run at once. Its requests
-run through the same :class:`~pynbd.server.runner.Runner` as the event loop's: inline
-ones right there, the others handed to the backend's executor, so that one slow
-request does not hold up the connection's next ones; while any are there, the thread
-waits with ``poll`` on the socket and on a pipe that brings their answers.
+thread-safe :class:`~pynbd.server.backend.Backend`: see :mod:`pynbd.server.policy`).
+The thread reads and writes the socket itself, blocking in ``readv`` and ``writev``:
+the GIL is released in each of these calls, so the copies of several connections run
+at once. Its requests run through the same :class:`~pynbd.server.runner.Runner` as
+the event loop's: inline ones right there, the others handed to the backend's
+executor, so that one slow request does not hold up the connection's next ones; while
+any are there, the thread waits with ``poll`` on the socket and on a pipe that brings
+their answers.
 
 What the event loop did stays true here: requests are validated by the core, replies
 go out in order of completion, no request is started while the client does not read

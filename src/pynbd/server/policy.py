@@ -6,9 +6,10 @@ calls may wait, whether they may overlap, whether it lends its memory); where ea
 request runs is the server's decision, made here once per connection, whatever the
 backend (nbdkit's thread model is likewise data its one worker loop reads):
 
-- A connection without TLS to a blocking backend whose calls may overlap
-  (``thread_safe``) is served from a thread of its own (``Limits.connection_threads``,
-  :mod:`pynbd.server.conn_thread`); every other connection, in the event loop.
+- A connection without TLS to a :class:`~pynbd.server.backend.Backend` (not async)
+  whose calls may overlap (``thread_safe``) is served from a thread of its own
+  (``Limits.connection_threads``, :mod:`pynbd.server.conn_thread`); every other
+  connection, in the event loop.
 - A request runs *inline*, where its connection is read (that thread, or the event
   loop), when it is cheap: every request of a backend that never blocks
   (``Blocking.NEVER``); a READ, or a WRITE without FUA, of at most
@@ -50,14 +51,14 @@ class Limits:
             beyond (backpressure, and a bound on memory held by write payloads).
         max_connections: connections at once (None: no limit); more are closed at once.
         max_option_length: longest option data accepted in the handshake.
-        threads: size of the thread pool for thread-safe blocking backends (None:
-            Python's default); a backend that takes one call at a time gets one
-            thread of its own.
+        threads: size of the thread pool for thread-safe backends (None: Python's
+            default); a backend that takes one call at a time gets one thread of its
+            own.
         buffer_size: receive buffer per connection.
         connection_threads: once in transmission, serve each plain (not TLS)
-            connection from a thread of its own when its backend is blocking and
-            thread-safe (see :mod:`pynbd.server.conn_thread`). False: every
-            connection in the event loop.
+            connection from a thread of its own when its backend is a thread-safe
+            :class:`~pynbd.server.backend.Backend` (see :mod:`pynbd.server.conn_thread`).
+            False: every connection in the event loop.
         inline_max: READs, and WRITEs without FUA, of at most this many bytes to a
             thread-safe backend whose reads and writes are ``Blocking.CACHED`` run
             where the connection is read, not in the thread pool (0: never). A read

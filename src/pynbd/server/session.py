@@ -9,7 +9,7 @@ When the connection enters transmission, the session draws its plan from what th
 export's backend declares (:mod:`pynbd.server.policy`): a
 :class:`~pynbd.server.runner.Runner` performs its requests as the plan says, and a
 :class:`~pynbd.server.responder.Responder` answers them. A plain (not TLS) connection
-to a blocking, thread-safe backend is then handed over, socket and core, to a
+to a thread-safe :class:`~pynbd.server.backend.Backend` is then handed over, socket and core, to a
 :class:`~pynbd.server.conn_thread.ConnectionThread`, and the session keeps only the
 paused transport, to close it when the thread is done. What follows describes the
 connections the event loop keeps serving.
