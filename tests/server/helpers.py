@@ -11,6 +11,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from pynbd.proto.server import (
     TransmissionStarted,
 )
 from pynbd.proto.transmission import ClientTransmission, Reply
+from pynbd.server import AsyncBackend, Backend, Capabilities
 from pynbd.server.aio import Exports, Limits, Server
 
 
@@ -138,16 +140,74 @@ class Pair:
         return replies
 
 
+class Zeroes(Backend):
+    """1 MiB of zeroes, read-only in effect, with the capabilities given."""
+
+    def __init__(self, capabilities: Capabilities | None = None) -> None:
+        self.capabilities = capabilities or Capabilities()
+
+    @property
+    def size(self) -> int:
+        return 1 << 20
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        buf[:] = bytes(len(buf))
+
+
+class AsyncZeroes(AsyncBackend):
+    """The same, async."""
+
+    @property
+    def size(self) -> int:
+        return 1 << 20
+
+    async def pread_into(self, buf: memoryview, offset: int) -> None:
+        buf[:] = bytes(len(buf))
+
+
 # --- A real server in a background thread -------------------------------------------------
 
 
 _T = TypeVar("_T")
 
+#: How long a test waits for something that happens at once when the code is right
+#: (a hang guard: a slow or loaded host never comes near it).
+PATIENCE = 30.0
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = PATIENCE) -> None:
+    """Return once ``check()`` is true; fail, saying ``what`` did not happen, after
+    ``timeout`` seconds (a hang guard, not a measure)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.01)
+
+
+class ClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock a test moves forward (:meth:`advance`): timers come
+    due without waiting, however fast or slow the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._skew = 0.0
+
+    def time(self) -> float:
+        return super().time() + self._skew
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward (from any thread)."""
+
+        def bump() -> None:
+            self._skew += seconds
+
+        self.call_soon_threadsafe(bump)
+
 
 class ServerThread:
     """An asyncio :class:`Server` running in its own thread and event loop."""
 
-    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop, path: str) -> None:
+    def __init__(self, server: Server, loop: ClockLoop, path: str) -> None:
         self.server = server
         self.loop = loop
         self.path = path
@@ -165,11 +225,18 @@ class ServerThread:
         async def wrapper() -> _T:
             return func()
 
-        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(PATIENCE)
 
-    def run(self, coro: Any, timeout: float = 30) -> Any:
+    def run(self, coro: Any, timeout: float = PATIENCE) -> Any:
         """Run a coroutine in the server's loop."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def advance(self, seconds: float) -> None:
+        """Move the server's clock ``seconds`` forward: its timers due by then fire."""
+        self.loop.advance(seconds)
+        # Two passes of the loop later: the bump is done, and the timers it made due
+        # have run (the call's answer comes a pass after them).
+        self.call(lambda: None)
 
 
 #: How running_server serves plain connections: True, one thread each; False, in the
@@ -186,7 +253,7 @@ def running_server(exports: Exports, **options: Any) -> Iterator[ServerThread]:
         options["limits"] = dataclasses.replace(limits, connection_threads=connection_threads)
     tmp = tempfile.mkdtemp(prefix="pynbd-test-")
     path = os.path.join(tmp, "nbd.sock")
-    loop = asyncio.new_event_loop()
+    loop = ClockLoop()
     started = threading.Event()
     holder: dict[str, Any] = {}
 
@@ -205,13 +272,13 @@ def running_server(exports: Exports, **options: Any) -> Iterator[ServerThread]:
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
     try:
-        started.wait(10)
+        started.wait(PATIENCE)
         if "error" in holder:
             raise holder["error"]
         st = ServerThread(holder["server"], loop, path)
         yield st
     finally:
-        if "server" in holder and not holder["server"]._closing:  # (unless the test did)
+        if "server" in holder and not holder["server"].closing:  # (unless the test did)
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(holder["server"].close(5), loop).result(15)
         thread.join(15)
@@ -239,8 +306,9 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def is_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True when the peer closes the connection within ``timeout`` (data is drained)."""
+def is_closed(sock: socket.socket, timeout: float = PATIENCE) -> bool:
+    """True when the peer closes the connection within ``timeout`` (data is drained;
+    the timeout is a hang guard)."""
     sock.settimeout(timeout)
     try:
         while True:

@@ -20,7 +20,14 @@ from pynbd.proto.constants import Cmd
 from pynbd.proto.server import BufferPool, RequestReceived
 from pynbd.server import Backend, Capabilities, MemoryBackend
 
-from .helpers import raw_go, raw_request, read_simple_reply, recv_exactly, running_server
+from .helpers import (
+    raw_go,
+    raw_request,
+    read_simple_reply,
+    recv_exactly,
+    running_server,
+    wait_until,
+)
 from .test_core_transmission import request, tx
 
 KiB = 1024
@@ -178,10 +185,8 @@ def test_the_same_under_python_3_13(tmp_path: Path) -> None:
     command = [python, "-m", "pynbd", "serve", "--memory", str(size), "--unix", path]
     proc = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(path):
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
+        wait_until(lambda: os.path.exists(path) or proc.poll() is not None, "the server's start")
+        assert proc.poll() is None, "the server did not start"
         _check_reads_between_writes(path, size)
     finally:
         proc.terminate()

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from pynbd.client import Client
-from pynbd.server import FileBackend, MemoryBackend
-from pynbd.server.file import INLINE_READ_MAX
+from pynbd.server import FileBackend, Limits, MemoryBackend
 
 from .helpers import read_simple_reply, recv_exactly, running_server, unread_reads
 
@@ -25,6 +24,8 @@ from .helpers import read_simple_reply, recv_exactly, running_server, unread_rea
 pytestmark = pytest.mark.usefixtures("serving_mode")
 
 MiB = 1 << 20
+#: The biggest READ, and WRITE without FUA, to a file that runs where it is read.
+INLINE_MAX = Limits().inline_max
 
 
 def _pattern(size: int) -> bytes:
@@ -64,12 +65,12 @@ def test_a_client_that_does_not_read_stops_the_server_starting_requests() -> Non
 
 def test_file_requests_inline_and_in_the_pool_agree(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
-    size = 4 * INLINE_READ_MAX
+    size = 4 * INLINE_MAX
     with open(path, "wb") as f:
         f.truncate(size)
-    big = _pattern(2 * INLINE_READ_MAX)  # written in the pool, read in the pool
+    big = _pattern(2 * INLINE_MAX)  # written in the pool, read in the pool
     small = os.urandom(4096)  # both in the event loop
-    medium = os.urandom(INLINE_READ_MAX)  # written in the pool (FUA), read inline
+    medium = os.urandom(INLINE_MAX)  # written in the pool (FUA), read inline
     with FileBackend(path) as backend, running_server(backend) as srv, Client(srv.uri) as c:
         c.pwrite(big, 0)
         c.pwrite(small, len(big))

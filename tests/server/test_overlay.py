@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 
 from pynbd.client import Client
 from pynbd.proto.constants import StateFlag
-from pynbd.server import Backend, Capabilities, FileBackend, MemoryBackend, OverlayBackend
+from pynbd.server import (
+    Backend,
+    Blocking,
+    Capabilities,
+    FileBackend,
+    MemoryBackend,
+    OverlayBackend,
+)
 from pynbd.server.overlay import BASE, DATA, ZERO
 from tests.peers import peer_env
 
@@ -173,7 +180,7 @@ def test_overlay_in_a_temporary_file(tmp_path: Path) -> None:
     original = contents(base)
     ov = OverlayBackend(base, directory=tmp_path, block_size=BS)
     assert list(tmp_path.iterdir()) == []  # unlinked at once: nothing to clean up
-    assert not ov.capabilities.inline  # a file blocks
+    assert ov.capabilities.blocking is Blocking.YES  # a file blocks
     ov.pwrite(memoryview(b"\xee" * 5000), 1000, False)
     ov.zero(3 * BS, 8 * BS, True, False, False)
     expect = bytearray(original)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-import time
 
 import pytest
 
@@ -23,6 +22,7 @@ from .helpers import (
     read_simple_reply,
     recv_exactly,
     running_server,
+    wait_until,
 )
 from .test_core_transmission import ALL, events, parse, request, tx
 
@@ -218,10 +218,7 @@ BIG = 256 * 1024  # whole 64 KiB pages of the default memory backend
 
 
 def wait_sessions(srv: ServerThread, count: int) -> None:
-    deadline = time.monotonic() + 10
-    while srv.call(lambda: len(srv.server.sessions)) != count:
-        assert time.monotonic() < deadline, "the server did not see the connection end"
-        time.sleep(0.01)
+    wait_until(lambda: srv.call(lambda: len(srv.server.sessions)) == count, "the connection's end")
 
 
 def test_a_client_that_disconnects_mid_payload_changes_nothing() -> None:

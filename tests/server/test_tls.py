@@ -19,7 +19,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,20 @@ from pynbd.client import AsyncClient, Client
 from pynbd.errors import NBDError, OptionError, TLSError
 from pynbd.proto.constants import Rep
 from pynbd.proto.server import TLSPolicy
-from pynbd.server import Export, MemoryBackend, Server, ServerTLSConfig
+from pynbd.server import Export, Limits, MemoryBackend, Server, ServerTLSConfig
 from pynbd.server.tls import make_server_context, read_psk_file
 from pynbd.transport.tls import TLSConfig
 from tests.peers import make_psk_file, make_x509_dir, peer_env
 
-from .helpers import is_closed, raw_option, read_option_reply, recv_exactly, running_server
+from .helpers import (
+    PATIENCE,
+    is_closed,
+    raw_option,
+    read_option_reply,
+    recv_exactly,
+    running_server,
+    wait_until,
+)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,10 +170,7 @@ def test_bad_tls_handshake_ends_only_that_connection(x509: Path) -> None:
             assert read_option_reply(sock)[1] == Rep.ACK
             sock.sendall(b"this is not a TLS ClientHello" * 10)
             assert is_closed(sock)
-        deadline = time.monotonic() + 5
-        while srv.call(lambda: len(srv.server.sessions)) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert srv.call(lambda: len(srv.server.sessions)) == 0
+        wait_until(lambda: not srv.call(lambda: len(srv.server.sessions)), "the session's end")
         with Client(path=srv.path, tls=TLSConfig(certificates=str(x509))) as c:
             roundtrip(c)
 
@@ -221,20 +225,22 @@ def test_shutdown_during_tls_handshake(x509: Path, tmp_path: Path) -> None:
         sock.sendall(struct.pack(">I", 3) + raw_option(5))
         assert read_option_reply(sock)[1] == Rep.ACK
 
-    async def main() -> float:
-        server = Server(MemoryBackend(1 << 20), tls=ServerTLSConfig(certificates=str(x509)))
+    async def main() -> None:
+        # Neither the TLS handshake's time limit nor the grace period ends before the
+        # test gives up on close() (PATIENCE): only the shutdown itself can end it.
+        limits = Limits(handshake_timeout=3600)
+        tls = ServerTLSConfig(certificates=str(x509))
+        server = Server(MemoryBackend(1 << 20), tls=tls, limits=limits)
         await server.start(unix=path)
         try:
             await asyncio.get_running_loop().run_in_executor(None, starttls)
             await asyncio.sleep(0.2)  # the server now waits for a ClientHello
             assert len(server.sessions) == 1
         finally:
-            start = time.monotonic()
-            await server.close(30)
-        return time.monotonic() - start
+            await asyncio.wait_for(server.close(3600), PATIENCE)
 
     try:
-        assert asyncio.run(main()) < 5
+        asyncio.run(main())
         assert is_closed(sock)
     finally:
         sock.close()

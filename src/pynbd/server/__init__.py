@@ -9,9 +9,15 @@
 - :func:`serve_socket`: serve one connected socket (one end of a socketpair) until the
   client disconnects; blocks the calling thread, which may be any thread.
 - :mod:`.aio`: the asyncio :class:`~pynbd.server.aio.Server` and its coroutines;
-  :mod:`.session`: one connection.
-- :mod:`.backend`: :class:`Backend`, :class:`AsyncBackend`, :class:`Capabilities`,
-  :class:`Export`, the errno table, and how to write a backend of your own.
+  :mod:`.session`: one connection in the event loop; :mod:`.conn_thread`: one served
+  from a thread of its own.
+- :mod:`.backend`: :class:`Backend`, :class:`AsyncBackend`, :class:`Capabilities` (what
+  a backend can do: its features, and whether its calls block (:class:`Blocking`), may
+  overlap, or lend its memory), :class:`Export`, the errno table, and how to write a
+  backend of your own.
+- :mod:`.policy`: how the server runs requests, decided per connection from the
+  capabilities (:class:`Limits` holds its options); :mod:`.runner` runs them and
+  :mod:`.responder` answers them, for the event loop and the connection threads alike.
 - Backends: :mod:`.memory` (:class:`MemoryBackend`), :mod:`.file`
   (:class:`FileBackend`), :mod:`.overlay` (:class:`OverlayBackend`, copy-on-write over
   any backend); :mod:`.user` loads a user's backend by name (:func:`load_backend`).
@@ -32,12 +38,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..proto.server import TLSPolicy
-from .aio import Exports, Limits, Server
+from .aio import Exports, Server
 from .aio import serve_socket as _serve_socket_async
 from .backend import (
     ERRNO_TO_NBD,
     AsyncBackend,
     Backend,
+    Blocking,
     Capabilities,
     Export,
     Support,
@@ -46,6 +53,7 @@ from .backend import (
 from .file import FileBackend
 from .memory import MemoryBackend
 from .overlay import OverlayBackend
+from .policy import Limits
 from .tls import ServerTLSConfig
 from .user import load_backend
 
@@ -53,6 +61,7 @@ __all__ = [
     "ERRNO_TO_NBD",
     "AsyncBackend",
     "Backend",
+    "Blocking",
     "Capabilities",
     "Export",
     "FileBackend",

@@ -27,11 +27,11 @@ import stat
 import sys
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from ..proto.server import ServerConfig, TLSPolicy
 from .backend import AnyBackend, AsyncBackend, Backend, Export
+from .policy import Limits
 from .session import Session
 from .tls import ServerTLSConfig, make_server_context
 
@@ -43,35 +43,6 @@ Exports: TypeAlias = AnyBackend | Export | Mapping[str, AnyBackend | Export]
 
 #: create_unix_server takes ``cleanup_socket`` from 3.13 on.
 _CLEANUP_ARG = sys.version_info >= (3, 13)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Resource limits of a server.
-
-    Attributes:
-        handshake_timeout: seconds a client may take to reach transmission (None: no
-            limit); the connection is closed after that.
-        max_in_flight: requests per connection performed at once; reading pauses
-            beyond (backpressure, and a bound on memory held by write payloads).
-        max_connections: connections at once (None: no limit); more are closed at once.
-        max_option_length: longest option data accepted in the handshake.
-        threads: size of the thread pool for blocking backends (None: Python's default).
-        buffer_size: receive buffer per connection.
-        connection_threads: once in transmission, serve each plain (not TLS)
-            connection from a thread of its own when its backend takes calls from
-            several threads (``thread_safe`` and not ``inline``, or the memory
-            backend); see
-            :mod:`pynbd.server.conn_thread`. False: every connection in the event loop.
-    """
-
-    handshake_timeout: float | None = 30.0
-    max_in_flight: int = 64
-    max_connections: int | None = None
-    max_option_length: int = 64 * 1024
-    threads: int | None = None
-    buffer_size: int = 64 * 1024
-    connection_threads: bool = True
 
 
 def _normalize(exports: Exports) -> dict[str, Export]:
@@ -145,8 +116,8 @@ class Server:
         self.sessions: set[Session] = set()
         self._listeners: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
-        self._executor: ThreadPoolExecutor | None = None
-        self._locks: dict[int, asyncio.Lock] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._serial: dict[int, ThreadPoolExecutor] = {}  # one thread per backend
         self._closing = False
         self._closed: asyncio.Event | None = None
 
@@ -276,13 +247,17 @@ class Server:
             await listener.wait_closed()
         for path in self._unix_paths:
             _remove_socket_file(path)
-        if self._executor is not None:
+        executors = [*self._serial.values(), *([self._pool] if self._pool else [])]
+        self._pool, self._serial = None, {}
+        if executors:
             # Backend calls of aborted sessions may still run in threads: give them
             # the grace period too, so the caller can close its backends afterwards.
-            executor, self._executor = self._executor, None
-            waiting = asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+            def shutdown() -> None:
+                for executor in executors:
+                    executor.shutdown(True, cancel_futures=True)
+
             try:
-                await asyncio.wait_for(waiting, grace)
+                await asyncio.wait_for(asyncio.to_thread(shutdown), grace)
             except TimeoutError:
                 log.warning("backend calls still running after the grace period")
         if self._closed is not None:
@@ -294,19 +269,29 @@ class Server:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    # -- resources for sessions -------------------------------------------------------
+    # -- for sessions -----------------------------------------------------------------
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                self.limits.threads, thread_name_prefix="pynbd-server"
-            )
-        return self._executor
+    @property
+    def closing(self) -> bool:
+        """:meth:`close` was called: no new connections are taken."""
+        return self._closing
 
-    def _lock(self, backend: Backend) -> asyncio.Lock | None:
-        if backend.capabilities.thread_safe:
-            return None
-        return self._locks.setdefault(id(backend), asyncio.Lock())
+    def executor(self, backend: Backend) -> ThreadPoolExecutor:
+        """Where ``backend``'s calls go when they do not run where their connection is
+        read (see :mod:`pynbd.server.policy`): the server's thread pool
+        (``Limits.threads``), or for a backend that takes one call at a time, a thread
+        of its own, shared by its every export and connection. Call it in the event
+        loop."""
+        if not backend.capabilities.thread_safe:
+            serial = self._serial.get(id(backend))
+            if serial is None:
+                serial = self._serial[id(backend)] = ThreadPoolExecutor(
+                    1, thread_name_prefix="pynbd-serial"
+                )
+            return serial
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="pynbd-server")
+        return self._pool
 
 
 def _remove_socket_file(path: str) -> None:

@@ -1,6 +1,6 @@
 """Backends: where an export's bytes live, and what they can do.
 
-A backend declares its capabilities once, in a frozen :class:`Capabilities`, and
+A backend declares what it can do once, in a frozen :class:`Capabilities`, and
 implements blocking (:class:`Backend`) or async (:class:`AsyncBackend`) methods. The
 server never calls a method the capabilities do not promise, and requests reach a
 backend only after the protocol core validated them (range, alignment, flags,
@@ -14,8 +14,9 @@ onto the few error values the protocol allows (one table, :data:`ERRNO_TO_NBD`).
 Any other exception is reported as EIO.
 
 :func:`run_request` and :func:`run_request_async` turn one validated request into
-backend calls, emulations included; the server runs the first in a thread pool (or
-inline for cheap backends) and awaits the second.
+backend calls, emulations included. Where the server calls them (its event loop, a
+connection's thread, its thread pool) is its own decision, drawn from what the
+capabilities say (see :mod:`pynbd.server.policy`).
 
 Writing your own backend
 ------------------------
@@ -28,18 +29,22 @@ Required: a ``size`` property and ``pread_into(buf, offset)``, which fills the w
 (``can_flush``), ``trim(length, offset, fua)`` (``can_trim``), ``zero(length, offset,
 may_trim, fast, fua)`` (``can_zero=Support.NATIVE``; the default EMULATE writes zeroes
 with ``pwrite``), ``cache(length, offset)`` and ``extents(length, offset)``
-(``can_extents``: a list of ``(length, StateFlag bits)``). Arguments are always in range
-and multiples of ``minimum_block``. Blocking methods run in a thread pool, concurrently
-unless ``thread_safe=False``; ``inline=True`` runs them in the event loop, one at a
-time, for methods that never block. ``close()`` is yours to call. A device kept in a
-dict::
+(``can_extents``: a list of ``(length, StateFlag bits)``), and the zero-copy calls
+(``zero_copy``: see :class:`Backend`). Arguments are always in range and multiples of
+``minimum_block``.
 
-    from pynbd.server import Backend, Capabilities
+A :class:`Backend` also says how its calls behave, and the server schedules them
+accordingly: ``thread_safe`` (the default: calls may overlap, in several threads;
+False: one at a time) and ``blocking`` (:class:`Blocking`: whether a call may wait for
+a disk or the network; the default YES keeps every call out of the server's event
+loop). ``close()`` is yours to call. A device kept in a dict::
+
+    from pynbd.server import Backend, Blocking, Capabilities
 
     class DictDevice(Backend):
         # A sparse RAM disk: one dict entry per written 4 KiB block. Requests are
-        # aligned to 4 KiB; the methods are cheap, so they run in the event loop.
-        capabilities = Capabilities(minimum_block=4096, can_trim=True, inline=True)
+        # aligned to 4 KiB; the methods never wait (and may overlap: thread_safe).
+        capabilities = Capabilities(minimum_block=4096, can_trim=True, blocking=Blocking.NEVER)
 
         def __init__(self, size: str = "67108864") -> None:  # pynbd serve passes str
             self._size = int(size)
@@ -73,6 +78,7 @@ from __future__ import annotations
 import abc
 import enum
 import errno
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeAlias
@@ -84,6 +90,7 @@ __all__ = [
     "ERRNO_TO_NBD",
     "AsyncBackend",
     "Backend",
+    "Blocking",
     "Capabilities",
     "Export",
     "Support",
@@ -116,7 +123,6 @@ ERRNO_TO_NBD: dict[int, Err] = {
 }
 
 _READ = Cmd.READ
-_WRITE = Cmd.WRITE
 _FUA = int(CmdFlag.FUA)
 
 #: Largest buffer of zeroes written at once when WRITE_ZEROES or CACHE is emulated.
@@ -146,6 +152,21 @@ class Support(enum.Enum):
     NATIVE = "native"  # advertised; the backend's own method is called
 
 
+class Blocking(enum.Enum):
+    """Whether a :class:`Backend`'s calls wait (for a disk, the network, a lock held
+    long): what the server may call them from (its event loop serves every connection
+    that has no thread of its own, and a call that waits there holds them all up)."""
+
+    #: Never: they compute and copy memory (a RAM disk).
+    NEVER = "never"
+    #: READ and WRITE without FUA copy from or to a cache that usually has room and
+    #: the data (the page cache): they wait only when it misses or is full. FUA,
+    #: FLUSH and the other calls may wait.
+    CACHED = "cached"
+    #: Any call may wait (a block device, a remote store).
+    YES = "yes"
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a backend can do (nbdkit's ``can_*`` callbacks, gathered).
@@ -166,19 +187,13 @@ class Capabilities:
             writes completed on all (NBD_FLAG_CAN_MULTI_CONN).
         is_rotational: advertise NBD_FLAG_ROTATIONAL.
         minimum_block, preferred_block, maximum_payload: size constraints.
-        inline: the methods are cheap and never block: the server calls them in its
-            event loop, one at a time, instead of in a thread (blocking backends only;
-            its connections stay in the event loop too).
-        inline_read_max, inline_write_max: READ requests, and WRITE requests without
-            FUA, of at most this many bytes run where the server reads the connection
-            although ``inline`` is False; bigger ones and other commands go to the
-            thread pool. A copy
-            from or to the page cache costs less than the hop to a thread (0: never;
-            blocking, thread-safe backends only).
-        thread_safe: several methods may run at once in different threads (the
-            pool's, and each connection's own: see ``Limits.connection_threads``);
-            when False the server calls one at a time and serves the backend's
-            connections in its event loop.
+        thread_safe: calls may run at once, in different threads; when False the
+            server makes one call at a time (:class:`Backend` only).
+        blocking: whether a call may wait (:class:`Blocking`; :class:`Backend` only).
+        zero_copy: the backend lends views of its own memory (:class:`Backend` only): the
+            server sends READ replies from :meth:`Backend.pread_views` without a
+            copy, and may receive a WRITE straight into the buffers of
+            :meth:`Backend.receive_pages`. These calls never wait.
     """
 
     can_write: bool = True
@@ -194,10 +209,9 @@ class Capabilities:
     minimum_block: int = 1
     preferred_block: int = 4096
     maximum_payload: int = DEFAULT_MAX_PAYLOAD
-    inline: bool = False
-    inline_read_max: int = 0
-    inline_write_max: int = 0
     thread_safe: bool = True
+    blocking: Blocking = Blocking.YES
+    zero_copy: bool = False
 
     def __post_init__(self) -> None:
         if self.can_fua is Support.EMULATE and not self.can_flush:
@@ -269,6 +283,34 @@ class Backend(_Common, abc.ABC):
         They may cover less than ``length`` (the client asks again), never nothing.
         """
         return [(length, 0)]
+
+    # -- zero copy (``Capabilities.zero_copy``) ------------------------------------------
+
+    def pread_views(self, length: int, offset: int) -> list[memoryview]:
+        """The bytes at ``offset`` as views of the backend's memory, lent to the server
+        until :meth:`return_views`.
+
+        They may show later changes to the range: the server sends or copies them
+        before the connection's next request that is not a READ.
+        """
+        raise OSError(errno.ENOTSUP, "zero-copy reads are not supported")
+
+    def return_views(self, count: int = 1) -> None:
+        """The views of ``count`` :meth:`pread_views` calls are sent, copied or dropped."""
+
+    def receive_pages(self, length: int, offset: int) -> Sequence[memoryview] | None:
+        """Buffers to receive the payload of a WRITE of ``length`` bytes at ``offset``
+        into, for :meth:`adopt_pages`; None: the payload goes to :meth:`pwrite`.
+
+        Called as the request arrives: the write may never complete (the client
+        disconnects), so the buffers must not be part of the export yet.
+        """
+        return None
+
+    def adopt_pages(self, pages: Sequence[memoryview], offset: int) -> None:
+        """Perform the write of ``pages`` (from :meth:`receive_pages`, now full of the
+        data) at ``offset``."""
+        raise OSError(errno.ENOTSUP, "zero-copy writes are not supported")
 
 
 class AsyncBackend(_Common, abc.ABC):
@@ -385,24 +427,6 @@ def _zero_chunks(length: int, offset: int) -> list[tuple[int, int]]:
 def _clean_extents(extents: list[Extent], length: int) -> list[Extent]:
     good = [(n, flags) for n, flags in extents if n > 0]
     return good or [(length, 0)]
-
-
-def runs_inline(caps: Capabilities, request: RequestReceived) -> bool:
-    """Whether a blocking backend's request is cheap enough to run where the server
-    reads its connection (the event loop, or the connection's thread) rather than in
-    its thread pool: any request of an ``inline`` backend; otherwise a READ of up to
-    ``inline_read_max`` bytes, or a WRITE without FUA (which waits for the disk) of up
-    to ``inline_write_max``."""
-    if caps.inline:
-        return True
-    command = request.command
-    if command is _READ:
-        return request.length <= caps.inline_read_max
-    return (
-        command is _WRITE
-        and request.length <= caps.inline_write_max
-        and not int(request.flags) & _FUA
-    )
 
 
 def run_request(backend: Backend, request: RequestReceived, buf: bytearray | None = None) -> Result:

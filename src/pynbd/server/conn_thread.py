@@ -7,15 +7,15 @@ idle a fifth of the time and the client spent more CPU per byte than against nbd
 whose threads each serve one connection.
 
 So a :class:`~pynbd.server.session.Session` hands a plain (not TLS) connection over to
-a :class:`ConnectionThread` when it enters transmission, if the export's backend takes
-calls from several threads at once (``Capabilities.thread_safe`` and not ``inline``,
-or the memory backend, which locks its pages itself). The thread reads and writes the socket itself,
-blocking in ``readv`` and ``writev``: the GIL is released in each of these calls, so
-the copies of several connections run at once. It performs the cheap requests (those
-the session would run in the event loop) right there and hands the others to the
-server's thread pool, so that one slow request does not hold up the connection's next
-ones; while any are there, it waits with ``poll`` on the socket and on a pipe that
-brings their answers.
+a :class:`ConnectionThread` when it enters transmission, if its plan says so (a
+thread-safe :class:`~pynbd.server.backend.Backend`: see :mod:`pynbd.server.policy`).
+The thread reads and writes the socket itself, blocking in ``readv`` and ``writev``:
+the GIL is released in each of these calls, so the copies of several connections run
+at once. Its requests run through the same :class:`~pynbd.server.runner.Runner` as
+the event loop's: inline ones right there, the others handed to the backend's
+executor, so that one slow request does not hold up the connection's next ones; while
+any are there, the thread waits with ``poll`` on the socket and on a pipe that brings
+their answers.
 
 What the event loop did stays true here: requests are validated by the core, replies
 go out in order of completion, no request is started while the client does not read
@@ -40,46 +40,24 @@ import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from ..errors import ProtocolError
-from ..proto.constants import Cmd
-from ..proto.server import NEED_DATA, Disconnect, RequestReceived
-from .backend import Backend, Result, run_request, runs_inline
-from .memory import MemoryBackend
+from ..proto.server import NEED_DATA, Disconnect, RequestReceived, ServerConnection
+from .backend import Backend, Result
+from .policy import Plan
+from .responder import IOV_MAX, Pending, Responder, written
+from .runner import Runner
 
-if TYPE_CHECKING:
-    from .session import Session
-
-__all__ = ["ConnectionThread", "unsent"]
+__all__ = ["ConnectionThread"]
 
 log = logging.getLogger("pynbd.server")
 
-#: READ reply bytes queued beyond this are sent before the next request starts, so a
-#: client that does not read stops the thread (in a blocked send) within a few requests.
-_SEND_AT = 256 * 1024
-#: Most buffers one writev takes (Linux IOV_MAX).
-_IOV_MAX = 1024
 #: How long a read waits before the thread looks at what the event loop asked (a
 #: shutdown): a struct timeval for SO_RCVTIMEO.
 _RCVTIMEO = struct.pack("ll", 0, 200_000)
-
-_READ = Cmd.READ
-
-
-def unsent(buffers: list[Any], sent: int) -> list[Any]:
-    """What ``writev(buffers)`` left when it wrote ``sent`` bytes (a view of the first
-    buffer's rest, then the others)."""
-    for i, buffer in enumerate(buffers):
-        n = len(buffer) if type(buffer) is not memoryview else buffer.nbytes
-        if sent < n:
-            rest = buffers[i:]
-            if sent:
-                rest[0] = memoryview(buffer)[sent:]
-            return rest
-        sent -= n
-    return []
 
 
 class _End(Exception):
@@ -92,37 +70,54 @@ class _End(Exception):
 
 
 class ConnectionThread:
-    """The thread that serves one session's connection in transmission.
+    """The thread that serves one connection in transmission.
 
-    Made and started by the session in the event loop (:meth:`start`); the loop may
-    then only call :meth:`shutdown` and :meth:`abort`. When the thread ends it calls
-    ``session.thread_ended(hard)`` in the loop.
+    Made and started in the event loop (:meth:`start`); the loop may then only call
+    :meth:`shutdown` and :meth:`abort`. When the thread ends it calls ``ended(hard,
+    ending)`` in the loop: whether to abort the connection rather than close it, and
+    why it ended.
+
+    Args:
+        core: the connection's core, in transmission.
+        responder: answers its requests.
+        backend, plan: the export's backend, and how its requests run.
+        executor: where requests that do not run inline go (None: nowhere).
+        sock: the connected socket (without TLS).
+        max_in_flight: ``Limits.max_in_flight``.
+        ending: why the connection is ending already (a shutdown), or None.
+        ended: called in the event loop when the thread is done.
     """
 
-    def __init__(self, session: Session, sock: Any, *, views: bool) -> None:
-        assert session.export is not None and session.core.transmission is not None
-        self.session = session
-        self.core = session.core
-        self._tx = session.core.transmission
-        self._fd: int = session.transport_fd
-        self._sock = sock  # the transport's socket, for shutdown() on abort
+    def __init__(
+        self,
+        core: ServerConnection,
+        responder: Responder,
+        backend: Backend,
+        plan: Plan,
+        executor: Executor | None,
+        sock: Any,
+        *,
+        max_in_flight: int,
+        ending: Disconnect | None,
+        ended: Callable[[bool, Disconnect | None], None],
+    ) -> None:
+        tx = core.transmission
+        assert tx is not None
+        self.core = core
+        self._tx = tx
+        self._responder = responder
+        submit = None if executor is None else executor.submit
+        self._runner = Runner(backend, plan, responder, self, submit)
+        self._fd: int = sock.fileno()
+        self._sock = sock  # for shutdown() on abort
         self._loop = asyncio.get_running_loop()
-        backend = session.export.backend
-        assert isinstance(backend, Backend)
-        self._backend = backend
-        caps = backend.capabilities
-        # The memory backend: READs sent from views of its pages, whole-page WRITEs
-        # received into spare pages (the session gave the core its payload_sink).
-        self._views = views
-        self._caps = caps
-        # (the loop makes the pool: its creation is not thread-safe)
-        self._executor: Executor | None = None if caps.inline else session.server._pool()
-        self._max_in_flight = session.server.limits.max_in_flight
+        self._max_in_flight = max_in_flight
+        #: Why the connection ends (for its log line), once it does.
+        self.ending = ending
+        self._ended = ended
         self._results: collections.deque[tuple[RequestReceived, Future[Result]]]
         self._results = collections.deque()
         self._in_pool = 0
-        self._lent = 0  # pread_views calls whose views are not sent yet
-        self._unsent = 0  # READ reply bytes queued since the last send
         self._stop = False  # set by the loop: the server is shutting down
         self._stopping = False
         self._abort: str | None = None  # set by the loop: close now, for this reason
@@ -135,7 +130,7 @@ class ConnectionThread:
         self._poll.register(self._wake_r, select.POLLIN)
         self._watching = 0  # the events the poll asks of the socket
         self._thread = threading.Thread(
-            target=self._run, name=f"pynbd-conn {session.peer}", daemon=True
+            target=self._run, name=f"pynbd-conn {responder.peer}", daemon=True
         )
 
     # -- called from the event loop ---------------------------------------------------
@@ -177,30 +172,29 @@ class ConnectionThread:
         except ProtocolError as exc:
             self._note_end(f"protocol error: {exc}")
         except Exception as exc:  # a bug: end this connection, say why
-            log.exception("%s: connection thread failed", self.session.peer)
+            log.exception("%s: connection thread failed", self._responder.peer)
             self._note_end(f"internal error: {exc!r}")
         finally:
-            self._return_views()
+            self._responder.views_sent()  # what was not sent never will be
             with self._wake_lock:
                 self._wake_closed = True
                 os.close(self._wake_r)
                 os.close(self._wake_w)
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody to tell
-                self._loop.call_soon_threadsafe(self.session.thread_ended, hard)
+                self._loop.call_soon_threadsafe(self._ended, hard, self.ending)
 
     def _note_end(self, reason: str) -> None:
-        session = self.session
-        if session._ending is not None and self._abort is not None:
-            reason = f"{session._ending.reason}, then {reason}"  # a shutdown cut short
-        if session._ending is None or self._abort is not None:
-            session._ending = Disconnect(reason, soft=False)
-        log.debug("%s: closing the connection: %s", session.peer, reason)
+        if self.ending is not None and self._abort is not None:
+            reason = f"{self.ending.reason}, then {reason}"  # a shutdown cut short
+        if self.ending is None or self._abort is not None:
+            self.ending = Disconnect(reason, soft=False)
+        log.debug("%s: closing the connection: %s", self._responder.peer, reason)
 
     def _serve(self) -> None:
-        session, tx, fd = self.session, self._tx, self._fd
-        # Blocking reads: they took 15% less CPU than poll and non-blocking reads (a
-        # 256 KiB write arrives in fewer, bigger pieces). The receive timeout lets the
-        # thread see a shutdown; an abort shuts the socket down, which ends any wait.
+        tx, fd = self._tx, self._fd
+        # Blocking reads: cheaper than poll and non-blocking reads (a 256 KiB write
+        # arrives in fewer, bigger pieces). The receive timeout lets the thread see a
+        # shutdown; an abort shuts the socket down, which ends any wait.
         os.set_blocking(fd, True)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
         self._process()  # requests that came with the handshake's last bytes
@@ -210,13 +204,11 @@ class ConnectionThread:
                 self._process()  # requests parsed before a shutdown are still performed
             if self._results:
                 self._take_results()
-            self._send()
+            self.send()
             receiving = tx.receiving_payload
-            if session._ending is not None and not (
-                self._in_pool or receiving or tx.events_pending
-            ):
+            if self.ending is not None and not (self._in_pool or receiving or tx.events_pending):
                 raise _End(None, hard=False)  # every request answered: done
-            if (session._ending is None or receiving) and tx.in_flight < self._max_in_flight:
+            if (self.ending is None or receiving) and tx.in_flight < self._max_in_flight:
                 # With requests in the pool, a read must not block: their answers
                 # come through the pipe.
                 if self._in_pool and not self._wait(select.POLLIN):
@@ -239,8 +231,8 @@ class ConnectionThread:
         if self._stop and not self._stopping:
             self._stopping = True
             self.core.shutdown()
-            if self.session._ending is None:
-                self.session._ending = Disconnect("the server is shutting down", soft=False)
+            if self.ending is None:
+                self.ending = Disconnect("the server is shutting down", soft=False)
 
     def _wait(self, events: int) -> bool:
         """Until the socket is ready for ``events`` (0: only the pipe) or we are woken;
@@ -263,69 +255,27 @@ class ConnectionThread:
         return ready
 
     def _process(self) -> None:
-        core, session = self.core, self.session
+        core, run = self.core, self._runner.run
         while True:
             event = core.next_event()
             if event is NEED_DATA:
                 return
             if type(event) is RequestReceived:
-                self._dispatch(event)
+                run(event)
             elif isinstance(event, Disconnect):
-                log.debug("%s: %s", session.peer, event.reason)
-                session._ending = session._ending or event
+                log.debug("%s: %s", self._responder.peer, event.reason)
+                self.ending = self.ending or event
                 return  # the last event of a session
             else:  # pragma: no cover - the core has no other events in transmission
                 raise ProtocolError(f"unexpected event in transmission: {event!r}")
 
-    # -- requests ---------------------------------------------------------------------
+    # -- the runner's driver ----------------------------------------------------------
 
-    def _dispatch(self, request: RequestReceived) -> None:
-        session = self.session
-        session.count(request)
-        command = request.command
-        backend = self._backend
-        if self._views:
-            if command is _READ:
-                self._read_views(cast(MemoryBackend, backend), request)
-                return
-            # A change to the pages: the views queued must show them as they were.
-            if self._lent:
-                self._send()
-            if request.segments is not None:  # a WRITE received into spare pages
-                segments = cast(list[memoryview], request.segments)
-                cast(MemoryBackend, backend).adopt_pages(segments, request.offset)
-                self.core.reply_ok(request)
-                return
-        buf = session._pool.take(request.length) if command is _READ else None
-        if not runs_inline(self._caps, request):
-            assert self._executor is not None
-            future = self._executor.submit(run_request, backend, request, buf)
-            self._in_pool += 1
-            future.add_done_callback(functools.partial(self._pool_done, request))
-            return
-        try:
-            result = run_request(backend, request, buf)
-        except Exception as exc:
-            session._answer_failure(request, exc)
-        else:
-            session._answer(request, result)
-        if command is _READ:
-            self._queued(request.length)
-
-    def _read_views(self, backend: MemoryBackend, request: RequestReceived) -> None:
-        try:
-            views = backend.pread_views(request.length, request.offset)
-        except Exception as exc:
-            self.session._answer_failure(request, exc)
-            return
-        self._lent += 1
-        self._tx.reply_read_vector(request, views)
-        self._queued(request.length)
-
-    def _queued(self, nbytes: int) -> None:
-        self._unsent += nbytes
-        if self._unsent >= _SEND_AT:
-            self._send()  # blocks while the client does not read
+    def later(self, request: RequestReceived, future: Pending) -> None:
+        """``request`` went to the pool: its answer comes through the pipe."""
+        assert isinstance(future, Future)
+        self._in_pool += 1
+        future.add_done_callback(functools.partial(self._pool_done, request))
 
     def _pool_done(self, request: RequestReceived, future: Future[Result]) -> None:
         # In a pool thread (or here, if already done): the answer is made by us.
@@ -333,38 +283,25 @@ class ConnectionThread:
         self._wake()
 
     def _take_results(self) -> None:
-        results, session = self._results, self.session
+        results, settle = self._results, self._responder.settle
         while results:
             request, future = results.popleft()
             self._in_pool -= 1
-            session._answer_future(request, future)
-            if request.command is _READ:
-                self._unsent += request.length
+            settle(request, future)
 
-    # -- sending ----------------------------------------------------------------------
-
-    def _send(self) -> None:
+    def send(self) -> None:
         """Send everything the core has queued, waiting while the socket is full."""
-        buffers: list[Any] = self.core.buffers_to_send()
-        self._unsent = 0
-        give = self.session._pool.give
-        fd = self._fd
+        responder = self._responder
+        buffers = self.core.buffers_to_send()
+        responder.unsent = 0
+        pool, fd = responder.pool, self._fd
         while buffers:
             try:
-                sent = os.writev(fd, buffers[:_IOV_MAX])  # blocks while the socket is full
+                sent = os.writev(fd, buffers[:IOV_MAX])  # blocks while the socket is full
             except InterruptedError:
                 self._check()
                 continue
             except OSError as exc:
                 raise _End(f"connection lost: {os.strerror(exc.errno or 0)}") from None
-            rest = unsent(buffers, sent)
-            for buffer in buffers[: len(buffers) - len(rest)]:
-                if type(buffer) is bytearray:
-                    give(buffer)  # a READ reply's buffer, from the session's pool
-            buffers = rest
-        self._return_views()
-
-    def _return_views(self) -> None:
-        if self._lent:
-            cast(MemoryBackend, self._backend).return_views(self._lent)
-            self._lent = 0
+            buffers = written(pool, buffers, sent)
+        responder.views_sent()

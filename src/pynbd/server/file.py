@@ -6,10 +6,10 @@ punches holes and WRITE_ZEROES uses ``fallocate(2)`` (``PUNCH_HOLE|KEEP_SIZE`` w
 is allowed, else ``ZERO_RANGE|KEEP_SIZE``), called through ctypes; when the filesystem
 or device refuses, zeroing falls back to writing zeroes (and a fast zero request fails
 with ENOTSUP, as the spec asks). Block status comes from ``SEEK_DATA``/``SEEK_HOLE``.
-FLUSH is ``fdatasync``. The methods block: the server runs them in a thread pool,
-except a regular file's reads and small writes (``inline_read_max``,
-``inline_write_max``), which cost less than the hop to a thread and run in the event
-loop.
+FLUSH is ``fdatasync``. The methods may block; a regular file's reads and writes
+without FUA are copies from and to the page cache (``Blocking.CACHED``), which the
+server may run where it reads the connection rather than in its thread pool (see
+:mod:`pynbd.server.policy`); a block device's may all wait.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 
 from ..proto.constants import StateFlag
-from .backend import Backend, Capabilities, Extent, Support
+from .backend import Backend, Blocking, Capabilities, Extent, Support
 
 __all__ = ["FileBackend", "fallocate"]
 
@@ -35,15 +35,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
 _MAX_EXTENTS = 1024
 _ZERO_CHUNK = 1 << 20
-#: A regular file's reads and writes up to these sizes run in the event loop: usually
-#: a copy from or to the page cache, cheaper than the hop to a thread (measured on
-#: tmpfs: a third of the server's CPU per byte at 256 KiB). A read that misses the
-#: cache holds the loop meanwhile, as does a write the kernel throttles (too many
-#: dirty pages); bigger requests go to a thread. Writes up to 4 MiB inline cost 0.78x
-#: the CPU per MB of the thread's hop (nbdcopy 4 MiB writes to tmpfs). FUA writes
-#: and a block device's requests all go to the thread pool.
-INLINE_READ_MAX = 4 * 1024 * 1024
-INLINE_WRITE_MAX = 4 * 1024 * 1024
 #: errno values meaning "this file or kernel cannot do that", not "it failed".
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 
@@ -111,8 +102,7 @@ class FileBackend(Backend):
             can_extents=not self.is_block_device and hasattr(os, "SEEK_DATA"),
             # One descriptor for every connection; fdatasync covers all their writes.
             can_multi_conn=True,
-            inline_read_max=0 if self.is_block_device else INLINE_READ_MAX,
-            inline_write_max=0 if self.is_block_device else INLINE_WRITE_MAX,
+            blocking=Blocking.YES if self.is_block_device else Blocking.CACHED,
         )
 
     @property

@@ -2,16 +2,18 @@
 
 Only written pages take memory, so a 1 TiB export costs nothing until written. Pages
 never written (or trimmed, or zeroed whole) read as zeroes and are reported by block
-status as ``HOLE | ZERO``. The methods never block, so the server calls them in its
-event loop (``inline``) or in the threads that serve its connections (see
-:mod:`pynbd.server.conn_thread`); each holds the backend's lock while it looks at or
-changes the pages.
+status as ``HOLE | ZERO``. The methods never block (``Blocking.NEVER``), and each holds
+the backend's lock while it looks at or changes the pages (``thread_safe``), so the
+server calls them where it reads their connections: its event loop, or the threads
+that serve them (see :mod:`pynbd.server.policy`).
 
 Pages are kept as memoryviews of bytearrays: a slice assignment into a memoryview is one
 ``memcpy``, while one into a bytearray first copies any source that is not a bytearray
 (a memoryview of a payload) into a temporary one, which doubled the cost of a write.
 
-A server may skip even that copy for writes of whole pages: :meth:`receive_pages` gives
+The backend is ``zero_copy``: a server sends READ replies from views of its pages
+(:meth:`pread_views`), with no copy into a buffer of its own. It may skip even the copy
+of writes of whole pages: :meth:`receive_pages` gives
 spare pages for the payload to be received into, and :meth:`adopt_pages` puts them in
 place of the old ones once it is all in (the old ones become spares). A client that
 disconnects mid-payload thus changes nothing. An old page is only made a spare while no
@@ -23,9 +25,10 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Sequence
 
 from ..proto.constants import StateFlag
-from .backend import Backend, Capabilities, Extent, Support
+from .backend import Backend, Blocking, Capabilities, Extent, Support
 
 __all__ = ["MemoryBackend"]
 
@@ -43,6 +46,9 @@ class MemoryBackend(Backend):
         size: the export's size in bytes.
         page_size: allocation unit, a power of two of at least 512 bytes.
         read_only: refuse writes.
+
+    A subclass that changes :meth:`pread_into` or :meth:`pwrite` is not ``zero_copy``:
+    it sees every request.
 
     Raises:
         ValueError: a negative size or a bad page size.
@@ -62,6 +68,8 @@ class MemoryBackend(Backend):
         self._max_spares = max(1, _SPARE_BYTES // page_size)
         self._lent = 0  # pread_views calls not yet returned (return_views)
         self._lock = threading.Lock()
+        kind = type(self)
+        own = kind.pread_into is MemoryBackend.pread_into and kind.pwrite is MemoryBackend.pwrite
         self.capabilities = Capabilities(
             can_write=not read_only,
             can_flush=True,
@@ -73,8 +81,9 @@ class MemoryBackend(Backend):
             can_extents=True,
             # One store for every connection, and nothing is cached on the way.
             can_multi_conn=True,
-            inline=True,
-            thread_safe=False,
+            thread_safe=True,
+            blocking=Blocking.NEVER,
+            zero_copy=own,
         )
 
     @property
@@ -185,7 +194,7 @@ class MemoryBackend(Backend):
                 spares.pop() if spares else memoryview(bytearray(ps)) for _ in range(length // ps)
             ]
 
-    def adopt_pages(self, pages: list[memoryview], offset: int) -> None:
+    def adopt_pages(self, pages: Sequence[memoryview], offset: int) -> None:
         """Perform the write of ``pages`` (from :meth:`receive_pages`, now full of
         data) at ``offset``: they take the place of the pages there.
 

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterator
 
 from ..proto.constants import StateFlag
-from .backend import Backend, Capabilities, Extent, Support
+from .backend import Backend, Blocking, Capabilities, Extent, Support
 from .file import FileBackend
 from .memory import MemoryBackend
 
@@ -98,8 +98,13 @@ class OverlayBackend(Backend):
             minimum_block=1,
             preferred_block=preferred,
             maximum_payload=caps.maximum_payload,
-            inline=caps.inline and directory is None,
+            # One call at a time (the map); a temporary file blocks.
             thread_safe=False,
+            blocking=(
+                Blocking.NEVER
+                if caps.blocking is Blocking.NEVER and directory is None
+                else Blocking.YES
+            ),
         )
 
     @property

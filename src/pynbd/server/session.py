@@ -5,17 +5,18 @@ A :class:`Session` moves bytes between its transport and a
 request and builds every reply; the session runs backends and upgrades the transport
 to TLS when the core says so (:class:`~pynbd.proto.server.StartTLS`).
 
-Once a plain (not TLS) connection enters transmission on a backend that takes calls
-from several threads, the session hands the socket and the core over to a
-:class:`~pynbd.server.conn_thread.ConnectionThread` (``Limits.connection_threads``)
-and keeps only the paused transport, to close it when the thread is done. What
-follows describes the connections the event loop keeps serving.
+When the connection enters transmission, the session draws its plan from what the
+export's backend declares (:mod:`pynbd.server.policy`): a
+:class:`~pynbd.server.runner.Runner` performs its requests as the plan says, and a
+:class:`~pynbd.server.responder.Responder` answers them. A plain (not TLS) connection
+to a thread-safe :class:`~pynbd.server.backend.Backend` is then handed over, socket and core, to a
+:class:`~pynbd.server.conn_thread.ConnectionThread`, and the session keeps only the
+paused transport, to close it when the thread is done. What follows describes the
+connections the event loop keeps serving.
 
-Backends run according to their capabilities: inline in the event loop when cheap
-(the memory backend, a file's small reads and writes), in the server's thread pool when
-blocking (one call at a time if not thread-safe), or awaited when async. Requests on a
-connection run concurrently; reading pauses while ``Limits.max_in_flight`` requests are
-pending, the transport's write buffer is full, or the TLS handshake runs.
+Requests on a connection run concurrently; reading pauses while
+``Limits.max_in_flight`` requests are pending, the transport's write buffer is full,
+or the TLS handshake runs.
 
 Flow control: while the transport's write buffer is above its high-water mark no
 request is started (requests already parsed wait in the core), so replies are made
@@ -25,12 +26,10 @@ buffered (what the transport's own ``write`` does, minus its copy of a partial s
 Python 3.11); only a remainder is handed to the transport.
 
 Per-request costs of bulk transfers: WRITE payloads and READ reply buffers come from a
-per-connection :class:`~pynbd.proto.server.BufferPool` (a payload goes back once the
-backend returned, a reply buffer once sent whole, never while the transport holds it);
-the memory backend's READs are sent from views of its pages, with no copy; and the
-bytes a client has already sent are read straight from the socket in the same pass of
-the event loop, a payload into its own buffer, with the replies of the burst sent in
-one ``writev``.
+per-connection :class:`~pynbd.proto.server.BufferPool`; a zero-copy backend's READs
+are sent from views of its memory; and the bytes a client has already sent are read
+straight from the socket in the same pass of the event loop, a payload into its own
+buffer, with the replies of the burst sent in one ``writev``.
 
 When the connection ends, one line is logged at INFO on ``pynbd.server``: the peer,
 the export, what was negotiated, and the requests and bytes served.
@@ -40,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -49,39 +49,28 @@ import ssl
 import struct
 import sys
 import time
-from collections.abc import Coroutine
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import Executor
+from typing import Any, Protocol
 
 from ..errors import ProtocolError
-from ..proto.constants import Cmd
 from ..proto.server import (
     NEED_DATA,
     BufferPool,
     Disconnect,
     RequestReceived,
+    ServerConfig,
     ServerConnection,
-    ServerTransmission,
     StartTLS,
     TransmissionStarted,
 )
-from .backend import (
-    AsyncBackend,
-    Backend,
-    Export,
-    Result,
-    exception_to_nbd,
-    run_request,
-    run_request_async,
-    runs_inline,
-)
-from .conn_thread import ConnectionThread, unsent
-from .memory import MemoryBackend
+from .backend import Backend, Export
+from .conn_thread import ConnectionThread
+from .policy import Limits, Plan, plan
+from .responder import IOV_MAX, Pending, Responder, SessionStats, written
+from .runner import Runner
 
-if TYPE_CHECKING:
-    from .aio import Server
-
-__all__ = ["Session", "SessionStats"]
+__all__ = ["Host", "Session", "SessionStats"]
 
 log = logging.getLogger("pynbd.server")
 
@@ -108,43 +97,47 @@ _WRITE_HIGH = 1024 * 1024
 #: the transport's buffer, copied there (and shifted as it drains) on Python 3.11, and
 #: go out over several loop iterations. nbdkit's threads simply block in send instead.
 _SNDBUF = 4 * 1024 * 1024
-#: Inline read replies queued in the core beyond this are sent before the next request
-#: starts, so that the transport can pause us (flow control) mid-batch.
-_FLUSH_AT = 256 * 1024
 #: Most bytes one pass of the event loop reads for a session beyond the transport's
 #: own read (see Session._read_more).
 _BURST = 1024 * 1024
-#: Most buffers one writev takes (Linux IOV_MAX).
-_IOV_MAX = 1024
-_READ = Cmd.READ
-_WRITE = Cmd.WRITE
-# How a session runs its export's backend (chosen once, at TransmissionStarted).
-_INLINE = 0  # in the event loop
-_SMALL_INLINE = 1  # small reads and writes in the event loop, the rest in the pool
-_POOL = 2  # in the thread pool, concurrently
-_LOCKED = 3  # in the thread pool, one at a time
-_ASYNC = 4  # awaited
-_VIEWS = 5  # the memory backend in the event loop, READs sent from its pages
 
 
-class SessionStats:
-    """What one connection did (for its log line)."""
+class Host(Protocol):
+    """What a session needs of its server (:class:`~pynbd.server.aio.Server` is one)."""
 
-    __slots__ = ("bytes_read", "bytes_written", "requests", "started")
+    @property
+    def config(self) -> ServerConfig: ...
 
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.requests = 0
-        self.bytes_read = 0
-        self.bytes_written = 0
+    @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def exports(self) -> Mapping[str, Export]: ...
+
+    @property
+    def sessions(self) -> set[Session]:
+        """The live sessions: a session adds itself, and leaves when it ends."""
+        ...
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None: ...
+
+    @property
+    def closing(self) -> bool:
+        """The server is shutting down: no new connections."""
+        ...
+
+    def executor(self, backend: Backend) -> Executor:
+        """Where ``backend``'s calls go when they do not run inline."""
+        ...
 
 
 class Session(asyncio.BufferedProtocol):
     """One client connection of a :class:`~pynbd.server.aio.Server`."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
-        # WRITE payloads and READ replies of bulk sizes, reused (see _release, _flush).
+        # WRITE payloads and READ replies of bulk sizes, reused (see responder).
         self._pool = BufferPool()
         self.core = ServerConnection(
             server.config, buffer_size=server.limits.buffer_size, pool=self._pool
@@ -160,20 +153,16 @@ class Session(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Future[Any]] = set()
         self._paused: set[str] = set()
         self._write_paused = False
-        self._tx: ServerTransmission | None = None
-        self._kind = _POOL
-        self._unflushed = 0
+        # In transmission: how requests run, what runs them, what answers them.
+        self._plan = Plan()
+        self._runner: Runner | None = None
+        self._responder: Responder | None = None
         self._offered = 0  # the size of the last receive buffer given to the transport
-        # Views of the memory backend's pages wait in the core (see _run_views), from
-        # this many pread_views calls (returned to the backend once sent or copied).
-        self._views_queued = False
-        self._lent = 0
         # The socket's descriptor for direct writes (-1: go through the transport).
         self._fd = -1
         self._ending: Disconnect | None = None
         self._timer: asyncio.TimerHandle | None = None
         # Once in transmission, a plain connection may be served from a thread.
-        self._threaded = False
         self._thread: ConnectionThread | None = None
         # While the TLS handshake runs, decrypted bytes may arrive before the core
         # knows TLS is up: they wait here (see _upgrade).
@@ -188,7 +177,7 @@ class Session(asyncio.BufferedProtocol):
         self.transport = transport
         self.peer = _describe_peer(transport)
         limit = self.server.limits.max_connections
-        if self.server._closing or (limit is not None and _connections(self.server) >= limit):
+        if self.server.closing or (limit is not None and _connections(self.server) >= limit):
             log.warning("%s: connection refused: too many connections", self.peer)
             transport.abort()
             return
@@ -204,7 +193,7 @@ class Session(asyncio.BufferedProtocol):
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(timeout, self.abort, "handshake took too long")
         log.debug("%s: connected", self.peer)
-        self._flush()
+        self.send()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._upgrading:
@@ -228,7 +217,7 @@ class Session(asyncio.BufferedProtocol):
         # The replies of the whole burst go out together (one writev, not one each).
         self._process(flush=False)
         self._read_more(nbytes == self._offered)
-        self._flush()
+        self.send()
 
     def _read_more(self, full: bool) -> None:
         """Take what the client has already sent, straight from the socket.
@@ -280,7 +269,8 @@ class Session(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._return_views()  # what was not sent never will be
+        if self._responder is not None and self._thread is None:  # (else the thread's)
+            self._responder.views_sent()  # what was not sent never will be
         for task in self._tasks:
             task.cancel()
         if self in self.server.sessions:
@@ -363,7 +353,8 @@ class Session(asyncio.BufferedProtocol):
             # Requests parsed before a Disconnect or a shutdown are still performed.
             # None is started while the client does not read its replies.
             core = self.core
-            while not self._write_paused:
+            # (nothing more once the connection is the thread's: see _hand_over)
+            while not self._write_paused and not self._plan.threaded:
                 event = core.next_event()
                 if event is NEED_DATA:
                     break
@@ -371,7 +362,7 @@ class Session(asyncio.BufferedProtocol):
                     self._dispatch(event)
                 elif isinstance(event, TransmissionStarted):
                     self._started(event)
-                    if self._threaded:
+                    if self._plan.threaded:
                         # The rest is the thread's, once this pass is over.
                         self._pause("thread")
                         asyncio.get_running_loop().call_soon(self._hand_over)
@@ -390,7 +381,7 @@ class Session(asyncio.BufferedProtocol):
         if self._ending is not None and not self.core.receiving_payload:
             self._pause("ending")  # a shutdown that waited for a payload
         if flush:
-            self._flush()
+            self.send()
         self._maybe_close()
 
     def _started(self, event: TransmissionStarted) -> None:
@@ -398,35 +389,37 @@ class Session(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         self.export_name = event.export.name
-        self.export = self.server.exports[event.export.name]
-        self._tx = self.core.transmission
-        backend = self.export.backend
-        caps = backend.capabilities
-        if isinstance(backend, AsyncBackend):
-            self._kind = _ASYNC
-        elif caps.inline:
-            self._kind = _INLINE
-        elif not caps.thread_safe:
-            self._kind = _LOCKED
-        elif caps.inline_read_max > 0 or caps.inline_write_max > 0:
-            self._kind = _SMALL_INLINE
-        else:
-            self._kind = _POOL
-        if self._kind == _INLINE and self._fd >= 0 and _plain_memory(backend):
-            self._kind = _VIEWS  # (not under TLS, whose transport may keep a view)
-            # Writes of whole pages are received into spare pages (see _run_views).
-            assert self._tx is not None
-            self._tx.payload_sink = cast(MemoryBackend, backend).receive_pages
-        # A plain connection to a backend that takes calls from several threads is
-        # served from a thread of its own (see conn_thread). An inline backend was
-        # promised one call at a time, except the memory backend, which locks itself.
-        self._threaded = (
-            self.server.limits.connection_threads
-            and self._fd >= 0
-            and isinstance(backend, Backend)
-            and ((caps.thread_safe and not caps.inline) or self._kind == _VIEWS)
-        )
+        self.export = export = self.server.exports[event.export.name]
+        tx = self.core.transmission
+        assert tx is not None
+        backend = export.backend
+        self._plan = plan(backend, self.server.limits, plain=self._fd >= 0)
+        lender = None
+        if self._plan.zero_copy:
+            assert isinstance(backend, Backend)
+            lender = backend
+            # Writes may be received into the backend's own buffers (see Runner).
+            tx.payload_sink = backend.receive_pages
+        self._responder = Responder(tx, self._pool, self.stats, self.peer, lender)
+        if not self._plan.threaded:
+            self._serve_here()
         log.debug("%s: serving export %r", self.peer, event.export.name)
+
+    def _executor(self) -> Executor | None:
+        """The executor of the export's backend, if the plan hands calls off to one."""
+        backend = self.export.backend if self.export is not None else None
+        if not self._plan.offloads or not isinstance(backend, Backend):
+            return None
+        return self.server.executor(backend)
+
+    def _serve_here(self) -> None:
+        """The event loop runs the connection's requests."""
+        assert self.export is not None and self._responder is not None
+        executor = self._executor()
+        submit = None
+        if executor is not None:
+            submit = functools.partial(asyncio.get_running_loop().run_in_executor, executor)
+        self._runner = Runner(self.export.backend, self._plan, self._responder, self, submit)
 
     # -- the connection's thread ------------------------------------------------------
 
@@ -435,25 +428,44 @@ class Session(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        assert self.export is not None and self._responder is not None
         if transport.get_write_buffer_size():
             # The handshake's last replies wait in the transport (a client that does
             # not read them): the event loop keeps the connection.
-            self._threaded = False
+            self._plan = dataclasses.replace(self._plan, threaded=False)
+            self._serve_here()
             self._resume("thread")
             self._process()
             return
-        sock = transport.get_extra_info("socket")
-        self._thread = ConnectionThread(self, sock, views=self._kind == _VIEWS)
+        backend = self.export.backend
+        assert isinstance(backend, Backend)  # (the plan's promise)
+        self._thread = ConnectionThread(
+            self.core,
+            self._responder,
+            backend,
+            self._plan,
+            self._executor(),
+            transport.get_extra_info("socket"),
+            max_in_flight=self._max_in_flight,
+            ending=self._ending,
+            ended=self.thread_ended,
+        )
         self._thread.start()
 
-    def thread_ended(self, hard: bool) -> None:
+    def thread_ended(self, hard: bool, ending: Disconnect | None) -> None:
         """The connection's thread is done: close the transport (in the event loop)."""
+        self._ending = ending
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if hard:
                 transport.abort()
             else:
                 transport.close()
+
+    @property
+    def threaded(self) -> bool:
+        """The connection is served from a thread of its own."""
+        return self._thread is not None
 
     def client_gone(self) -> bool:
         """The client has closed its end of the connection (the session may still be
@@ -465,11 +477,6 @@ class Session(asyncio.BufferedProtocol):
         poller.register(sock.fileno(), _POLLRDHUP)
         return bool(poller.poll(0))
 
-    @property
-    def transport_fd(self) -> int:
-        """The socket's descriptor (-1 under TLS)."""
-        return self._fd
-
     # -- TLS --------------------------------------------------------------------------
 
     def _start_tls(self) -> None:
@@ -477,7 +484,7 @@ class Session(asyncio.BufferedProtocol):
         if context is None:  # pragma: no cover - the core refuses STARTTLS without TLS
             self.abort("TLS is not configured")
             return
-        self._flush()  # the ACK of STARTTLS goes out in plaintext, first
+        self.send()  # the ACK of STARTTLS goes out in plaintext, first
         self._fd = -1  # from now on every byte goes through the TLS transport
         self._pause("tls")
         self._upgrading = True
@@ -529,28 +536,27 @@ class Session(asyncio.BufferedProtocol):
 
     # -- sending ----------------------------------------------------------------------
 
-    def _flush(self) -> None:
-        self._unflushed = 0
+    def send(self) -> None:
+        """Send what the core has queued (also the runner's driver's send)."""
+        responder = self._responder
         buffers = self.core.buffers_to_send()
+        if responder is not None:
+            responder.unsent = 0
         transport = self.transport
         if not buffers or transport is None or transport.is_closing():
             return
         if self._fd >= 0 and not transport.get_write_buffer_size():
-            rest = self._send_direct(buffers)
             # READ data sent whole goes back to the pool; what the transport takes
             # it may keep a view of (3.12+, TLS), so that is left to the collector.
-            give = self._pool.give
-            for buffer in buffers[: len(buffers) - len(rest)]:
-                if type(buffer) is bytearray:
-                    give(buffer)
-            buffers = rest
+            buffers = written(self._pool, buffers, self._send_direct(buffers))
             if not buffers:
-                self._return_views()
+                if responder is not None:
+                    responder.views_sent()
                 return
-        views = self._views_queued
+        views = responder is not None and responder.lent
         if views and _TRANSPORT_KEEPS:
             # From 3.12 the transport keeps what it is given (3.11 copies it): a view
-            # of a page must not show a later write, so the transport gets a copy.
+            # of the backend's memory must not show a later write: it gets a copy.
             buffers = [bytes(b) if type(b) is memoryview else b for b in buffers]
         if len(buffers) == 1:
             transport.write(buffers[0])
@@ -562,25 +568,17 @@ class Session(asyncio.BufferedProtocol):
             for buffer in buffers:
                 transport.write(buffer)
         if views:
-            self._return_views()  # sent or copied: the pages may be recycled
+            assert responder is not None
+            responder.views_sent()  # sent or copied: the memory may be recycled
 
-    def _return_views(self) -> None:
-        """The views of the memory backend's pages queued so far are sent or copied."""
-        self._views_queued = False
-        if self._lent:
-            assert self.export is not None
-            cast(MemoryBackend, self.export.backend).return_views(self._lent)
-            self._lent = 0
-
-    def _send_direct(self, buffers: list[Any]) -> list[Any]:
-        """Write what the socket takes now; returns the rest (views of what is left)."""
+    def _send_direct(self, buffers: list[Any]) -> int:
+        """Write what the socket takes now; returns how many bytes it took."""
         try:
-            sent = os.writev(self._fd, buffers[:_IOV_MAX])
+            return os.writev(self._fd, buffers[:IOV_MAX])
         except (BlockingIOError, InterruptedError):
-            return buffers
+            return 0
         except OSError:
-            return buffers  # the transport meets the error again, and reports it
-        return unsent(buffers, sent)
+            return 0  # the transport meets the error again, and reports it
 
     def _maybe_close(self) -> None:
         if self._ending is None or self.core.in_flight or self._tasks:
@@ -592,110 +590,41 @@ class Session(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         if self.transport is not None and not self.transport.is_closing():
-            self._flush()
+            self.send()
             # close() sends what is buffered first; a soft or hard disconnect alike.
             self.transport.close()
 
     # -- requests ---------------------------------------------------------------------
 
-    def count(self, request: RequestReceived) -> None:
-        """Add a request to the connection's figures (for its log line)."""
-        stats = self.stats
-        stats.requests += 1
-        command = request.command
-        if command is _READ:
-            stats.bytes_read += request.length
-        elif command is _WRITE:
-            stats.bytes_written += request.length
-
     def _dispatch(self, request: RequestReceived) -> None:
-        assert self.export is not None  # requests only come after TransmissionStarted
-        self.count(request)
-        command = request.command
-        backend = self.export.backend
-        kind = self._kind
-        if kind == _VIEWS:
-            self._run_views(cast(MemoryBackend, backend), request)
-            if self.core.in_flight >= self._max_in_flight:
-                self._pause("in flight")
-            return
-        # A READ's reply buffer comes from the pool and goes back once sent (_flush).
-        buf = self._pool.take(request.length) if command is _READ else None
-        if kind == _SMALL_INLINE:
-            kind = _INLINE if runs_inline(backend.capabilities, request) else _POOL
-        if kind == _INLINE:
-            try:
-                result = run_request(cast(Backend, backend), request, buf)
-            except Exception as exc:
-                self._answer_failure(request, exc)
-            else:
-                self._answer(request, result)
-            if command is _READ:
-                self._unflushed += request.length
-                if self._unflushed >= _FLUSH_AT:
-                    self._flush()  # may pause writing: see _process
-        elif kind == _POOL:
-            future = asyncio.get_running_loop().run_in_executor(
-                self.server._pool(), run_request, cast(Backend, backend), request, buf
-            )
-            self._tasks.add(future)
-            future.add_done_callback(functools.partial(self._pool_done, request))
-        elif kind == _ASYNC:
-            self._spawn(self._run_async(cast(AsyncBackend, backend), request, buf))
-        else:
-            self._spawn(self._run_blocking(cast(Backend, backend), request, buf))
+        assert self._runner is not None  # requests only come after TransmissionStarted
+        self._runner.run(request)
         if self.core.in_flight >= self._max_in_flight:
             self._pause("in flight")
 
-    def _run_views(self, backend: MemoryBackend, request: RequestReceived) -> None:
-        """The memory backend: a READ is answered with views of its pages, which the
-        kernel copies straight to the socket; any other request first sends (or
-        copies, see _flush) the views queued, as it may change what they show (a
-        WRITE of whole pages, received into spare pages, swaps them in)."""
-        if request.command is _READ:
-            tx = self._tx
-            assert tx is not None
-            try:
-                views = backend.pread_views(request.length, request.offset)
-            except Exception as exc:
-                self._answer_failure(request, exc)
-                return
-            self._lent += 1
-            tx.reply_read_vector(request, views)
-            self._views_queued = True
-            self._unflushed += request.length
-            if self._unflushed >= _FLUSH_AT:
-                self._flush()  # may pause writing: see _process
-            return
-        if self._views_queued:
-            self._flush()
-        if request.segments is not None:  # a WRITE received into spare pages
-            backend.adopt_pages(cast(list[memoryview], request.segments), request.offset)
-            self.core.reply_ok(request)
-            return
+    def later(self, request: RequestReceived, future: Pending) -> None:
+        """``request`` was handed off (the runner's driver): answer it once done."""
+        assert isinstance(future, asyncio.Future)
+        self._tasks.add(future)
+        future.add_done_callback(functools.partial(self._finished, request))
+
+    def _finished(self, request: RequestReceived, future: asyncio.Future[Any]) -> None:
+        """A backend call handed off ended: answer it, then as _task_done."""
+        self._tasks.discard(future)
+        if future.cancelled():
+            return  # the connection is gone
+        assert self._responder is not None
         try:
-            result = run_request(backend, request)
-        except Exception as exc:
-            self._answer_failure(request, exc)
-        else:
-            self._answer(request, result)
+            self._responder.settle(request, future)
+        except Exception as err:
+            self.abort(f"internal error: {err!r}")
+            return
+        self._request_done()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-
-    def _pool_done(self, request: RequestReceived, future: asyncio.Future[Result]) -> None:
-        """A backend call in the thread pool ended: answer it, then as _task_done."""
-        self._tasks.discard(future)
-        if future.cancelled():
-            return  # the connection is gone
-        try:
-            self._answer_future(request, future)
-        except Exception as err:
-            self.abort(f"internal error: {err!r}")
-            return
-        self._request_done()
 
     def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
@@ -705,83 +634,10 @@ class Session(asyncio.BufferedProtocol):
         self._request_done()
 
     def _request_done(self) -> None:
-        self._flush()
+        self.send()
         if self.core.in_flight < self._max_in_flight:
             self._resume("in flight")
         self._maybe_close()
-
-    async def _run_blocking(
-        self, backend: Backend, request: RequestReceived, buf: bytearray | None
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        pool = self.server._pool()
-        lock = self.server._lock(backend)
-        try:
-            if lock is None:
-                result = await loop.run_in_executor(pool, run_request, backend, request, buf)
-            else:
-                async with lock:
-                    result = await loop.run_in_executor(pool, run_request, backend, request, buf)
-        except Exception as exc:
-            self._answer_failure(request, exc)
-        else:
-            self._answer(request, result)
-
-    async def _run_async(
-        self, backend: AsyncBackend, request: RequestReceived, buf: bytearray | None
-    ) -> None:
-        try:
-            result = await run_request_async(backend, request, buf)
-        except Exception as exc:
-            self._answer_failure(request, exc)
-        else:
-            self._answer(request, result)
-
-    def _answer(self, request: RequestReceived, result: Result) -> None:
-        """Reply to a request the backend is done with (its payload is free again)."""
-        tx = self._tx
-        assert tx is not None  # requests only come after TransmissionStarted
-        command = request.command
-        if request.payload is not None:
-            self._release(request.payload)
-        if command is _READ:
-            assert isinstance(result, bytearray)
-            tx.reply_read(request, result)
-        elif command is Cmd.BLOCK_STATUS:
-            assert isinstance(result, list)
-            tx.reply_block_status(request, dict.fromkeys(request.contexts, result))
-        else:
-            tx.reply_ok(request)
-
-    def _release(self, payload: memoryview) -> None:
-        """The backend returned: the payload's buffer (the core's, from our pool) is
-        taken for the next one. Backends keep no view of it (their contract)."""
-        buffer = payload.obj
-        if type(buffer) is bytearray:
-            self._pool.give(buffer)
-
-    def _answer_future(
-        self, request: RequestReceived, future: asyncio.Future[Result] | Future[Result]
-    ) -> None:
-        """Reply to a request whose backend call in the thread pool is done (seen from
-        the event loop, or from a connection's thread)."""
-        exc = future.exception()
-        if exc is None:
-            self._answer(request, future.result())
-        elif isinstance(exc, Exception):
-            self._answer_failure(request, exc)
-        else:  # pragma: no cover - a BaseException from a backend thread
-            raise exc
-
-    def _answer_failure(self, request: RequestReceived, exc: Exception) -> None:
-        if request.payload is not None:
-            self._release(request.payload)
-        error, message = exception_to_nbd(exc)
-        if isinstance(exc, OSError):
-            log.debug("%s: NBD_CMD_%s failed: %s", self.peer, request.command.name, exc)
-        else:
-            log.error("%s: NBD_CMD_%s: backend bug", self.peer, request.command.name, exc_info=exc)
-        self.core.reply_error(request, error, message)
 
     # -- the log line -----------------------------------------------------------------
 
@@ -823,7 +679,7 @@ class Session(asyncio.BufferedProtocol):
         return out
 
 
-def _connections(server: Server) -> int:
+def _connections(server: Host) -> int:
     """The server's connections, for ``Limits.max_connections``: a client that has
     closed its end leaves its place to the next one, even if its session is still
     closing."""
@@ -832,17 +688,6 @@ def _connections(server: Server) -> int:
     if limit is None or len(sessions) < limit:
         return len(sessions)
     return sum(not session.client_gone() for session in sessions)
-
-
-def _plain_memory(backend: Backend | AsyncBackend) -> bool:
-    """A MemoryBackend whose reads and writes are its own (a subclass that changes
-    them must see every request)."""
-    kind = type(backend)
-    return (
-        isinstance(backend, MemoryBackend)
-        and kind.pread_into is MemoryBackend.pread_into
-        and kind.pwrite is MemoryBackend.pwrite
-    )
 
 
 def _bytes(n: int) -> str:

@@ -1,0 +1,167 @@
+"""Answering a connection's requests: what the event loop and the connection threads share.
+
+A :class:`Responder` turns what a backend returned (or raised) into the core's replies,
+gives the buffers of WRITE payloads and READ replies back to the connection's
+:class:`~pynbd.proto.server.BufferPool` (a payload once the backend returned, a reply
+buffer once sent whole: :func:`written`), counts the connection's figures
+(:class:`SessionStats`), and keeps account of the views of a zero-copy backend's memory
+lent to replies not sent yet. One serves each connection in transmission, called from
+whichever of the event loop or the connection's own thread serves it, never from both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Future
+from typing import Any, TypeAlias
+
+from ..proto.constants import Cmd
+from ..proto.server import BufferPool, RequestReceived, ServerTransmission
+from .backend import Backend, Result, exception_to_nbd
+
+__all__ = ["IOV_MAX", "Pending", "Responder", "SessionStats", "written"]
+
+log = logging.getLogger("pynbd.server")
+
+#: Most buffers one writev takes (Linux IOV_MAX).
+IOV_MAX = 1024
+
+#: A backend call handed off: to a thread pool, or an async backend's task.
+Pending: TypeAlias = asyncio.Future[Result] | Future[Result]
+
+_READ = Cmd.READ
+_WRITE = Cmd.WRITE
+
+
+class SessionStats:
+    """What one connection did (for its log line)."""
+
+    __slots__ = ("bytes_read", "bytes_written", "requests", "started")
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.requests = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+
+def written(pool: BufferPool, buffers: list[Any], sent: int) -> list[Any]:
+    """What ``writev(buffers)`` left when it wrote ``sent`` bytes (a view of the first
+    buffer's rest, then the others). The READ reply buffers it sent whole go back to
+    ``pool``: they are the only bytearrays the core queues."""
+    for i, buffer in enumerate(buffers):
+        n = len(buffer) if type(buffer) is not memoryview else buffer.nbytes
+        if sent < n:
+            rest = buffers[i:]
+            if sent:
+                rest[0] = memoryview(buffer)[sent:]
+            break
+        sent -= n
+    else:
+        rest = []
+    give = pool.give
+    for buffer in buffers[: len(buffers) - len(rest)]:
+        if type(buffer) is bytearray:
+            give(buffer)
+    return rest
+
+
+class Responder:
+    """Replies to one connection's requests (see the module's docstring).
+
+    Args:
+        tx: the core's transmission phase.
+        pool: the connection's buffers (the core takes payload buffers from it).
+        stats: the connection's figures.
+        peer: the client, for log messages.
+        lender: the zero-copy backend whose views READ replies may hold (None: none).
+    """
+
+    __slots__ = ("_lender", "lent", "peer", "pool", "stats", "tx", "unsent")
+
+    def __init__(
+        self,
+        tx: ServerTransmission,
+        pool: BufferPool,
+        stats: SessionStats,
+        peer: str,
+        lender: Backend | None = None,
+    ) -> None:
+        self.tx = tx
+        self.pool = pool
+        self.stats = stats
+        self.peer = peer
+        self._lender = lender
+        #: READ reply bytes queued since the driver last sent (it resets this).
+        self.unsent = 0
+        #: ``pread_views`` calls whose views wait in the core (see :meth:`views_sent`).
+        self.lent = 0
+
+    def count(self, request: RequestReceived) -> None:
+        """Add a request to the connection's figures."""
+        stats = self.stats
+        stats.requests += 1
+        command = request.command
+        if command is _READ:
+            stats.bytes_read += request.length
+        elif command is _WRITE:
+            stats.bytes_written += request.length
+
+    def answer(self, request: RequestReceived, result: Result) -> None:
+        """Reply to a request the backend is done with (its payload is free again)."""
+        tx = self.tx
+        command = request.command
+        if request.payload is not None:
+            self._release(request.payload)
+        if command is _READ:
+            assert isinstance(result, bytearray)
+            tx.reply_read(request, result)
+            self.unsent += request.length
+        elif command is Cmd.BLOCK_STATUS:
+            assert isinstance(result, list)
+            tx.reply_block_status(request, dict.fromkeys(request.contexts, result))
+        else:
+            tx.reply_ok(request)
+
+    def answer_views(self, request: RequestReceived, views: list[memoryview]) -> None:
+        """Reply to a READ with views the lender lent (until :meth:`views_sent`)."""
+        self.lent += 1
+        self.tx.reply_read_vector(request, views)
+        self.unsent += request.length
+
+    def fail(self, request: RequestReceived, exc: Exception) -> None:
+        """Reply with the error for what the backend raised."""
+        if request.payload is not None:
+            self._release(request.payload)
+        error, message = exception_to_nbd(exc)
+        if isinstance(exc, OSError):
+            log.debug("%s: NBD_CMD_%s failed: %s", self.peer, request.command.name, exc)
+        else:
+            log.error("%s: NBD_CMD_%s: backend bug", self.peer, request.command.name, exc_info=exc)
+        self.tx.reply_error(request, error, message)
+
+    def settle(self, request: RequestReceived, future: Pending) -> None:
+        """Reply to a request whose backend call was handed off and is done."""
+        exc = future.exception()
+        if exc is None:
+            self.answer(request, future.result())
+        elif isinstance(exc, Exception):
+            self.fail(request, exc)
+        else:  # pragma: no cover - a BaseException from a backend thread
+            raise exc
+
+    def _release(self, payload: memoryview) -> None:
+        """The backend returned: the payload's buffer (the core's, from our pool) is
+        taken for the next one. Backends keep no view of it (their contract)."""
+        buffer = payload.obj
+        if type(buffer) is bytearray:
+            self.pool.give(buffer)
+
+    def views_sent(self) -> None:
+        """The views queued so far are sent or copied: the lender may recycle its memory."""
+        if self.lent:
+            assert self._lender is not None
+            self._lender.return_views(self.lent)
+            self.lent = 0
