@@ -20,10 +20,11 @@ the kernel of Debian's ``linux-image-amd64`` in qemu and runs a command in it:
   outer timeout on the host kills qemu if the guest does not boot or power off in time.
 
 The guest has its own network stack: servers a kernel test needs run inside the guest on
-127.0.0.1. Guest CPU work is about 25 times slower than the host's: keep it small.
-Booting takes 5-10 s, because qemu boots the ELF kernel extracted once from the
-package's bzImage by its PVH entry (the bzImage's own decompressor takes 6 s more under
-TCG); each Python start in the guest takes a few seconds, and a pytest start 15-20 s.
+127.0.0.1. Guest CPU work is many times slower than the host's (TCG emulates every
+instruction): keep it small. qemu boots the ELF kernel, extracted once from the
+package's bzImage, by its PVH entry (the bzImage's own decompressor would take seconds
+more under TCG); each Python start in the guest takes a few seconds, a pytest start
+more.
 
 Debian packages needed on the host: ``qemu-system-x86 busybox-static kmod`` (and
 ``apt`` and ``dpkg`` to fetch the kernel the first time); the kernel tests also use

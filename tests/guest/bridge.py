@@ -100,7 +100,7 @@ def run_pytest(
     *python* defaults to ours. pytest runs without its cache provider, without its
     report header (pytest_report_header hooks may run programs), and with only the
     plugins named in *plugins* (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): under TCG each
-    auto-loaded plugin costs seconds (hypothesis alone 10-20 s). Its junit xml (captured
+    auto-loaded plugin costs seconds (hypothesis most of all). Its junit xml (captured
     output included) is written to the xfer share and read back here.
 
     Args:

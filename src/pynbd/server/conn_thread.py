@@ -2,9 +2,8 @@
 
 An event loop serves its connections one after the other: while it copies one client's
 256 KiB write out of the socket, the other clients' sockets fill up and their senders
-wait. With ``nbdcopy`` writing over four connections on two cores, the machine sat
-idle a fifth of the time and the client spent more CPU per byte than against nbdkit,
-whose threads each serve one connection.
+wait, and then send in more, smaller pieces. nbdkit gives each connection a thread of
+its own, and so does this module.
 
 So a :class:`~pynbd.server.session.Session` hands a plain (not TLS) connection over to
 a :class:`ConnectionThread` when it enters transmission, if its plan says so (a

@@ -9,7 +9,7 @@ that serve them (see :mod:`pynbd.server.policy`).
 
 Pages are kept as memoryviews of bytearrays: a slice assignment into a memoryview is one
 ``memcpy``, while one into a bytearray first copies any source that is not a bytearray
-(a memoryview of a payload) into a temporary one, which doubled the cost of a write.
+(a memoryview of a payload) into a temporary one: every write would be copied twice.
 
 The backend is ``zero_copy``: a server sends READ replies from views of its pages
 (:meth:`pread_views`), with no copy into a buffer of its own. It may skip even the copy

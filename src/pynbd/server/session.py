@@ -223,7 +223,8 @@ class Session(asyncio.BufferedProtocol):
         """Take what the client has already sent, straight from the socket.
 
         Each ``recv`` of the transport is a pass of the event loop (``epoll_wait``, the
-        callbacks) and takes at most one receive buffer: a 256 KiB WRITE took three.
+        callbacks) and takes at most one receive buffer, so a WRITE bigger than the
+        buffer would take several passes.
         Here the bytes already in the socket are read at once, a payload into its own
         buffer, up to ``_BURST`` bytes (the other connections get their turn) and only
         while the session takes requests. It tries only while a payload is coming
