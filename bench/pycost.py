@@ -1,7 +1,7 @@
 """The Python cost of one blocking client call, without a server's time in it.
 
 The client negotiates with the scripted server of tests/proto/fake_server.py over a
-socketpair; then its socket is swapped for an object that answers every request at
+socketpair (``Served``); then its socket is swapped for an object that answers every request at
 once (a structured OFFSET_DATA chunk for a read, a simple reply for anything else).
 What is left per call is the client's and the core's Python, plus the stand-in's own
 copying, which is the same for any two trees compared. CPU time, best of 9 rounds:
@@ -17,7 +17,6 @@ from __future__ import annotations
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.proto.fake_server import FakeServer
+from tests.proto.fake_server import FakeServer, Served
 
 import pynbd
 
@@ -86,17 +85,8 @@ class Answering:
 
 
 def _negotiated_client() -> pynbd.Client:
-    server = FakeServer(structured=True, extended=False, block_size=None)
-    ours, theirs = socket.socketpair()
-
-    def serve() -> None:
-        theirs.sendall(server.greeting())
-        while not server.transmission and (data := theirs.recv(65536)):
-            if out := server.feed(data):
-                theirs.sendall(out)
-
-    threading.Thread(target=serve, daemon=True).start()
-    client = pynbd.Client(sock=ours, export_name="disk", timeout=None)
+    served = Served(FakeServer(structured=True, extended=False, block_size=None))
+    client = pynbd.Client(sock=served.client, export_name="disk", timeout=None)
     fake: Any = Answering()
     client._sock = fake
     client._timer.sock = fake

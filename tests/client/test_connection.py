@@ -4,8 +4,6 @@ the scripted server of tests/proto/fake_server.py, over a socketpair."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -23,37 +21,7 @@ from pynbd.client import (
 )
 from pynbd.errors import ConnectionClosed, ExportNotFound, NBDTimeout, ProtocolError
 from pynbd.proto.constants import Opt, Rep
-from tests.proto.fake_server import SIZE, FakeServer, rep
-
-
-class Served:
-    """A FakeServer on one end of a socketpair, answered by a thread until either side
-    closes; the client's end is ``client``."""
-
-    def __init__(self, server: FakeServer) -> None:
-        self.server = server
-        self.client, self._ours = socket.socketpair()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        sock = self._ours
-        try:
-            sock.sendall(self.server.greeting())
-            while data := sock.recv(65536):
-                out = self.server.feed(data)
-                if out:
-                    sock.sendall(out)
-                if self.server.closed:
-                    break
-        except OSError:
-            pass
-        finally:
-            sock.close()
-
-    def join(self) -> None:
-        self._thread.join(10)
-        assert not self._thread.is_alive()
+from tests.proto.fake_server import SIZE, FakeServer, Served, rep
 
 
 @pytest.fixture
@@ -165,3 +133,4 @@ def test_async_connection_and_negotiate(served: list[Served]) -> None:
             await AsyncClient.negotiate(sock=s3.client, export_name="missing")
 
     asyncio.run(main())
+

@@ -2,12 +2,15 @@
 
 It is a few dozen lines of ``struct`` calls written from the spec's "Handshake" and
 "Option types" sections (it does not use pynbd's records), so that the client's bytes
-are checked against an independent reading of the spec.
+are checked against an independent reading of the spec. :class:`Served` puts one on
+a socketpair, for clients that need a socket.
 """
 
 from __future__ import annotations
 
+import socket
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -189,3 +192,33 @@ class FakeServer:
                 self.transmission = True
             return out + rep(option, Rep.ACK)
         return rep(option, Rep.ERR_UNSUP)
+
+
+class Served:
+    """A FakeServer on one end of a socketpair, answered by a thread until either side
+    closes; the client's end is ``client``."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.client, self._ours = socket.socketpair()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sock = self._ours
+        try:
+            sock.sendall(self.server.greeting())
+            while data := sock.recv(65536):
+                out = self.server.feed(data)
+                if out:
+                    sock.sendall(out)
+                if self.server.closed:
+                    break
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def join(self) -> None:
+        self._thread.join(10)
+        assert not self._thread.is_alive()
