@@ -134,3 +134,16 @@ def test_async_connection_and_negotiate(served: list[Served]) -> None:
 
     asyncio.run(main())
 
+
+def test_async_open_closes_when_the_server_sends_junk_after_go(served: list[Served]) -> None:
+    def go_then_junk(server: FakeServer, option: int, data: bytes) -> bytes:
+        return FakeServer.default(server, option, data) + b"junk" * 8
+
+    async def main() -> None:
+        s = serve(served, FakeServer(handlers={Opt.GO: go_then_junk}))
+        with pytest.raises(ProtocolError, match="bad reply magic"):
+            await AsyncConnection.open(Target(), OPTIONS, sock=s.client, timeout=10)
+        await asyncio.sleep(0)  # the transport's close callback
+        s.join()  # the server saw the connection end
+
+    asyncio.run(main())

@@ -327,7 +327,12 @@ class AsyncConnection:
         negotiated, proto = await with_timeout(run(), timeout, what)
         # Bytes the server sent right after GO are checked, not dropped.
         trailing = handshake.trailing_data + bytes(proto.hs_data)
-        return cls(proto, negotiated, target, trailing)
+        try:
+            return cls(proto, negotiated, target, trailing)
+        except BaseException:
+            if proto.transport is not None:
+                proto.transport.abort()  # the core refused those bytes
+            raise
 
     async def close(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """Leave politely and close: wait up to ``timeout`` for the requests in flight,
