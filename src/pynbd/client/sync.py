@@ -27,7 +27,14 @@ from ..errors import (
 )
 from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag
 from ..proto.handshake import Negotiated
-from ..proto.transmission import DIRECT_READ, ClientTransmission, Reply
+from ..proto.transmission import (
+    DIRECT_DONE,
+    DIRECT_OTHER,
+    DIRECT_PARTIAL,
+    DIRECT_READ,
+    ClientTransmission,
+    Reply,
+)
 from ..transport.tls import TLSConfig
 from ..transport.uri import NBDURI
 from .base import (
@@ -209,9 +216,6 @@ class Client(ClientBase):
         # wakes the reader less often there). Either way the data lands in place, and a
         # short receive (a timeout slice, a signal) is finished by the loop.
         self._into_flags = 0 if sock.family == socket.AF_UNIX else _WAITALL
-        # A read's reply header, and a small read's data after it (see _read).
-        self._head = bytearray(64 + DIRECT_READ)
-        self._head_view = memoryview(self._head)
 
     # -- negotiation mode --------------------------------------------------------------
 
@@ -327,11 +331,11 @@ class Client(ClientBase):
         specialised for one cookie (a blocking client has nothing else in flight, so
         the next reply is this one).
 
-        Its usual reply (a success, 16 bytes as a rule) is received here, past the core,
-        as a read's is (see :meth:`_read`): the core makes the request's header and the
-        reply it expects (``ClientTransmission.direct_request``), and anything else
-        goes to the core's general path. The usual case thus skips the core's send
-        queue, its in-flight table, its parser and the Reply object."""
+        Its usual reply (a success, 16 bytes as a rule) is received into the room the
+        core lends (``ClientTransmission.direct_request``), and the core judges it;
+        anything else is parsed there by the core's general path. The usual case thus
+        skips the core's send queue, its in-flight table, its parser and the Reply
+        object."""
         sock, core = self._sock, self._core
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
@@ -341,18 +345,16 @@ class Client(ClientBase):
         limit = self.timeout if timeout is DEFAULT else timeout
         try:
             if direct is not None:
-                cookie, request, lead = direct
+                _, request, room = direct
                 end = self._send_one(
                     sock, (request,) if payload is None else (request, payload), limit
                 )
-                want = len(lead)
-                n = sock.recv_into(self._head, want)
-                if n != want:
-                    n = self._rest_of_lead(sock, lead, n, want, end)
-                if n == want and self._head.startswith(lead):
-                    core.direct_done(cookie)
+                n = sock.recv_into(room)
+                verdict = core.direct_received(n)
+                if verdict == DIRECT_PARTIAL:
+                    verdict = self._rest_of_reply(sock, core, room, n, end)
+                if verdict == DIRECT_DONE:
                     return
-                core.receive_data(bytes(self._head[:n]))  # b"": end of stream, which raises
                 if not core.replies:
                     self._receive_rest(sock, core, end)
             else:
@@ -374,18 +376,17 @@ class Client(ClientBase):
     ) -> bytes | None:
         """One READ: into ``view``, or (None) into a new ``bytes``, which is returned.
 
-        A read's usual reply is received here, past the core (see
-        ``ClientTransmission.direct_read``). A small read's header and data come with
-        one recv into ``self._head``, and the data is copied out once, without the
-        core's parser, which a lone small read would otherwise pay in full. A big read's
-        header comes alone, then its data straight into ``view`` (``recv_into``,
-        plain over unix and with MSG_WAITALL over TCP, the faster on each: see
-        ``_into_flags``), or as one ``bytes`` with ``recv(length, MSG_WAITALL)``,
-        which Python does not zero-fill first. Anything else (an error, a hole,
-        another header, a short receive) is handed to the core, and the general path
-        goes on with every check. All in one method: this is the client's hottest
-        path, and each call costs."""
-        sock, core, timer = self._sock, self._core, self._timer
+        A read's usual reply is received into the room the core lends and judged by
+        the core (``ClientTransmission.direct_read``). A small read's header and data
+        come with one recv, and the data is copied out once, without the core's parser,
+        which a lone small read would otherwise pay in full. A big read's header comes
+        alone, then its data straight into ``view`` (``recv_into``, plain over unix and
+        with MSG_WAITALL over TCP, the faster on each: see ``_into_flags``), or as one
+        ``bytes`` with ``recv(length, MSG_WAITALL)``, which Python does not zero-fill
+        first. Anything else (an error, a hole, chunks) the core has already where its
+        general path reads it, with every check. All in one method: this is the
+        client's hottest path, and each call costs."""
+        sock, core = self._sock, self._core
         if sock is None or core is None:
             raise ConnectionClosed("the connection is closed")
         # These raise ConnectionClosed when the core is closed.
@@ -393,61 +394,35 @@ class Client(ClientBase):
         direct = None
         if small or not self._tls:
             direct = core.direct_read(view, length, offset, flags)
-        lead = None
         if direct is None:
             if view is None:
-                cookie = core.read_bytes(length, offset, flags)
+                core.read_bytes(length, offset, flags)
             else:
-                cookie = core.read(view, offset, flags)
+                core.read(view, offset, flags)
         limit = self.timeout if timeout is DEFAULT else timeout
         try:
             if direct is None:
                 end = self._send_one(sock, core.buffers_to_send(), limit)
-            else:
-                cookie, request, lead = direct
-                end = self._send_one(sock, (request,), limit)
-            if lead is not None:
-                # The lead, and a small read's data with it: one recv, as a rule.
-                head, lead_len = self._head, len(lead)
-                want = lead_len + length if small else lead_len
-                n = sock.recv_into(head, want)
-                if n != want:
-                    n = self._rest_of_lead(sock, lead, n, want, end)
-                if n != want or not head.startswith(lead):
-                    core.receive_data(bytes(head[:n]))  # b"": end of stream, which raises
-                elif small:
-                    core.direct_done(cookie)
-                    if view is None:
-                        return bytes(self._head_view[lead_len:want])
-                    view[:] = self._head_view[lead_len:want]
-                    return None
-                elif view is None:
-                    data = sock.recv(length, _WAITALL)
-                    if len(data) == length:
-                        core.direct_done(cookie)
-                        return data
-                    # Short (a timeout, a signal; b"" is end of stream, which raises):
-                    # the core takes over from the header on.
-                    core.receive_data(lead)
-                    core.receive_data(data)
-                else:
-                    got, into_flags = 0, self._into_flags
-                    while True:
-                        n = sock.recv_into(view[got:] if got else view, 0, into_flags)
-                        if not n:
-                            raise ProtocolError(
-                                "server closed the connection in the middle of a reply"
-                            )
-                        got += n
-                        if got == length:
-                            core.direct_done(cookie)
-                            return None
-                        timer.check(end)  # short: a timeout slice, a signal
-            # The general path: the core parses whatever comes.
-            if lead is None:
                 done = core.buffer_updated(sock.recv_into(core.receive_buffer()))
             else:
-                done = bool(core.replies)
+                cookie, request, room = direct
+                end = self._send_one(sock, (request,), limit)
+                n = sock.recv_into(room)
+                verdict = core.direct_received(n)
+                if verdict == DIRECT_PARTIAL:
+                    verdict = self._rest_of_reply(sock, core, room, n, end)
+                if verdict == DIRECT_OTHER:
+                    done = bool(core.replies)
+                elif verdict == DIRECT_DONE:  # a small read's data is in the room
+                    data = room[len(room) - length :]
+                    if view is None:
+                        return bytes(data)
+                    view[:] = data
+                    return None
+                else:
+                    payload = self._receive_payload(sock, view, length, end)
+                    core.direct_done(cookie)
+                    return payload
             if not done:
                 self._receive_rest(sock, core, end)
         except (OSError, NBDError) as exc:
@@ -460,21 +435,52 @@ class Client(ClientBase):
             raise
         return self._take_reply(core).data
 
-    def _rest_of_lead(
-        self, sock: socket.socket, lead: bytes, n: int, want: int, end: float | None
+    def _rest_of_reply(
+        self,
+        sock: socket.socket,
+        core: ClientTransmission,
+        room: memoryview,
+        n: int,
+        end: float | None,
     ) -> int:
-        """The first recv of a direct reply brought ``n`` bytes of the ``want`` due into
-        ``self._head``: receive more while they are the usual reply so far (nbdkit
-        sends a reply's header and its data apart, and over unix about one recv in
-        twenty gets only the header). Return how many bytes ``self._head`` holds."""
-        head, view, check = self._head, self._head_view, self._timer.check
-        while 0 < n < want and head[: min(n, len(lead))] == lead[:n]:
-            check(end)
-            more = sock.recv_into(view[n:want])
-            if not more:
-                break
+        """The first ``n`` bytes received into a direct request's ``room`` are its usual
+        reply so far: receive more while that holds (nbdkit sends a reply's header and
+        its data apart, and over unix about one recv in twenty gets only the header);
+        return the core's last verdict."""
+        verdict = DIRECT_PARTIAL
+        while verdict == DIRECT_PARTIAL:
+            self._timer.check(end)
+            more = sock.recv_into(room[n:])
             n += more
-        return n
+            verdict = core.direct_received(n if more else 0)
+        return verdict
+
+    def _receive_payload(
+        self, sock: socket.socket, view: memoryview | None, length: int, end: float | None
+    ) -> bytes | None:
+        """Receive a big read's data, which follows the header the core matched: all
+        of it into ``view``, or (None) as a new ``bytes``, which is returned. Short
+        receives (a timeout slice, a signal) are finished here; the end of the stream
+        raises."""
+        check = self._timer.check
+        if view is None:
+            data = sock.recv(length, _WAITALL)
+            while len(data) < length:  # rare: joined, one copy
+                check(end)
+                more = sock.recv(length - len(data), _WAITALL)
+                if not more:
+                    raise ProtocolError("server closed the connection in the middle of a reply")
+                data += more
+            return data
+        got, into_flags = 0, self._into_flags
+        while True:
+            n = sock.recv_into(view[got:] if got else view, 0, into_flags)
+            if not n:
+                raise ProtocolError("server closed the connection in the middle of a reply")
+            got += n
+            if got == length:
+                return None
+            check(end)  # short: a timeout slice, a signal
 
     def _send_one(
         self, sock: socket.socket, buffers: Sequence[Buffer], limit: float | None
@@ -508,24 +514,16 @@ class Client(ClientBase):
     def _receive_rest(
         self, sock: socket.socket, core: ClientTransmission, end: float | None
     ) -> None:
-        """Receive until a reply completes (the first recv did not bring it whole).
-
-        Once only a read's data is left to come (``core.pending_data``), it is received
-        as one ``bytes`` with ``recv(n, MSG_WAITALL)``, which Python does not zero-fill
-        first."""
+        """Receive until a reply completes (the first recv did not bring it whole)."""
         recv_into, receive_buffer, updated = (
             sock.recv_into,
             core.receive_buffer,
             core.buffer_updated,
         )
-        timer = self._timer
+        check = self._timer.check
         while True:
-            timer.check(end)  # a trickling server cannot stretch the call
-            if core.pending_data and not self._tls:
-                done = core.data_received(sock.recv(core.pending_data, _WAITALL))
-            else:
-                done = updated(recv_into(receive_buffer()))
-            if done:
+            check(end)  # a trickling server cannot stretch the call
+            if updated(recv_into(receive_buffer())):
                 return
 
     def _failure(self, exc: BaseException, limit: float | None) -> BaseException:

@@ -16,11 +16,21 @@ the caller's buffer without a copy::
 
 While a large read payload is being received and nothing else is buffered,
 ``receive_buffer`` returns a view of the caller's own buffer. A read queued with
-``read_bytes`` has no buffer: its data comes back as a new ``bytes`` in its reply, and
-once only that data is left to come (``pending_data``), a driver may receive it itself
-with one ``sock.recv(n, MSG_WAITALL)`` and hand it over with ``data_received``: no
-buffer is zero-filled and nothing is copied. Sending gives a list of buffers for
-``sendmsg`` (the header and the caller's payload, never joined).
+``read_bytes`` has no buffer: its data comes back as a new ``bytes`` in its reply.
+Sending gives a list of buffers for ``sendmsg`` (the header and the caller's payload,
+never joined).
+
+Every request has a usual reply, known byte for byte when it is sent (its ``expect``):
+a success, or for a read one OFFSET_DATA chunk with DONE that covers it. A reply that
+starts so needs no other check; the parser completes it at once (``_fast_replies``),
+and anything else takes the general path. A blocking driver with one request at a time
+may go one step further (:meth:`ClientTransmission.direct_read`,
+:meth:`~ClientTransmission.direct_request`): the core lends it the room where that
+usual reply would land in the receive buffer, the driver receives into it, and the
+core judges what came (:meth:`~ClientTransmission.direct_received`). The usual reply
+then costs no bookkeeping at all; anything else is already where the general path
+reads it, so the driver has nothing to hand back. That is the ``_DIRECT`` state: while
+it lasts the core accepts only ``direct_received``, ``direct_done`` and ``fail_all``.
 
 Errors: peer input raises only :class:`ProtocolError` (the connection is then dead);
 a request the server may not be sent raises :class:`InvalidRequest` or
@@ -232,7 +242,13 @@ _HEADER = 0  # expecting a reply header
 _DATA_OFFSET = 1  # expecting the u64 offset that starts an OFFSET_DATA chunk
 _INTO = 2  # payload bytes go to self._target
 _CHUNK = 3  # expecting a whole metadata chunk payload in the buffer
-_DETACHED = 4  # the next pending_data bytes are a detached read's data, none received
+_DIRECT = 4  # a direct request awaits direct_received() (see direct_read)
+
+#: What :meth:`ClientTransmission.direct_received` found in the room it lent.
+DIRECT_OTHER = 0  # not the usual reply: the general path has it
+DIRECT_DONE = 1  # the usual reply, whole: the request succeeded
+DIRECT_DATA = 2  # a big read's usual header: its data follows, for the driver
+DIRECT_PARTIAL = 3  # the usual reply so far: receive more into the rest of the room
 
 
 def split_range(
@@ -292,10 +308,15 @@ class ClientTransmission(ReceiveBuffer):
             else SIMPLE_REPLY_SIZE
         )
         self._in_flight: dict[int, _InFlight] = {}
-        #: A request started by direct_read() or direct_request() whose entry is not
-        #: made yet: (cookie, command, buffer, length, offset, flags, lead). See
-        #: _settle().
+        #: In the _DIRECT state, the request whose usual reply the driver receives:
+        #: (cookie, command, buffer, length, offset, flags, lead); its entry is made
+        #: only if that reply does not come (see direct_received()).
         self._direct: tuple[int, Cmd, memoryview | None, int, int, int, bytes] | None = None
+        #: The usual reply's start, the room's size, and the verdict when they match
+        #: (see direct_received(); DIRECT_DATA only while a big read is direct).
+        self._direct_lead = b""
+        self._direct_want = -1
+        self._direct_usual = DIRECT_DONE
         self._next_cookie = 1
         self._send: list[Buffer] = []
         self._replies: deque[Reply] = deque()
@@ -307,10 +328,6 @@ class ClientTransmission(ReceiveBuffer):
         self._eof = False
         #: True once the server answered NBD_ESHUTDOWN: the client must disconnect.
         self.shutdown_requested = False
-        #: Nonzero when the next bytes of the stream are exactly this many bytes of data
-        #: of a read queued with :meth:`read_bytes`, and none of them has been received
-        #: yet: the driver may receive them itself (see :meth:`data_received`).
-        self.pending_data = 0
         # Receive side
         ReceiveBuffer.__init__(self, buffer_size)
         self._state = _HEADER
@@ -423,10 +440,9 @@ class ClientTransmission(ReceiveBuffer):
         ``bytes`` in its :class:`Reply` (``data``); return its cookie.
 
         No buffer is made in advance: a usual reply that arrives whole in the receive
-        buffer is copied out once, and when only its header has arrived,
-        :attr:`pending_data` tells the driver that it may receive the data itself as
-        one ``bytes`` (see :meth:`data_received`). Otherwise the data is assembled in a
-        new buffer and copied once more at the end.
+        buffer is copied out once; otherwise the data is assembled in a new buffer and
+        copied once more at the end. (A blocking driver that wants the data received
+        straight into a new ``bytes`` uses :meth:`direct_read`.)
 
         Raises:
             As :meth:`request`.
@@ -437,27 +453,15 @@ class ClientTransmission(ReceiveBuffer):
 
     def _queue_read(self, view: memoryview | None, length: int, offset: int, flags: int) -> int:
         if self._direct is not None:
-            self._settle()
+            raise self._direct_pending()
         cookie, request, expect = self._read_header(length, offset, flags)
         self._send.append(request)
-        self._track_read(cookie, view, length, offset, flags, expect)
-        return cookie
-
-    def _track_read(
-        self,
-        cookie: int,
-        view: memoryview | None,
-        length: int,
-        offset: int,
-        flags: int,
-        expect: bytes | None,
-    ) -> None:
-        """Put a READ in flight (its request is sent or queued already)."""
         if length >= DIRECT_READ:
             self._big_reads += 1
         self._in_flight[cookie] = _InFlight(
             cookie, _READ, flags, offset, length, view, expect, view is None
         )
+        return cookie
 
     def _read_header(self, length: int, offset: int, flags: int) -> tuple[int, bytes, bytes | None]:
         """Check a READ and take its cookie; return the cookie, the request's bytes and
@@ -507,27 +511,23 @@ class ClientTransmission(ReceiveBuffer):
 
     def direct_read(
         self, buffer: memoryview | None, length: int, offset: int, flags: int = 0
-    ) -> tuple[int, bytes, bytes] | None:
-        """Start a READ whose usual reply the driver receives itself; return its
-        cookie, the request's bytes and the ``lead``, the exact bytes that reply starts
-        with. None when that is not allowed, with nothing done: then use :meth:`read`
-        or :meth:`read_bytes`.
+    ) -> tuple[int, bytes, memoryview] | None:
+        """Start a READ whose usual reply the driver receives itself, into a room the
+        core lends; return its cookie, the request's bytes and that ``room``. None when
+        that is not allowed, with nothing done: then use :meth:`read` or
+        :meth:`read_bytes`.
 
         ``buffer`` is the ``length``-byte writable byte view the data goes to, or None
-        for data that comes back as a new ``bytes`` (as :meth:`read_bytes`). It is
-        allowed for a read that is not empty while nothing else is in flight and
-        nothing received is buffered here. The request is not queued (see
-        :meth:`buffers_to_send`): the driver sends it, all of it or the connection is
-        lost, and receives the reply's first bytes, at most ``len(lead) + length`` of
-        them. If they start with ``lead``, the read's data follows it: the driver
-        receives the rest itself and calls :meth:`direct_done`. If not (an error, a
-        hole, a short receive), it hands what it received over with
-        :meth:`receive_data` and carries on as usual: every check applies. The
-        comparison is the same as the parser's own fast path, so a matching lead is a
-        valid reply header for this read.
-
-        The read's bookkeeping is made only if the driver does anything but
-        :meth:`direct_done` next: the usual case costs one tuple.
+        for data the driver returns as a new ``bytes``. It is allowed for a read that
+        is not empty while nothing else is in flight and nothing received is buffered
+        here. The request is not queued (see :meth:`buffers_to_send`): the driver sends
+        it, all of it or the connection is lost. Then it receives into ``room`` (a view
+        of the receive buffer, as long as the usual reply for a read under
+        ``DIRECT_READ`` bytes, as its header for a bigger one) and asks
+        :meth:`direct_received`. On ``DIRECT_USUAL`` a small read's data is the last
+        ``length`` bytes of the room, to be copied out before anything else; a big
+        read's data follows its header, and the driver receives all of it itself into
+        ``buffer`` (or as one ``bytes``). Either way it calls :meth:`direct_done` after.
 
         Raises:
             As :meth:`read`.
@@ -537,9 +537,8 @@ class ClientTransmission(ReceiveBuffer):
         if (
             not length
             or self._in_flight
-            or self._direct is not None
-            or self._start != self._end
             or self._state != _HEADER
+            or self._start != self._end
         ):
             return None
         if buffer is not None and (buffer.readonly or len(buffer) != length):
@@ -547,7 +546,16 @@ class ClientTransmission(ReceiveBuffer):
         cookie, request, lead = self._read_header(length, offset, flags)
         assert lead is not None  # the read is not empty
         self._direct = (cookie, _READ, buffer, length, offset, flags, lead)
-        return cookie, request, lead
+        self._state = _DIRECT
+        if self._end:
+            self._start = self._end = 0
+        self._direct_lead = lead
+        if length < DIRECT_READ:
+            self._direct_want = want = len(lead) + length
+        else:
+            self._direct_want = want = len(lead)
+            self._direct_usual = DIRECT_DATA
+        return cookie, request, self._view[:want]
 
     def direct_request(
         self,
@@ -556,27 +564,24 @@ class ClientTransmission(ReceiveBuffer):
         length: int,
         flags: int = 0,
         payload: Buffer | None = None,
-    ) -> tuple[int, bytes, bytes] | None:
+    ) -> tuple[int, bytes, memoryview] | None:
         """:meth:`direct_read` for a WRITE, WRITE_ZEROES, TRIM, FLUSH or CACHE: start
-        it and return its cookie, its request header and the ``lead``, the whole of its
-        usual reply (a simple reply without error; with extended headers, a NONE chunk
-        with DONE that echoes the offset). None when that is not allowed, with nothing
-        done: then use :meth:`request`.
+        it and return its cookie, its request header and the ``room`` for its usual
+        reply (a simple reply without error; with extended headers, a NONE chunk with
+        DONE that echoes the offset). None when that is not allowed, with nothing done:
+        then use :meth:`request`.
 
         The driver sends the header, then a WRITE's ``payload``, which stays the
-        caller's (the core keeps no reference to it). It receives at most
-        ``len(lead)`` bytes: the lead whole, and it calls :meth:`direct_done`; anything
-        else it hands over with :meth:`receive_data`, and every check applies, as for a
-        read. The conditions are those of :meth:`direct_read`.
+        caller's (the core keeps no reference to it), receives into the room and asks
+        :meth:`direct_received`, as for a read. The conditions are those of
+        :meth:`direct_read`.
 
         Raises:
             As :meth:`request`; InvalidRequest for a READ or BLOCK_STATUS.
         """
         if self._closed or self._disconnecting:
             raise ConnectionClosed("the connection is closed")
-        if self._in_flight or self._direct is not None or self._start != self._end:
-            return None
-        if self._state != _HEADER:
+        if self._in_flight or self._state != _HEADER or self._start != self._end:
             return None
         cmd = self._check(command, offset, length, flags)
         if cmd is _READ or cmd is Cmd.BLOCK_STATUS:
@@ -594,7 +599,82 @@ class ClientTransmission(ReceiveBuffer):
             lead = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         request = self._header(cmd, wire_flags, cookie, offset, length)
         self._direct = (cookie, cmd, None, length, offset, flags, lead)
-        return cookie, request, lead
+        self._state = _DIRECT
+        if self._end:
+            self._start = self._end = 0
+        self._direct_lead = lead
+        self._direct_want = want = len(lead)
+        return cookie, request, self._view[:want]
+
+    def direct_received(self, nbytes: int) -> int:
+        """The first ``nbytes`` of the room lent by :meth:`direct_read` or
+        :meth:`direct_request` are filled: judge them. Returns
+
+        - ``DIRECT_DONE``: they are the usual reply, whole, matched byte for byte: the
+          request succeeded and is over. A small read's data is the last ``length``
+          bytes of the room, valid until the next call into the core.
+        - ``DIRECT_DATA``: they are a big read's usual header: exactly ``length`` bytes
+          of data follow on the stream. The driver receives all of them itself, into
+          the read's buffer or as one ``bytes``, then calls :meth:`direct_done` (or, if
+          that fails, the connection is lost: :meth:`fail_all`).
+        - ``DIRECT_PARTIAL``: fewer than the room, and the usual reply so far: receive
+          more into the rest of the room, then call again with the new total.
+        - ``DIRECT_OTHER``: anything else (an error, a hole, chunks, garbage). The
+          request is an ordinary one in flight now, and the bytes are parsed where they
+          are with every check: go on with :meth:`receive_buffer` until its reply
+          completes.
+
+        Raises as :meth:`buffer_updated` does; ``nbytes`` of 0 is the end of the stream,
+        which raises.
+        """
+        if nbytes == self._direct_want and self._buf.startswith(self._direct_lead):
+            verdict = self._direct_usual
+            if verdict == DIRECT_DONE:
+                self._direct = None
+                self._direct_want = -1
+                self._state = _HEADER
+            else:
+                self._direct_want = -2  # the data is due: only direct_done() is next
+            return verdict
+        direct = self._direct
+        if direct is None or self._direct_want == -2:
+            raise ValueError("no direct request awaits its reply")
+        if 0 < nbytes < self._direct_want and self._buf.startswith(self._direct_lead[:nbytes]):
+            return DIRECT_PARTIAL  # (the slice is all of the lead once nbytes passed it)
+        # Not the usual reply: the request becomes an ordinary one, and the general
+        # path parses what came, in place.
+        self._end_direct()
+        cookie, cmd, buffer, length, offset, flags, lead = direct
+        if cmd is _READ:
+            if length >= DIRECT_READ:
+                self._big_reads += 1
+            self._in_flight[cookie] = _InFlight(
+                cookie, _READ, flags, offset, length, buffer, lead, buffer is None
+            )
+        else:
+            self._in_flight[cookie] = _InFlight(cookie, cmd, flags, offset, length)
+        self.buffer_updated(nbytes)
+        return DIRECT_OTHER
+
+    def direct_done(self, cookie: int) -> None:
+        """The driver received all of a big read's data after ``DIRECT_DATA``: the read
+        succeeded, and no :class:`Reply` is queued for it."""
+        direct = self._direct
+        if direct is None or direct[0] != cookie or self._direct_want != -2:
+            raise ValueError(f"no direct read {cookie:#x} whose data was due")
+        self._end_direct()
+
+    def _end_direct(self) -> None:
+        self._direct = None
+        self._direct_want = -1
+        self._direct_usual = DIRECT_DONE
+        self._state = _HEADER
+
+    def _direct_pending(self) -> RuntimeError:
+        assert self._direct is not None
+        return RuntimeError(
+            f"direct request {self._direct[0]:#x} awaits direct_received() or direct_done()"
+        )
 
     def _header(self, cmd: Cmd, wire_flags: int, cookie: int, offset: int, length: int) -> bytes:
         """A request header in the negotiated form (``length``: its length field)."""
@@ -604,17 +684,6 @@ class ClientTransmission(ReceiveBuffer):
             )
         return REQUEST.pack(REQUEST_MAGIC, wire_flags, cmd, cookie, offset, length)
 
-    def _settle(self) -> None:
-        """Make the request that direct_read() or direct_request() started an ordinary
-        request in flight: the driver did something other than direct_done()."""
-        direct, self._direct = self._direct, None
-        assert direct is not None
-        cookie, cmd, buffer, length, offset, flags, lead = direct
-        if cmd is _READ:
-            self._track_read(cookie, buffer, length, offset, flags, lead)
-        else:
-            self._in_flight[cookie] = _InFlight(cookie, cmd, flags, offset, length)
-
     def savepoint(self) -> int:
         """Mark the send queue, so that a batch of requests can be taken back whole."""
         return len(self._send)
@@ -623,7 +692,7 @@ class ClientTransmission(ReceiveBuffer):
         """Take back requests queued since ``savepoint`` whose bytes were not handed
         out yet (a split call whose later piece was refused must send nothing)."""
         if self._direct is not None:
-            self._settle()
+            raise self._direct_pending()
         del self._send[savepoint:]
         for cookie in cookies:
             self._in_flight.pop(cookie, None)
@@ -650,7 +719,7 @@ class ClientTransmission(ReceiveBuffer):
 
     def _take_cookie(self) -> int:
         if self._direct is not None:
-            self._settle()
+            raise self._direct_pending()
         cookie = self._next_cookie
         while cookie in self._in_flight:
             cookie = (cookie + 1) & U64_MAX
@@ -738,15 +807,11 @@ class ClientTransmission(ReceiveBuffer):
 
     def receive_buffer(self) -> memoryview:
         """A buffer for the next bytes from the server (never empty)."""
-        if self._direct is not None:
-            self._settle()  # the driver hands over a direct read's reply
         if self._state == _INTO and self._start == self._end:
             assert self._target is not None
             return self._target[self._target_pos :]
-        if self._state == _DETACHED and self._start == self._end:
-            self._assemble()
-            assert self._target is not None
-            return self._target
+        if self._direct is not None:
+            raise self._direct_pending()
         if self._big_reads:
             # A big read's payload should land in the caller's buffer, not here:
             # take only the bytes before it, so that the payload is read directly.
@@ -786,26 +851,23 @@ class ClientTransmission(ReceiveBuffer):
 
     def fail_all(self) -> list[int]:
         """Mark the connection dead and forget every request; returns their cookies."""
-        if self._direct is not None:
-            self._settle()
         self._closed = True
         cookies = list(self._in_flight)
+        if self._direct is not None:
+            cookies.append(self._direct[0])
+            self._end_direct()
         self._in_flight.clear()
         self._big_reads = 0
-        self.pending_data = 0
         return cookies
 
     def _on_eof(self) -> None:
-        if self._direct is not None:
-            self._settle()
         self._eof = True
         self._closed = True
-        self.pending_data = 0
         if self._disconnecting and not self._in_flight:
             return
         if self._in_flight or self._start != self._end or self._state != _HEADER:
             raise ProtocolError(
-                f"server closed the connection with {len(self._in_flight)} request(s) in flight"
+                f"server closed the connection with {self.in_flight} request(s) in flight"
             )
         raise ConnectionClosed("server closed the connection")
 
@@ -846,8 +908,8 @@ class ClientTransmission(ReceiveBuffer):
                 self._start += self._chunk_len
                 self._state = _HEADER
                 self._on_metadata_chunk(data)
-            else:  # _DETACHED: the driver or receive_buffer() moves on
-                return
+            else:  # _DIRECT: only direct_received() moves on
+                raise self._direct_pending()
 
     def _fast_replies(self) -> bool:
         """Complete the usual replies to reads (see _InFlight.expect) at the head of the
@@ -903,70 +965,9 @@ class ClientTransmission(ReceiveBuffer):
         entry.covered_total = entry.length
         self._current = entry
         self._chunk_flags = _DONE
-        if entry.buffer is None:  # a detached read
-            if self._start == self._end:
-                # Only data follows: the driver may receive it as one bytes object.
-                self._state = _DETACHED
-                self.pending_data = entry.length
-                return
+        if entry.buffer is None:  # a detached read: its data is assembled here
             entry.buffer = memoryview(bytearray(entry.length))
         self._start_into(entry.buffer, entry.length)
-
-    def _assemble(self) -> None:
-        """Leave the _DETACHED state: the detached read's data will be assembled in a
-        buffer of its own, received through :meth:`receive_buffer`."""
-        entry = self._current
-        assert entry is not None and entry.buffer is None
-        self.pending_data = 0
-        entry.buffer = memoryview(bytearray(entry.length))
-        self._start_into(entry.buffer, entry.length)
-
-    def direct_done(self, cookie: int) -> None:
-        """The driver received the reply to ``cookie`` itself (see :meth:`direct_read`
-        and :meth:`direct_request`): the request succeeded, and no :class:`Reply` is
-        queued for it."""
-        direct = self._direct
-        if direct is None or direct[0] != cookie:
-            raise ValueError(f"no direct request {cookie:#x} to finish")
-        self._direct = None
-
-    def data_received(self, data: bytes) -> bool:
-        """The driver received ``data`` itself while :attr:`pending_data` was nonzero:
-        at most that many bytes of the detached read's data; ``b""`` means end of
-        stream. All of them complete the read with ``data`` itself as its data (no
-        copy); fewer are copied into a buffer of the read's own, and the rest comes
-        through :meth:`receive_buffer` as usual.
-
-        Returns True when a completed reply awaits :meth:`next_event`.
-
-        Raises:
-            ProtocolError: end of stream (the read is in flight). ConnectionClosed: the
-            connection is closed. ValueError: no data was pending, or too much came.
-        """
-        if self._closed:
-            raise ConnectionClosed("the connection is closed")
-        want = self.pending_data
-        n = len(data)
-        if not want or n > want:
-            raise ValueError(f"{n} bytes of read data received, {want} pending")
-        if n == 0:
-            return self.buffer_updated(0)
-        entry = self._current
-        assert entry is not None
-        if n < want:
-            self._assemble()
-            assert self._target is not None
-            self._target[:n] = data
-            self._target_pos = n
-            return False
-        self.pending_data = 0
-        self._state = _HEADER
-        self._current = None
-        del self._in_flight[entry.cookie]
-        if want >= DIRECT_READ:
-            self._big_reads -= 1
-        self._replies.append(_new_reply(Reply, (entry.cookie, _READ, None, None, data)))
-        return True
 
     def _parse_header(self) -> bool:
         buf, start = self._buf, self._start
