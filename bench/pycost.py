@@ -8,6 +8,14 @@ copying, which is the same for any two trees compared. CPU time, best of 9 round
 
     PYTHONPATH=src python3 bench/pycost.py [CALLS]        # from the checkout's root
 
+CPU time moves with the machine's load. ``--once CASE CALLS`` makes CALLS calls of one
+case untimed, for a count of machine instructions that does not (cachegrind; the
+difference of two runs leaves out start-up):
+
+    for n in 2000 6000; do PYTHONPATH=src valgrind --tool=cachegrind --cache-sim=no \
+        --cachegrind-out-file=/dev/null python3 bench/pycost.py --once "pread 4K" $n \
+        2>&1 | grep 'I *refs'; done       # (second - first) / 4000 per call
+
 A probe for A/B work on the client's hot paths (run two trees alternately); it
 reaches into the client's private attributes, and is no benchmark against a peer.
 """
@@ -94,7 +102,10 @@ def _negotiated_client() -> pynbd.Client:
 
 
 def main() -> None:
-    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+    once = sys.argv[1:2] == ["--once"]
+    if once and len(sys.argv) != 4:
+        sys.exit("usage: pycost.py [CALLS] | pycost.py --once CASE CALLS")
+    calls = int(sys.argv[-1]) if len(sys.argv) > 1 else 20000
     c = _negotiated_client()
     big, small = bytearray(1 << 18), bytearray(4096)
     payload, big_payload = bytes(4096), bytes(1 << 18)
@@ -107,6 +118,11 @@ def main() -> None:
         "pwrite 256K": lambda i: c.pwrite(big_payload, (i % 100) << 18),
         "flush": lambda i: c.flush(),
     }
+    if once:
+        call = cases[sys.argv[2]]
+        for i in range(calls):
+            call(i)
+        return
     for name, call in cases.items():
         best = float("inf")
         for _ in range(9):

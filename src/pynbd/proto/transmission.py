@@ -534,12 +534,7 @@ class ClientTransmission(ReceiveBuffer):
         """
         if self._closed or self._disconnecting:
             raise ConnectionClosed("the connection is closed")
-        if (
-            not length
-            or self._in_flight
-            or self._state != _HEADER
-            or self._start != self._end
-        ):
+        if not length or self._in_flight or self._state != _HEADER or self._start != self._end:
             return None
         if buffer is not None and (buffer.readonly or len(buffer) != length):
             raise InvalidRequest(f"read buffer must be writable and {length} bytes long")
