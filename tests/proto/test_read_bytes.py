@@ -1,13 +1,13 @@
 """Reads whose data comes back as new bytes (``ClientTransmission.read_bytes``).
 
 Such a read has no buffer: a usual reply that is whole in the receive buffer is copied
-out once, and once only its data is left to come (``pending_data``), a driver may
-receive the data itself and hand it over with ``data_received`` (the blocking client
-does, with ``recv(n, MSG_WAITALL)``). A short hand-over, a driver that keeps using
-``receive_buffer``, or any reply other than the usual one assembles the data in a
-buffer of the read's own. Every reply scenario of test_transmission runs here again
-with its reads queued this way, fed through ``data_received`` whenever the core allows
-it; the outcome must be the same, data included.
+out once; a usual reply whose header arrived but whose data did not, or any reply other
+than the usual one, is assembled in a buffer of the read's own, into which
+``receive_buffer`` then lets the data be received (one more copy at the end). Every
+reply scenario of test_transmission runs here again with its reads queued this way, fed
+through ``receive_buffer``/``buffer_updated`` in pieces of many sizes; the outcome must
+be the same, data included. (A blocking driver that receives a read's data itself uses
+``direct_read``: see test_read_fast_path.)
 """
 
 from __future__ import annotations
@@ -25,31 +25,29 @@ from .test_transmission import R, feed_buffer, neg, pattern, simple
 
 
 def hand_over(core: ClientTransmission, data: bytes, sizes: list[int]) -> None:
-    """Deliver ``data`` as the blocking client does: through ``data_received`` while
-    data is pending (in pieces of ``sizes``, cycled), else through receive_buffer."""
+    """Deliver ``data`` through receive_buffer/buffer_updated, at most ``sizes`` bytes
+    (cycled) at a time."""
     view = memoryview(data)
     i = 0
     while view:
-        if core.pending_data:
-            n = min(core.pending_data, len(view), max(1, sizes[i % len(sizes)]))
-            core.data_received(bytes(view[:n]))
-            i += 1
-        else:
-            buf = core.receive_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            core.buffer_updated(n)
+        buf = core.receive_buffer()
+        assert len(buf) > 0, "receive_buffer must never be empty"
+        n = min(len(buf), len(view), max(1, sizes[i % len(sizes)]))
+        i += 1
+        buf[:n] = view[:n]
+        core.buffer_updated(n)
         view = view[n:]
 
 
 def big_read(style: str, length: int = DIRECT_READ) -> tuple[ClientTransmission, int, bytes]:
-    """A detached read whose header has arrived alone: its data is pending."""
+    """A read_bytes read whose usual header has arrived alone: the whole of its data
+    goes to a buffer of its own."""
     core = ClientTransmission(neg(style))
     c = core.read_bytes(length, 4096)
     data = pattern(length)
     reply = usual(style, c, 4096, data)
     feed_buffer(core, reply[: lead(style)])
-    assert core.pending_data == length
+    assert len(core.receive_buffer()) == length and core.next_event() is None
     return core, c, data
 
 
@@ -74,16 +72,19 @@ def test_whole_reply_is_copied_out_once(style: str) -> None:
     reply = only_reply(core)
     assert reply.cookie == c and reply.error is None
     assert type(reply.data) is bytes and reply.data == pattern(4096)
-    assert core.in_flight == 0 and core.pending_data == 0
+    assert core.in_flight == 0
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_pending_data_handed_over_whole_is_the_reply_data(style: str) -> None:
+def test_data_after_a_split_header_lands_in_its_own_buffer(style: str) -> None:
+    """The data received in one go into the read's own buffer is the reply's data."""
     core, _, data = big_read(style)
-    assert core.data_received(data) is True
+    view = core.receive_buffer()
+    view[:] = data
+    assert core.buffer_updated(len(data)) is True
     reply = only_reply(core)
-    assert reply.data is data, "the driver's bytes object itself, not a copy"
-    assert core.in_flight == 0 and core.pending_data == 0
+    assert type(reply.data) is bytes and reply.data == data
+    assert core.in_flight == 0
     # The core is back to headers: a second read works as usual.
     c2 = core.read_bytes(100, 0)
     feed_buffer(core, usual(style, c2, 0, pattern(100, seed=3)))
@@ -92,11 +93,12 @@ def test_pending_data_handed_over_whole_is_the_reply_data(style: str) -> None:
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("first", [1, 1000, DIRECT_READ - 1])
-def test_short_hand_over_is_assembled(style: str, first: int) -> None:
-    """A short result (a timeout, a signal): the rest comes through receive_buffer."""
+def test_data_in_pieces_is_assembled(style: str, first: int) -> None:
+    """A short receive (a timeout, a signal): the rest goes to the rest of the buffer."""
     core, _, data = big_read(style)
-    assert core.data_received(data[:first]) is False
-    assert core.pending_data == 0
+    view = core.receive_buffer()
+    view[:first] = data[:first]
+    assert core.buffer_updated(first) is False
     view = core.receive_buffer()
     assert len(view) == DIRECT_READ - first
     view[:] = data[first:]
@@ -106,46 +108,36 @@ def test_short_hand_over_is_assembled(style: str, first: int) -> None:
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_driver_that_ignores_pending_data(style: str) -> None:
-    """An asyncio-style driver only calls receive_buffer: the data is assembled."""
-    core, _, data = big_read(style)
-    feed_buffer(core, data)
-    assert only_reply(core).data == data
+@pytest.mark.parametrize("sizes", [[1], [7], [5, 1000, 3], [1 << 30]])
+def test_whole_reply_in_pieces(style: str, sizes: list[int]) -> None:
+    """The usual reply of a small and of a big read, cut in pieces of many sizes."""
+    for length in (300, DIRECT_READ):
+        core = ClientTransmission(neg(style))
+        c = core.read_bytes(length, 512)
+        hand_over(core, usual(style, c, 512, pattern(length, seed=length)), sizes)
+        reply = only_reply(core)
+        assert reply.error is None and reply.data == pattern(length, seed=length)
+        assert core.in_flight == 0
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_end_of_stream_while_data_is_pending(style: str) -> None:
-    core, _, _ = big_read(style)
+@pytest.mark.parametrize("got", [0, 10])
+def test_end_of_stream_in_the_middle_of_the_data(style: str, got: int) -> None:
+    core, _, data = big_read(style)
+    if got:
+        core.receive_data(data[:got])
     with pytest.raises(ProtocolError):
-        core.data_received(b"")
-    assert core.closed and core.pending_data == 0 and core.next_event() is None
+        core.buffer_updated(0)
+    assert core.closed and core.next_event() is None
     with pytest.raises(ConnectionClosed):
-        core.data_received(b"x")
+        core.receive_data(b"x")
 
 
-@pytest.mark.parametrize("style", STYLES)
-def test_end_of_stream_after_a_short_hand_over(style: str) -> None:
-    core, _, data = big_read(style)
-    core.data_received(data[:10])
-    with pytest.raises(ProtocolError):
-        core.receive_data(b"")
-    assert core.next_event() is None
-
-
-def test_hand_over_misuse_is_refused() -> None:
-    core = ClientTransmission(neg("structured"))
-    with pytest.raises(ValueError):
-        core.data_received(b"abc")  # nothing pending
-    core, _, data = big_read("structured")
-    with pytest.raises(ValueError):
-        core.data_received(data + b"!")  # more than pending
-    assert core.pending_data == DIRECT_READ  # nothing was taken
-
-
-def test_fail_all_forgets_pending_data() -> None:
-    core, c, _ = big_read("extended")
+def test_fail_all_forgets_the_read() -> None:
+    core, c, data = big_read("extended")
+    core.receive_data(data[:10])
     assert core.fail_all() == [c]
-    assert core.pending_data == 0
+    assert core.in_flight == 0 and core.closed
 
 
 @pytest.mark.parametrize("style", ["structured", "extended"])
@@ -195,13 +187,13 @@ def test_bytewise(style: str) -> None:
 
 @pytest.mark.parametrize("style", STYLES)
 def test_lying_length_never_completes(style: str) -> None:
-    """A usual-looking header with a longer chunk or a wrong cookie: no data."""
+    """A usual-looking header with a wrong cookie: no data."""
     core = ClientTransmission(neg(style))
     c = core.read_bytes(DIRECT_READ, 0)
     bad = usual(style, c + 1, 0, pattern(DIRECT_READ))
     with pytest.raises(ProtocolError):
         hand_over(core, bad, [1 << 30])
-    assert core.next_event() is None and core.pending_data == 0
+    assert core.next_event() is None and core.closed
 
 
 # --- Every scenario of test_transmission, its reads detached --------------------------------

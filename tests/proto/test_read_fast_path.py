@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Callable, Iterable
 
 import pytest
 
-from pynbd.errors import InvalidRequest, ProtocolError
+from pynbd.errors import ConnectionClosed, InvalidRequest, ProtocolError
 from pynbd.proto.constants import Cmd, CmdFlag
-from pynbd.proto.transmission import DIRECT_READ, ClientTransmission
+from pynbd.proto.transmission import (
+    DIRECT_DATA,
+    DIRECT_DONE,
+    DIRECT_OTHER,
+    DIRECT_PARTIAL,
+    DIRECT_READ,
+    ClientTransmission,
+)
 
-from .test_transmission import R, feed_buffer, neg, pattern, simple
+from .test_transmission import SIZE, R, feed_buffer, neg, pattern, simple
 
 STYLES = ["simple", "structured", "extended"]
 
@@ -240,100 +248,405 @@ def test_bytewise_usual_reply() -> None:
     assert got is not None and got.error is None and buf == pattern(300)
 
 
-# -- a driver that receives the usual reply itself (direct_read / direct_done) ----------
+# -- a driver that receives the usual reply itself (direct_read / direct_received) ------
+#
+# The core lends a room in its receive buffer: the usual reply's header and data for a
+# read under DIRECT_READ bytes, its header alone for a bigger one. The driver receives
+# into it and the core judges: DONE, DATA, PARTIAL, or OTHER (then the bytes are parsed
+# in place by the general path, and the driver goes on with receive_buffer()).
+
+
+def receive_direct(
+    core: ClientTransmission, room: memoryview, reply: bytes, cuts: Iterable[int] = ()
+) -> tuple[list[int], int]:
+    """Receive ``reply`` into ``room`` as a blocking driver does: a piece up to each of
+    ``cuts``, then up to the end of the room (or of ``reply``), asking
+    direct_received() for the total after each piece and stopping at the first verdict
+    other than DIRECT_PARTIAL. Returns the verdicts and how many bytes of ``reply``
+    went into the room."""
+    verdicts: list[int] = []
+    n = 0
+    for cut in [*cuts, len(room)]:
+        end = min(cut, len(room), len(reply))
+        if end <= n:
+            continue
+        room[n:end] = reply[n:end]
+        n = end
+        verdicts.append(core.direct_received(n))
+        if verdicts[-1] != DIRECT_PARTIAL:
+            break
+    return verdicts, n
+
+
+def first_difference(reply: bytes, lead_bytes: bytes) -> int:
+    """Where a reply that is not the usual one leaves the usual reply's lead."""
+    d = next(i for i, (a, b) in enumerate(zip(reply, lead_bytes, strict=False)) if a != b)
+    return d
+
+
+def judged_other(reply: bytes, lead_bytes: bytes, cut: int) -> list[int]:
+    """The verdicts receive_direct(..., [cut]) must get for a reply that leaves the
+    lead: PARTIAL while the first piece is a prefix of the lead, then OTHER."""
+    return [DIRECT_PARTIAL] * (cut <= first_difference(reply, lead_bytes)) + [DIRECT_OTHER]
+
+
+def room_size(style: str, length: int) -> int:
+    """A direct read's room: the usual reply whole when small, its header when big."""
+    return lead(style) + length if length < DIRECT_READ else lead(style)
+
+
+def start_direct(
+    style: str, length: int, detached: bool, offset: int = 4096
+) -> tuple[ClientTransmission, bytearray, int, memoryview]:
+    """A core with a direct read pending: (core, its buffer, cookie, room)."""
+    core = ClientTransmission(neg(style))
+    buf = bytearray(length)
+    direct = core.direct_read(None if detached else memoryview(buf), length, offset)
+    assert direct is not None
+    cookie, _, room = direct
+    return core, buf, cookie, room
+
+
+def full_receive_buffer(core: ClientTransmission, style: str) -> None:
+    """The core is back to headers with nothing buffered: all its buffer is offered."""
+    assert len(core.receive_buffer()) == len(ClientTransmission(neg(style)).receive_buffer())
+
+
+#: The calls a core refuses while a direct request is pending (with RuntimeError).
+PENDING_CALLS: dict[str, Callable[[ClientTransmission], object]] = {
+    "request": lambda core: core.request(Cmd.TRIM, 0, 512),
+    "request-write": lambda core: core.request(Cmd.WRITE, 0, 3, payload=b"abc"),
+    "request-read": lambda core: core.request(Cmd.READ, 0, 512, buffer=bytearray(512)),
+    "read": lambda core: core.read(bytearray(512), 0),
+    "read_bytes": lambda core: core.read_bytes(512, 0),
+    "rollback": lambda core: core.rollback(0, []),
+    "disconnect": lambda core: core.disconnect(),
+    "receive_buffer": lambda core: core.receive_buffer(),
+    "receive_data": lambda core: core.receive_data(b"x"),
+    "buffer_updated": lambda core: core.buffer_updated(1),
+}
+#: Those whose refusal leaves the core exactly as it was. (disconnect() sets its
+#: "disconnecting" mark and buffer_updated() counts the bytes before they raise.)
+CLEAN_REFUSALS = sorted(set(PENDING_CALLS) - {"disconnect", "buffer_updated"})
 
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("detached", [False, True], ids=["into", "bytes"])
-@pytest.mark.parametrize("length", [1, 4096, DIRECT_READ])
-def test_direct_read_lead_is_the_usual_replys_header(
-    style: str, detached: bool, length: int
-) -> None:
-    core = ClientTransmission(neg(style))
-    buf = bytearray(DIRECT_READ)
-    direct = core.direct_read(None if detached else memoryview(buf)[:length], length, 4096)
-    assert direct is not None
-    c, request, lead_bytes = direct
+@pytest.mark.parametrize("length", [1, 4096, DIRECT_READ - 1, DIRECT_READ, 2 * DIRECT_READ])
+def test_direct_read_room_and_usual_reply(style: str, detached: bool, length: int) -> None:
+    core, buf, c, room = start_direct(style, length, detached)
     assert core.in_flight == 1
     # The request is read()'s, and it is the driver's to send: nothing is queued.
     other = ClientTransmission(neg(style))
     assert other.read(bytearray(length), 4096) == c
-    assert request == other.data_to_send()
     assert core.data_to_send() == b""
-    assert lead_bytes == usual(style, c, 4096, pattern(length))[: lead(style)]
-    core.direct_done(c)
+    direct = ClientTransmission(neg(style)).direct_read(None, length, 4096)
+    assert direct is not None and direct[1] == other.data_to_send()
+    assert not room.readonly and len(room) == room_size(style, length)
+    data = pattern(length)
+    reply = usual(style, c, 4096, data)
+    verdicts, n = receive_direct(core, room, reply)
+    assert n == len(room)
+    if length < DIRECT_READ:
+        assert verdicts == [DIRECT_DONE]
+        assert bytes(room[-length:]) == data  # the driver copies it out
+        assert buf == bytes(length)  # the core did not
+    else:
+        assert verdicts == [DIRECT_DATA] and bytes(room) == reply[: lead(style)]
+        assert core.in_flight == 1  # until the driver has the data
+        core.direct_done(c)
     assert core.in_flight == 0 and core.next_event() is None
     with pytest.raises(ValueError):
         core.direct_done(c)  # finished already
+    with pytest.raises(ValueError):
+        core.direct_received(len(room))
+    # The room is the start of the core's own receive buffer, all of it offered again.
+    full_receive_buffer(core, style)
+    core.receive_buffer()[:1] = b"!"
+    assert room[:1] == b"!"
     # The stream goes on as usual afterwards, with a new cookie.
-    c2 = core.read(buf, 0)
+    buf2 = bytearray(DIRECT_READ)
+    c2 = core.read(buf2, 0)
     assert c2 != c
-    feed_buffer(core, usual(style, c2, 0, pattern(DIRECT_READ)))
-    reply = core.next_event()
-    assert reply is not None and reply.cookie == c2 and reply.error is None
-    assert bytes(buf) == pattern(DIRECT_READ)
+    feed_buffer(core, usual(style, c2, 0, pattern(DIRECT_READ, seed=5)))
+    got = core.next_event()
+    assert got is not None and got.cookie == c2 and got.error is None
+    assert bytes(buf2) == pattern(DIRECT_READ, seed=5)
 
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("detached", [False, True], ids=["into", "bytes"])
-@pytest.mark.parametrize("split", [1, 5, "lead", "lead+10"])
-@pytest.mark.parametrize("length", [512, DIRECT_READ])
-def test_direct_read_handed_back_takes_the_general_path(
-    style: str, detached: bool, split: int | str, length: int
-) -> None:
-    """A driver that hands the reply to the core (the lead did not match, or came
-    short) gets exactly what read() or read_bytes() would have given, and the core is
-    left as it was: its whole receive buffer is offered again."""
-    core = ClientTransmission(neg(style))
-    buf = bytearray(length)
-    direct = core.direct_read(None if detached else memoryview(buf), length, 0)
-    assert direct is not None
-    c = direct[0]
+@pytest.mark.parametrize("length", [300, DIRECT_READ])
+def test_direct_read_usual_reply_in_pieces(style: str, detached: bool, length: int) -> None:
+    """The usual reply cut anywhere inside the room: PARTIAL, then DONE or DATA; and
+    one byte at a time."""
     data = pattern(length)
-    reply = usual(style, c, 0, data)
-    cut = {"lead": lead(style), "lead+10": lead(style) + 10}.get(str(split), split)
-    assert isinstance(cut, int)
-    core.receive_data(reply[:cut])
-    core.receive_data(reply[cut:])
-    got = core.next_event()
-    assert got is not None and got.cookie == c and got.error is None
-    assert (got.data if detached else bytes(buf)) == data
-    assert core.in_flight == 0
-    assert len(core.receive_buffer()) == len(ClientTransmission(neg(style)).receive_buffer())
+    final = DIRECT_DONE if length < DIRECT_READ else DIRECT_DATA
+    for cuts in [[cut] for cut in range(1, room_size(style, length))] + [
+        list(range(1, room_size(style, length)))
+    ]:
+        core, _, c, room = start_direct(style, length, detached)
+        reply = usual(style, c, 4096, data)
+        verdicts, n = receive_direct(core, room, reply, cuts)
+        assert verdicts == [DIRECT_PARTIAL] * len(cuts) + [final], cuts
+        assert n == len(room) and core.in_flight == (final == DIRECT_DATA)
+        if final == DIRECT_DONE:
+            assert bytes(room[-length:]) == data
+        else:
+            core.direct_done(c)
+        assert core.in_flight == 0 and core.next_event() is None
+        full_receive_buffer(core, style)
 
 
-@pytest.mark.parametrize("style", ["structured", "extended"])
-def test_direct_read_error_reply(style: str) -> None:
-    core = ClientTransmission(neg(style))
-    direct = core.direct_read(memoryview(bytearray(DIRECT_READ)), DIRECT_READ, 0)
-    assert direct is not None
-    core.receive_data(R(style, direct[0]).error(errno.EIO, "bad"))
+def other_replies(
+    style: str, cookie: int, offset: int, length: int
+) -> dict[str, tuple[bytes, int | None, bytes | None]]:
+    """Replies to a read that are not its usual one: name -> (reply, the errno it
+    fails with or None, the read's data when it succeeds)."""
+    if style == "simple":
+        return {"error": (simple(cookie, errno.EPERM), errno.EPERM, None)}
+    r = R(style, cookie, offset)
+    data = pattern(length)
+    half = length // 2
+    return {
+        "error": (r.error(errno.EIO, "bad"), errno.EIO, None),
+        "hole": (r.hole(offset, length, done=True), None, bytes(length)),
+        "data-and-hole": (
+            r.data(offset, data[:half]) + r.hole(offset + half, length - half, done=True),
+            None,
+            data[:half] + bytes(length - half),
+        ),
+        "short-chunks": (
+            r.data(offset, data[:half]) + r.data(offset + half, data[half:], done=True),
+            None,
+            data,
+        ),
+        "data-then-none": (r.data(offset, data) + r.none(), None, data),
+        "data-then-error": (
+            r.data(offset, data[:half]) + r.error_offset(errno.EIO, offset + half, done=True),
+            errno.EIO,
+            None,
+        ),
+    }
+
+
+OTHER_KINDS = [
+    (style, kind)
+    for style in STYLES
+    for kind in other_replies(style, 1, 0, 2)  # the kinds each style has
+]
+
+
+@pytest.mark.parametrize(("style", "kind"), OTHER_KINDS)
+@pytest.mark.parametrize("detached", [False, True], ids=["into", "bytes"])
+@pytest.mark.parametrize("length", [512, DIRECT_READ])
+def test_direct_read_other_reply_takes_the_general_path(
+    style: str, kind: str, detached: bool, length: int
+) -> None:
+    """A reply that is not the usual one, received into the room cut at every byte of
+    the lead and more: judged OTHER (after PARTIAL while it looked usual), then it
+    completes through receive_buffer()/buffer_updated() exactly as through read() or
+    read_bytes()."""
+    offset = 4096
+    size = room_size(style, length)
+    for cut in sorted({*range(1, lead(style) + 2), size - 1, size}):
+        core, buf, c, room = start_direct(style, length, detached, offset)
+        reply, err, data = other_replies(style, c, offset, length)[kind]
+        lead_bytes = usual(style, c, offset, pattern(length))[: lead(style)]
+        verdicts, n = receive_direct(core, room, reply, [cut])
+        assert verdicts == judged_other(reply, lead_bytes, cut), cut
+        assert core.in_flight == 1 or n == len(reply)
+        feed_buffer(core, reply[n:])
+        got = core.next_event()
+        assert got is not None and got.cookie == c and got.command is Cmd.READ
+        assert core.next_event() is None and core.in_flight == 0
+        if err is not None:
+            assert got.error is not None and got.error.errno == err and got.data is None
+        else:
+            assert got.error is None
+            if detached:
+                assert type(got.data) is bytes and got.data == data
+            else:
+                assert got.data is None and bytes(buf) == data
+        full_receive_buffer(core, style)
+        with pytest.raises(ValueError):
+            core.direct_done(c)  # it was never DIRECT_DATA
+
+
+WRONG_READ_REPLIES: dict[str, tuple[list[str], Callable[[str, int, int], bytes]]] = {
+    # name: (styles, reply to a read of 64 bytes at 4096 with the given cookie)
+    "cookie": (STYLES, lambda style, c, length: usual(style, c + 1, 4096, pattern(length))),
+    "lying-length": (
+        ["structured", "extended"],
+        lambda style, c, length: R(style, c, 4096).data(4096, pattern(length + 1), done=True),
+    ),
+    "data-offset": (
+        ["structured", "extended"],
+        lambda style, c, length: R(style, c, 4096).data(0, pattern(length), done=True),
+    ),
+    "echo": (
+        ["extended"],
+        lambda style, c, length: R(style, c, 0).data(4096, pattern(length), done=True),
+    ),
+    "simple-after-structured": (
+        ["structured", "extended"],
+        lambda style, c, length: simple(c, 0, pattern(length)),
+    ),
+    "bad-magic": (STYLES, lambda style, c, length: b"\x00" * 64),
+}
+
+
+@pytest.mark.parametrize(
+    ("style", "name"),
+    [(style, name) for name, (styles, _) in WRONG_READ_REPLIES.items() for style in styles],
+)
+@pytest.mark.parametrize("length", [64, DIRECT_READ])
+@pytest.mark.parametrize("cut", [1, 5, 30])
+def test_direct_read_wrong_reply_breaks_the_protocol(
+    style: str, name: str, length: int, cut: int
+) -> None:
+    core, _, c, room = start_direct(style, length, True)
+    reply = WRONG_READ_REPLIES[name][1](style, c, length)
+    with pytest.raises(ProtocolError):
+        verdicts, n = receive_direct(core, room, reply, [cut])
+        assert verdicts[-1] == DIRECT_OTHER
+        feed_buffer(core, reply[n:])
+    assert core.closed and core.next_event() is None
+    assert core.fail_all() == [c]
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("length", [512, DIRECT_READ])
+@pytest.mark.parametrize("cut", [0, 1, 5])
+def test_direct_read_end_of_stream(style: str, length: int, cut: int) -> None:
+    """direct_received(0) is the end of the stream: the read was in flight."""
+    core, _, c, room = start_direct(style, length, True)
+    if cut:
+        room[:cut] = usual(style, c, 4096, pattern(length))[:cut]
+        assert core.direct_received(cut) == DIRECT_PARTIAL
+    with pytest.raises(ProtocolError):
+        core.direct_received(0)
+    assert core.closed and core.next_event() is None
+    assert core.fail_all() == [c] and core.in_flight == 0
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_direct_done_only_after_data(style: str) -> None:
+    """direct_done() is refused, changing nothing, unless direct_received() said
+    DIRECT_DATA for that very cookie; after DATA, direct_received() is refused."""
+    length = DIRECT_READ
+    with pytest.raises(ValueError):
+        ClientTransmission(neg(style)).direct_done(1)  # nothing pending
+    core, _, c, room = start_direct(style, length, True)
+    reply = usual(style, c, 4096, pattern(length))
+    with pytest.raises(ValueError):
+        core.direct_done(c)  # nothing received yet
+    room[:3] = reply[:3]
+    assert core.direct_received(3) == DIRECT_PARTIAL
+    with pytest.raises(ValueError):
+        core.direct_done(c)  # only part of the header
+    room[3:] = reply[3 : len(room)]
+    assert core.direct_received(len(room)) == DIRECT_DATA
+    with pytest.raises(ValueError):
+        core.direct_done(c + 1)  # another cookie
+    with pytest.raises(ValueError):
+        core.direct_received(len(room))  # the data is the driver's now
+    with pytest.raises(ValueError):
+        core.direct_received(0)
+    assert core.in_flight == 1 and not core.closed
+    core.direct_done(c)
+    assert core.in_flight == 0 and core.next_event() is None
+    # A small read is over at DIRECT_DONE; an OTHER read is an ordinary one.
+    core, _, c, room = start_direct(style, 512, True)
+    assert receive_direct(core, room, usual(style, c, 4096, pattern(512)))[0] == [DIRECT_DONE]
+    with pytest.raises(ValueError):
+        core.direct_done(c)
+    core, _, c, room = start_direct(style, length, True)
+    bad = simple(c, errno.EIO) if style == "simple" else R(style, c, 4096).error(errno.EIO)
+    verdicts, n = receive_direct(core, room, bad)
+    assert verdicts[-1] == DIRECT_OTHER
+    with pytest.raises(ValueError):
+        core.direct_done(c)
+    feed_buffer(core, bad[n:])
     got = core.next_event()
     assert got is not None and got.error is not None and got.error.errno == errno.EIO
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_direct_read_then_other_requests_and_end(style: str) -> None:
-    """Whatever the driver does next besides direct_done, the read is an ordinary
-    request in flight: a second request, the end of the stream, fail_all."""
-    core = ClientTransmission(neg(style))
-    direct = core.direct_read(None, DIRECT_READ, 0)
-    assert direct is not None
-    c = direct[0]
+@pytest.mark.parametrize("stage", ["sent", "partial", "data"])
+@pytest.mark.parametrize("call", sorted(PENDING_CALLS))
+def test_direct_read_pending_refuses_other_calls(style: str, stage: str, call: str) -> None:
+    length = DIRECT_READ
+    core, _, c, room = start_direct(style, length, True)
+    reply = usual(style, c, 4096, pattern(length))
+    if stage != "sent":
+        cut = 5 if stage == "partial" else len(room)
+        room[:cut] = reply[:cut]
+        assert core.direct_received(cut) == (DIRECT_PARTIAL if cut == 5 else DIRECT_DATA)
+    with pytest.raises(RuntimeError):
+        PENDING_CALLS[call](core)
+    assert core.in_flight == 1 and core.buffers_to_send() == [] and core.next_event() is None
+    if call not in CLEAN_REFUSALS:
+        return
+    assert core.direct_read(None, 512, 0) is None
+    assert core.direct_request(Cmd.FLUSH, 0, 0) is None
+    # The refusal changed nothing: the read finishes and the stream goes on.
+    if stage != "data":
+        assert receive_direct(core, room, reply, [5])[0][-1] == DIRECT_DATA
+    core.direct_done(c)
+    c2 = core.read_bytes(512, 0)
+    feed_buffer(core, usual(style, c2, 0, pattern(512)))
+    got = core.next_event()
+    assert got is not None and got.cookie == c2 and got.data == pattern(512)
+    full_receive_buffer(core, style)
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("stage", ["sent", "partial", "data"])
+def test_direct_read_fail_all(style: str, stage: str) -> None:
+    core, _, c, room = start_direct(style, DIRECT_READ, True)
+    reply = usual(style, c, 4096, pattern(DIRECT_READ))
+    if stage != "sent":
+        cut = 5 if stage == "partial" else len(room)
+        room[:cut] = reply[:cut]
+        core.direct_received(cut)
+    assert core.fail_all() == [c]
+    assert core.in_flight == 0 and core.closed
+    with pytest.raises(ValueError):
+        core.direct_done(c)
+    with pytest.raises(ValueError):
+        core.direct_received(len(room))
+    with pytest.raises(ConnectionClosed):
+        core.read_bytes(512, 0)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_direct_read_other_then_other_requests_and_end(style: str) -> None:
+    """After DIRECT_OTHER the read is an ordinary request in flight: a second request,
+    the end of the stream, fail_all."""
+
+    def started() -> tuple[ClientTransmission, int, bytes, int | None, bytes | None]:
+        core, _, c, room = start_direct(style, DIRECT_READ, True, 0)
+        kind = "error" if style == "simple" else "hole"
+        reply, err, data = other_replies(style, c, 0, DIRECT_READ)[kind]
+        # Less than the room: the general path has a reply begun, not whole.
+        verdicts, n = receive_direct(core, room, reply[:10])
+        assert verdicts == [DIRECT_OTHER] and core.in_flight == 1
+        return core, c, reply[n:], err, data
+
+    core, c, rest, err, data = started()
     c2 = core.read_bytes(512, 0)
     assert c2 != c and core.in_flight == 2
-    feed_buffer(core, usual(style, c, 0, pattern(DIRECT_READ)) + usual(style, c2, 0, pattern(512)))
+    feed_buffer(core, rest + usual(style, c2, 0, pattern(512)))
     first, second = core.next_event(), core.next_event()
-    assert first is not None and first.cookie == c and first.data == pattern(DIRECT_READ)
-    assert second is not None and second.cookie == c2
-    eof = ClientTransmission(neg(style))
-    assert eof.direct_read(None, DIRECT_READ, 0) is not None
+    assert first is not None and first.cookie == c and first.data == data
+    assert (first.error.errno if first.error else None) == err
+    assert second is not None and second.cookie == c2 and second.data == pattern(512)
+    core, c, _, _, _ = started()
     with pytest.raises(ProtocolError):
-        eof.buffer_updated(0)  # end of stream with the read in flight
-    dead = ClientTransmission(neg(style))
-    direct = dead.direct_read(None, DIRECT_READ, 0)
-    assert direct is not None
-    assert dead.fail_all() == [direct[0]] and dead.in_flight == 0
+        core.buffer_updated(0)  # end of stream with the read in flight
+    core, c, _, _, _ = started()
+    assert core.fail_all() == [c] and core.in_flight == 0
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -344,6 +657,7 @@ def test_no_direct_read_unless_alone_and_nothing_buffered(style: str) -> None:
     assert core.direct_read(buf, DIRECT_READ, 0) is None  # another is in flight
     assert core.in_flight == 1 and len(core.buffers_to_send()) == 1  # nothing queued
     feed_buffer(core, usual(style, b, 0, pattern(512))[:5])
+    assert core.direct_read(buf, DIRECT_READ, 0) is None  # a reply is half received
     core.receive_data(usual(style, b, 0, pattern(512))[5:])
     assert core.next_event() is not None and core.in_flight == 0
     core2 = ClientTransmission(neg(style))
@@ -356,8 +670,17 @@ def test_no_direct_read_unless_alone_and_nothing_buffered(style: str) -> None:
     assert core3.in_flight == 0 and core3.buffers_to_send() == []  # nothing queued
     assert core3.direct_read(None, DIRECT_READ, 0) is not None
     assert core3.direct_read(None, DIRECT_READ, 0) is None  # one is pending already
+    assert core3.direct_read(None, 512, 0) is None
     with pytest.raises(InvalidRequest):
         ClientTransmission(neg(style)).direct_read(buf[:100], DIRECT_READ, 0)  # wrong size
+    with pytest.raises(InvalidRequest):
+        ClientTransmission(neg(style)).direct_read(buf.toreadonly(), DIRECT_READ, 0)
+    with pytest.raises(InvalidRequest):
+        ClientTransmission(neg(style)).direct_read(None, 512, SIZE)  # past the end
+    closed = ClientTransmission(neg(style))
+    closed.disconnect()
+    with pytest.raises(ConnectionClosed):
+        closed.direct_read(None, 512, 0)
 
 
 @pytest.mark.parametrize("style", STYLES)
