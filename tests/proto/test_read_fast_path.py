@@ -327,7 +327,7 @@ PENDING_CALLS: dict[str, Callable[[ClientTransmission], object]] = {
 }
 #: Those whose refusal leaves the core exactly as it was. (disconnect() sets its
 #: "disconnecting" mark and buffer_updated() counts the bytes before they raise.)
-CLEAN_REFUSALS = sorted(set(PENDING_CALLS) - {"disconnect", "buffer_updated"})
+CLEAN_REFUSALS = sorted(PENDING_CALLS)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -696,3 +696,51 @@ def test_small_reply_bigger_than_the_receive_buffer(style: str, detached: bool) 
     got = core.next_event()
     assert got is not None and got.cookie == c and got.error is None
     assert (got.data if detached else bytes(buf)) == data
+
+
+def test_direct_read_with_a_receive_buffer_too_small_for_the_reply() -> None:
+    """A core made with a small receive buffer lends room for the header only, and the
+    data follows it as a big read's does (DIRECT_DATA)."""
+    core = ClientTransmission(neg("structured"), buffer_size=64)
+    direct = core.direct_read(None, 4096, 0)
+    assert direct is not None
+    c, _, room = direct
+    head = usual("structured", c, 0, pattern(4096))[: len(room)]
+    assert len(room) == 28
+    room[:] = head
+    assert core.direct_received(len(room)) == DIRECT_DATA
+    core.direct_done(c)
+    assert core.in_flight == 0
+
+
+def test_refused_disconnect_and_buffer_updated_change_nothing() -> None:
+    core = ClientTransmission(neg("simple"))
+    direct = core.direct_request(Cmd.FLUSH, 0, 0)
+    assert direct is not None
+    c, _, room = direct
+    with pytest.raises(RuntimeError):
+        core.disconnect()
+    with pytest.raises(RuntimeError):
+        core.buffer_updated(5)
+    room[:] = simple(c)
+    assert core.direct_received(16) == DIRECT_DONE
+    c2 = core.request(Cmd.FLUSH, 0, 0)
+    feed_buffer(core, simple(c2))  # no stale bytes before it
+    got = core.next_event()
+    assert got is not None and got.cookie == c2 and got.error is None
+    core.disconnect()
+    assert core.buffers_to_send() != []  # NBD_CMD_DISC is queued
+
+
+def test_direct_received_refuses_counts_outside_the_room() -> None:
+    core = ClientTransmission(neg("simple"))
+    direct = core.direct_request(Cmd.FLUSH, 0, 0)
+    assert direct is not None
+    c, _, room = direct
+    for bad in (-1, len(room) + 1):
+        with pytest.raises(ValueError):
+            core.direct_received(bad)
+    room[:] = simple(c)
+    assert core.direct_received(16) == DIRECT_DONE
+    with pytest.raises(ValueError):
+        core.direct_received(-1)  # nothing is lent any more

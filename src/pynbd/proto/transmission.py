@@ -315,7 +315,7 @@ class ClientTransmission(ReceiveBuffer):
         #: The usual reply's start, the room's size, and the verdict when they match
         #: (see direct_received(); DIRECT_DATA only while a big read is direct).
         self._direct_lead = b""
-        self._direct_want = -1
+        self._direct_want: int | None = None  # None: no room is lent
         self._direct_usual = DIRECT_DONE
         self._next_cookie = 1
         self._send: list[Buffer] = []
@@ -524,10 +524,11 @@ class ClientTransmission(ReceiveBuffer):
         it, all of it or the connection is lost. Then it receives into ``room`` (a view
         of the receive buffer, as long as the usual reply for a read under
         ``DIRECT_READ`` bytes, as its header for a bigger one) and asks
-        :meth:`direct_received`. On ``DIRECT_USUAL`` a small read's data is the last
-        ``length`` bytes of the room, to be copied out before anything else; a big
-        read's data follows its header, and the driver receives all of it itself into
-        ``buffer`` (or as one ``bytes``). Either way it calls :meth:`direct_done` after.
+        :meth:`direct_received`. On ``DIRECT_DONE`` the read is over, and its data is
+        the last ``length`` bytes of the room, to be copied out before the next call
+        into the core. On ``DIRECT_DATA`` (a big read, or a receive buffer too small
+        for the whole reply) the data follows the header: the driver receives all of it
+        itself, into ``buffer`` or as one ``bytes``, then calls :meth:`direct_done`.
 
         Raises:
             As :meth:`read`.
@@ -545,7 +546,7 @@ class ClientTransmission(ReceiveBuffer):
         if self._end:
             self._start = self._end = 0
         self._direct_lead = lead
-        if length < DIRECT_READ:
+        if length < DIRECT_READ and len(lead) + length <= len(self._buf):
             self._direct_want = want = len(lead) + length
         else:
             self._direct_want = want = len(lead)
@@ -626,15 +627,17 @@ class ClientTransmission(ReceiveBuffer):
             verdict = self._direct_usual
             if verdict == DIRECT_DONE:
                 self._direct = None
-                self._direct_want = -1
+                self._direct_want = None
                 self._state = _HEADER
             else:
-                self._direct_want = -2  # the data is due: only direct_done() is next
+                self._direct_want = None  # the data is due: only direct_done() is next
             return verdict
-        direct = self._direct
-        if direct is None or self._direct_want == -2:
+        direct, want = self._direct, self._direct_want
+        if direct is None or want is None:
             raise ValueError("no direct request awaits its reply")
-        if 0 < nbytes < self._direct_want and self._buf.startswith(self._direct_lead[:nbytes]):
+        if not 0 <= nbytes <= want:
+            raise ValueError(f"{nbytes} bytes received into a room of {want}")
+        if nbytes and self._buf.startswith(self._direct_lead[:nbytes]):
             return DIRECT_PARTIAL  # (the slice is all of the lead once nbytes passed it)
         # Not the usual reply: the request becomes an ordinary one, and the general
         # path parses what came, in place.
@@ -655,13 +658,18 @@ class ClientTransmission(ReceiveBuffer):
         """The driver received all of a big read's data after ``DIRECT_DATA``: the read
         succeeded, and no :class:`Reply` is queued for it."""
         direct = self._direct
-        if direct is None or direct[0] != cookie or self._direct_want != -2:
+        if (
+            direct is None
+            or direct[0] != cookie
+            or self._direct_usual != DIRECT_DATA
+            or self._direct_want is not None
+        ):
             raise ValueError(f"no direct read {cookie:#x} whose data was due")
         self._end_direct()
 
     def _end_direct(self) -> None:
         self._direct = None
-        self._direct_want = -1
+        self._direct_want = None
         self._direct_usual = DIRECT_DONE
         self._state = _HEADER
 
@@ -699,8 +707,9 @@ class ClientTransmission(ReceiveBuffer):
         """Queue NBD_CMD_DISC; nothing may be sent after it and no reply comes (rule 11)."""
         if self._closed or self._disconnecting:
             return
+        cookie = self._take_cookie()  # raises while a direct request awaits its reply
         self._disconnecting = True
-        req = Request(0, Cmd.DISC, self._take_cookie(), 0, 0)
+        req = Request(0, Cmd.DISC, cookie, 0, 0)
         self._send.append(req.pack(self.extended))
 
     def buffers_to_send(self) -> list[Buffer]:
@@ -833,6 +842,8 @@ class ClientTransmission(ReceiveBuffer):
                 if self._target_pos == len(self._target or b""):
                     self._target_done()
             else:
+                if self._state == _DIRECT:
+                    raise self._direct_pending()
                 self._end += nbytes
             self._parse()
         except ProtocolError:
