@@ -414,7 +414,7 @@ class Client(ClientBase):
                 if verdict == DIRECT_OTHER:
                     done = bool(core.replies)
                 elif verdict == DIRECT_DONE:  # a small read's data is in the room
-                    data = room[len(room) - length :]
+                    data = room[-length:]
                     if view is None:
                         return bytes(data)
                     view[:] = data

@@ -330,6 +330,8 @@ class ClientTransmission(ReceiveBuffer):
         self.shutdown_requested = False
         # Receive side
         ReceiveBuffer.__init__(self, buffer_size)
+        #: Direct reads shorter than this get room for their whole usual reply.
+        self._direct_small = min(DIRECT_READ, buffer_size - self._lead + 1)
         self._state = _HEADER
         self._target: memoryview | None = None
         self._target_pos = 0
@@ -546,10 +548,10 @@ class ClientTransmission(ReceiveBuffer):
         if self._end:
             self._start = self._end = 0
         self._direct_lead = lead
-        if length < DIRECT_READ and len(lead) + length <= len(self._buf):
-            self._direct_want = want = len(lead) + length
+        if length < self._direct_small:
+            self._direct_want = want = self._lead + length
         else:
-            self._direct_want = want = len(lead)
+            self._direct_want = want = self._lead
             self._direct_usual = DIRECT_DATA
         return cookie, request, self._view[:want]
 
