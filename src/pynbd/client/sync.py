@@ -54,6 +54,7 @@ from .connection import Connection, Deadline, negotiate
 
 _IOV_MAX = 1024
 _WAITALL = socket.MSG_WAITALL
+_CUT = "server closed the connection in the middle of a reply"
 _DF = int(CmdFlag.DF)
 _FUA = int(CmdFlag.FUA)
 
@@ -414,15 +415,32 @@ class Client(ClientBase):
                 if verdict == DIRECT_OTHER:
                     done = bool(core.replies)
                 elif verdict == DIRECT_DONE:  # a small read's data is in the room
-                    data = room[-length:]
+                    got_data = room[-length:]
                     if view is None:
-                        return bytes(data)
-                    view[:] = data
+                        return bytes(got_data)
+                    view[:] = got_data
                     return None
-                else:
-                    payload = self._receive_payload(sock, view, length, end)
+                elif view is None:  # a big read's data, as one new bytes
+                    data = sock.recv(length, _WAITALL)
+                    while len(data) < length:  # short (a timeout slice, a signal): rare
+                        self._timer.check(end)
+                        more = sock.recv(length - len(data), _WAITALL)
+                        if not more:
+                            raise ProtocolError(_CUT)
+                        data += more
                     core.direct_done(cookie)
-                    return payload
+                    return data
+                else:  # a big read's data, straight into the caller's buffer
+                    got, into_flags = 0, self._into_flags
+                    while True:
+                        n = sock.recv_into(view[got:] if got else view, 0, into_flags)
+                        if not n:
+                            raise ProtocolError(_CUT)
+                        got += n
+                        if got == length:
+                            core.direct_done(cookie)
+                            return None
+                        self._timer.check(end)  # short: a timeout slice, a signal
             if not done:
                 self._receive_rest(sock, core, end)
         except (OSError, NBDError) as exc:
@@ -454,33 +472,6 @@ class Client(ClientBase):
             n += more
             verdict = core.direct_received(n if more else 0)
         return verdict
-
-    def _receive_payload(
-        self, sock: socket.socket, view: memoryview | None, length: int, end: float | None
-    ) -> bytes | None:
-        """Receive a big read's data, which follows the header the core matched: all
-        of it into ``view``, or (None) as a new ``bytes``, which is returned. Short
-        receives (a timeout slice, a signal) are finished here; the end of the stream
-        raises."""
-        check = self._timer.check
-        if view is None:
-            data = sock.recv(length, _WAITALL)
-            while len(data) < length:  # rare: joined, one copy
-                check(end)
-                more = sock.recv(length - len(data), _WAITALL)
-                if not more:
-                    raise ProtocolError("server closed the connection in the middle of a reply")
-                data += more
-            return data
-        got, into_flags = 0, self._into_flags
-        while True:
-            n = sock.recv_into(view[got:] if got else view, 0, into_flags)
-            if not n:
-                raise ProtocolError("server closed the connection in the middle of a reply")
-            got += n
-            if got == length:
-                return None
-            check(end)  # short: a timeout slice, a signal
 
     def _send_one(
         self, sock: socket.socket, buffers: Sequence[Buffer], limit: float | None

@@ -243,6 +243,7 @@ _DATA_OFFSET = 1  # expecting the u64 offset that starts an OFFSET_DATA chunk
 _INTO = 2  # payload bytes go to self._target
 _CHUNK = 3  # expecting a whole metadata chunk payload in the buffer
 _DIRECT = 4  # a direct request awaits direct_received() (see direct_read)
+_DIRECT_DATA = 5  # a direct read's data is the driver's to receive: direct_done() is next
 
 #: What :meth:`ClientTransmission.direct_received` found in the room it lent.
 DIRECT_OTHER = 0  # not the usual reply: the general path has it
@@ -633,6 +634,7 @@ class ClientTransmission(ReceiveBuffer):
                 self._state = _HEADER
             else:
                 self._direct_want = None  # the data is due: only direct_done() is next
+                self._state = _DIRECT_DATA
             return verdict
         direct, want = self._direct, self._direct_want
         if direct is None or want is None:
@@ -659,15 +661,11 @@ class ClientTransmission(ReceiveBuffer):
     def direct_done(self, cookie: int) -> None:
         """The driver received all of a big read's data after ``DIRECT_DATA``: the read
         succeeded, and no :class:`Reply` is queued for it."""
-        direct = self._direct
-        if (
-            direct is None
-            or direct[0] != cookie
-            or self._direct_usual != DIRECT_DATA
-            or self._direct_want is not None
-        ):
+        if self._state != _DIRECT_DATA or self._direct is None or self._direct[0] != cookie:
             raise ValueError(f"no direct read {cookie:#x} whose data was due")
-        self._end_direct()
+        self._direct = None
+        self._direct_usual = DIRECT_DONE
+        self._state = _HEADER
 
     def _end_direct(self) -> None:
         self._direct = None
@@ -844,7 +842,7 @@ class ClientTransmission(ReceiveBuffer):
                 if self._target_pos == len(self._target or b""):
                     self._target_done()
             else:
-                if self._state == _DIRECT:
+                if self._direct is not None:
                     raise self._direct_pending()
                 self._end += nbytes
             self._parse()
@@ -916,7 +914,7 @@ class ClientTransmission(ReceiveBuffer):
                 self._start += self._chunk_len
                 self._state = _HEADER
                 self._on_metadata_chunk(data)
-            else:  # _DIRECT: only direct_received() moves on
+            else:  # _DIRECT, _DIRECT_DATA: only the direct_* calls move on
                 raise self._direct_pending()
 
     def _fast_replies(self) -> bool:
