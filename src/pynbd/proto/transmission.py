@@ -663,9 +663,7 @@ class ClientTransmission(ReceiveBuffer):
         succeeded, and no :class:`Reply` is queued for it."""
         if self._state != _DIRECT_DATA or self._direct is None or self._direct[0] != cookie:
             raise ValueError(f"no direct read {cookie:#x} whose data was due")
-        self._direct = None
-        self._direct_usual = DIRECT_DONE
-        self._state = _HEADER
+        self._end_direct()
 
     def _end_direct(self) -> None:
         self._direct = None
