@@ -1,21 +1,19 @@
 """``pynbd serve`` as a subprocess (``python -m pynbd serve``), with our clients, libnbd
 (nbdinfo, and its Python module for connect_command), and raw sockets.
 
-Every server is started by the test and stopped by it, by pid, in a ``finally``.
-Readiness comes from ``--ready-fd`` (a pipe the server writes its URIs to, then
-closes), so no test polls or guesses. The signal tests wait for what they need before
-each signal (the server has read the bytes sent, the backend call has begun, the
-server has logged the first signal) instead of sleeping. The tests that run libnbd
-are marked interop.
+Every server is started by tests/serve_launcher.py, which stops it by pid when its
+``with`` block ends, also when the test failed. Readiness comes from ``--ready-fd`` (a
+pipe the server writes its URIs to, then closes), so no test polls or guesses. The
+signal tests wait for what they need before each signal (the server has read the bytes
+sent, the backend call has begun, the server has logged the first signal) instead of
+sleeping. The tests that run libnbd are marked interop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -23,8 +21,7 @@ import sys
 import termios
 import textwrap
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,9 +31,9 @@ from pynbd.errors import ConnectionClosed, NBDError, OptionError, ProtocolError
 from pynbd.proto.constants import Rep
 from pynbd.transport.tls import TLSConfig
 from tests.peers import make_x509_dir, peer_env
+from tests.serve_launcher import STOP_GRACE, child_env, run_serve, start_pynbd
 from tests.server.helpers import is_closed, raw_go, raw_request, read_simple_reply, recv_exactly
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 MiB = 1 << 20
 
 DEVICE = textwrap.dedent(
@@ -71,83 +68,6 @@ DEVICE = textwrap.dedent(
 )
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
-    return env
-
-
-@dataclass
-class Served:
-    proc: subprocess.Popen[str]
-    uris: list[str]
-    log: Path
-
-    @property
-    def stderr(self) -> str:
-        return self.log.read_text()
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
-        self.proc.send_signal(signum)
-        return self.proc.wait(timeout)
-
-
-@contextlib.contextmanager
-def serve(
-    tmp_path: Path,
-    *args: str,
-    stdin: int = subprocess.DEVNULL,
-    pass_fds: tuple[int, ...] = (),
-    env: dict[str, str] | None = None,
-) -> Iterator[Served]:
-    """Run ``python -m pynbd serve ARGS --ready-fd W``; yield once it listens; kill it
-    (by pid) afterwards if the test did not stop it."""
-    r, w = os.pipe()
-    log = tmp_path / f"serve-{time.monotonic_ns()}.log"
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pynbd", "serve", *args, "--ready-fd", str(w)],
-            stdin=stdin,
-            stdout=subprocess.PIPE,
-            stderr=logf,
-            text=True,
-            env=env or child_env(),
-            pass_fds=(*pass_fds, w),
-        )
-    os.close(w)
-    try:
-        ready = b""
-        with os.fdopen(r, "rb") as pipe:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                readable, _, _ = select.select([pipe], [], [], 0.5)
-                if readable:
-                    chunk = os.read(pipe.fileno(), 4096)
-                    if not chunk:
-                        break
-                    ready += chunk
-        uris = ready.decode().split()
-        assert uris, f"pynbd serve did not get ready:\n{log.read_text()}"
-        yield Served(proc, uris, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
-def run_serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pynbd", "serve", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env(),
-    )
-
-
 def wait_until(what: str, done: Callable[[], bool], limit: float = 30) -> None:
     """Poll ``done`` until it is true; fail after ``limit`` seconds (a stuck server)."""
     deadline = time.monotonic() + limit
@@ -162,10 +82,9 @@ def all_read(sock: socket.socket) -> bool:
 
 
 def nbdinfo(*args: str, env: dict[str, str] | None = None) -> str:
-    e = peer_env()
-    if env:
-        e.update(env)
-    done = subprocess.run(["nbdinfo", *args], capture_output=True, text=True, timeout=60, env=e)
+    """Run nbdinfo (in *env*, default :func:`tests.peers.peer_env`); return its output."""
+    env = peer_env() if env is None else env
+    done = subprocess.run(["nbdinfo", *args], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, f"nbdinfo {' '.join(args)}: {done.stderr}"
     return done.stdout
 
@@ -176,7 +95,7 @@ def nbdinfo(*args: str, env: dict[str, str] | None = None) -> str:
 @pytest.mark.interop
 def test_memory_on_a_unix_socket(tmp_path: Path) -> None:
     sock = tmp_path / "nbd.sock"
-    with serve(tmp_path, "--memory", "64M", "--unix", str(sock)) as srv:
+    with start_pynbd(tmp_path, "--memory", "64M", "--unix", str(sock)) as srv:
         assert srv.uris == [f"nbd+unix:///?socket={sock}"]
         with Client(srv.uris[0]) as c:
             assert c.size == 64 * MiB
@@ -188,7 +107,7 @@ def test_memory_on_a_unix_socket(tmp_path: Path) -> None:
         assert export["export-size"] == 64 * MiB
         assert export["can_trim"] is True and export["is_read_only"] is False
         assert srv.stop() == 0
-        log = srv.stderr
+        log = srv.log()
     assert not sock.exists()
     assert f"serving '' on nbd+unix:///?socket={sock}" in log
     # One line per connection: the peer, the export, what was negotiated, the traffic.
@@ -203,10 +122,12 @@ def test_memory_on_a_unix_socket(tmp_path: Path) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_tcp_port_zero_prints_the_port(tmp_path: Path, host: str) -> None:
     shown = f"[{host}]" if ":" in host else host
-    with serve(tmp_path, "--memory", "1M", "--tcp", f"{shown}:0") as srv:
+    where = ("--tcp", f"{shown}:0")
+    with start_pynbd(tmp_path, "--memory", "1M", *where, stdout=subprocess.PIPE) as srv:
         assert srv.proc.stdout is not None
         port = int(srv.proc.stdout.readline())
         assert srv.uris == [f"nbd://{shown}:{port}/"]
+        assert (srv.host, srv.port) == (host, port)
         with Client(host=host, port=port) as c:
             assert c.size == MiB
         assert json.loads(nbdinfo("--json", srv.uris[0]))["exports"][0]["export-size"] == MiB
@@ -219,14 +140,14 @@ def test_file_read_write_and_read_only(tmp_path: Path) -> None:
     with open(image, "wb") as f:
         f.truncate(8 * MiB)
     sock = tmp_path / "s"
-    with serve(tmp_path, str(image), "--unix", str(sock), "--threads", "2") as srv:
+    with start_pynbd(tmp_path, str(image), "--unix", str(sock), "--threads", "2") as srv:
         with Client(srv.uris[0]) as c:
             c.pwrite(b"\xab" * 65536, 65536, fua=True)
             c.trim(65536, 4 * MiB)
             c.flush()
         assert srv.stop() == 0
     assert image.read_bytes()[65536:131072] == b"\xab" * 65536
-    with serve(tmp_path, str(image), "--unix", str(sock), "--read-only") as srv:
+    with start_pynbd(tmp_path, str(image), "--unix", str(sock), "--read-only") as srv:
         with Client(srv.uris[0]) as c:
             assert c.is_read_only()
             assert c.pread(4, 65536) == b"\xab" * 4
@@ -257,7 +178,7 @@ def test_named_exports_of_every_kind(tmp_path: Path) -> None:
         *("--overlay-dir", str(tmp_path)),
         *("--unix", str(sock)),
     ]
-    with serve(tmp_path, *args) as srv:
+    with start_pynbd(tmp_path, *args) as srv:
         listing = json.loads(nbdinfo("--list", "--json", srv.uris[0]))
         by_name = {e["export-name"]: e for e in listing["exports"]}
         assert set(by_name) == {"mem", "file", "cow", "cow2", "py"}
@@ -282,7 +203,9 @@ def test_python_backend_with_arguments(tmp_path: Path) -> None:
     device = tmp_path / "dev.py"
     device.write_text(DEVICE)
     sock = tmp_path / "s"
-    with serve(tmp_path, "--python", f"{device}:memory", "size=1048576", "--unix", str(sock)) as s:
+    with start_pynbd(
+        tmp_path, "--python", f"{device}:memory", "size=1048576", "--unix", str(sock)
+    ) as s:
         with Client(s.uris[0]) as c:
             assert c.size == MiB
             c.pwrite(b"py", 100)
@@ -294,7 +217,7 @@ def test_python_backend_with_arguments(tmp_path: Path) -> None:
 def test_block_sizes_and_protocol_switches(tmp_path: Path) -> None:
     sock = tmp_path / "s"
     args = ["--memory", "4M", "--unix", str(sock), "--block-size", "4096,65536,1M"]
-    with serve(tmp_path, *args) as srv:
+    with start_pynbd(tmp_path, *args) as srv:
         with Client(srv.uris[0]) as c:
             sizes = [c.get_block_size(k) for k in ("minimum", "preferred", "maximum")]
             assert sizes == [4096, 65536, MiB]
@@ -303,11 +226,15 @@ def test_block_sizes_and_protocol_switches(tmp_path: Path) -> None:
         assert export["block_size_minimum"] == 4096
         assert export["block_size_maximum"] == MiB
         assert srv.stop() == 0
-    with serve(tmp_path, "--memory", "4M", "--unix", str(sock), "--no-extended-headers") as srv:
+    with start_pynbd(
+        tmp_path, "--memory", "4M", "--unix", str(sock), "--no-extended-headers"
+    ) as srv:
         with Client(srv.uris[0]) as c:
             assert c.structured_replies and not c.extended_headers
         assert srv.stop() == 0
-    with serve(tmp_path, "--memory", "4M", "--unix", str(sock), "--no-structured-replies") as srv:
+    with start_pynbd(
+        tmp_path, "--memory", "4M", "--unix", str(sock), "--no-structured-replies"
+    ) as srv:
         with Client(srv.uris[0]) as c:
             assert not c.structured_replies and not c.extended_headers
             c.pwrite(b"simple", 0)
@@ -320,7 +247,7 @@ def test_tls_certificates(tmp_path: Path) -> None:
     certs = make_x509_dir(tmp_path)
     sock = tmp_path / "s"
     base = ["--memory", "4M", "--unix", str(sock), "--tls-certificates", str(certs)]
-    with serve(tmp_path, *base) as srv:
+    with start_pynbd(tmp_path, *base) as srv:
         assert srv.uris == [f"nbds+unix:///?socket={sock}"]
         with Client(path=str(sock), tls=TLSConfig(certificates=str(certs))) as c:
             assert c.negotiated.tls
@@ -331,8 +258,8 @@ def test_tls_certificates(tmp_path: Path) -> None:
         uri = f"nbds+unix:///?socket={sock}&tls-certificates={certs}"
         assert json.loads(nbdinfo("--json", uri))["TLS"] is True
         assert srv.stop() == 0
-        assert "TLSv1.3" in srv.stderr
-    with serve(tmp_path, *base, "--tls", "optional", "--tls-verify-peer") as srv:
+        assert "TLSv1.3" in srv.log()
+    with start_pynbd(tmp_path, *base, "--tls", "optional", "--tls-verify-peer") as srv:
         with Client(path=str(sock)) as c:  # optional: plaintext is allowed
             assert not c.negotiated.tls
         with Client(path=str(sock), tls=TLSConfig(certificates=str(certs))) as c:
@@ -343,7 +270,7 @@ def test_tls_certificates(tmp_path: Path) -> None:
 def test_pid_file(tmp_path: Path) -> None:
     pid_file = tmp_path / "serve.pid"
     args = ["--memory", "1M", "--unix", str(tmp_path / "s"), "--pid-file", str(pid_file)]
-    with serve(tmp_path, *args) as srv:
+    with start_pynbd(tmp_path, *args) as srv:
         assert pid_file.read_text() == f"{srv.proc.pid}\n"
         assert srv.stop() == 0
     assert not pid_file.exists()
@@ -352,7 +279,7 @@ def test_pid_file(tmp_path: Path) -> None:
 def test_max_connections_and_handshake_timeout(tmp_path: Path) -> None:
     sock = tmp_path / "s"
     args = ["--memory", "1M", "--unix", str(sock), "--max-connections", "1"]
-    with serve(tmp_path, *args, "--handshake-timeout", "0.5") as srv:
+    with start_pynbd(tmp_path, *args, "--handshake-timeout", "0.5") as srv:
         with Client(srv.uris[0]) as first:
             with pytest.raises((ConnectionClosed, ProtocolError)):
                 Client(srv.uris[0], timeout=10)
@@ -362,8 +289,8 @@ def test_max_connections_and_handshake_timeout(tmp_path: Path) -> None:
             raw.connect(str(sock))
             assert is_closed(raw, timeout=10)
         assert srv.stop() == 0
-        assert "too many connections" in srv.stderr
-        assert "handshake took too long" in srv.stderr
+        assert "too many connections" in srv.log()
+        assert "handshake took too long" in srv.log()
 
 
 # --------------------------------------------------------------------------- signals
@@ -374,7 +301,7 @@ def test_sigterm_during_a_write_completes_it(tmp_path: Path) -> None:
     image.write_bytes(bytes(16 * MiB))
     sock = tmp_path / "s"
     data = os.urandom(8 * MiB)
-    with serve(tmp_path, str(image), "--unix", str(sock)) as srv:
+    with start_pynbd(tmp_path, str(image), "--unix", str(sock)) as srv:
         with socket.socket(socket.AF_UNIX) as raw:
             raw.settimeout(20)
             raw.connect(str(sock))
@@ -382,7 +309,7 @@ def test_sigterm_during_a_write_completes_it(tmp_path: Path) -> None:
             raw.sendall(raw_request(1, MiB, len(data), cookie=42) + data[: 3 * MiB])
             wait_until("the server reads the first 3 MiB", lambda: all_read(raw))
             srv.proc.send_signal(signal.SIGTERM)
-            wait_until("the server logs SIGTERM", lambda: "SIGTERM: finishing" in srv.stderr)
+            wait_until("the server logs SIGTERM", lambda: "SIGTERM: finishing" in srv.log())
             assert srv.proc.poll() is None  # waiting for the rest of the payload
             raw.sendall(data[3 * MiB :])
             assert read_simple_reply(raw) == (0, 42)
@@ -396,7 +323,7 @@ def test_sigterm_during_a_slow_read_answers_it(tmp_path: Path) -> None:
     device.write_text(DEVICE)
     sock, started = tmp_path / "s", tmp_path / "started"
     slow = ["--python", f"{device}:Slow", "delay=1.5", f"started={started}"]
-    with serve(tmp_path, *slow, "--unix", str(sock)) as srv:
+    with start_pynbd(tmp_path, *slow, "--unix", str(sock)) as srv:
         with socket.socket(socket.AF_UNIX) as raw:
             raw.settimeout(20)
             raw.connect(str(sock))
@@ -415,7 +342,7 @@ def test_a_second_signal_aborts_requests_under_way(tmp_path: Path) -> None:
     device.write_text(DEVICE)
     sock, started, ended = tmp_path / "s", tmp_path / "started", tmp_path / "ended"
     slow = ["--python", f"{device}:Slow", "delay=5", f"started={started}", f"ended={ended}"]
-    with serve(tmp_path, *slow, "--unix", str(sock)) as srv:
+    with start_pynbd(tmp_path, *slow, "--unix", str(sock)) as srv:
         with socket.socket(socket.AF_UNIX) as raw:
             raw.settimeout(20)
             raw.connect(str(sock))
@@ -425,13 +352,13 @@ def test_a_second_signal_aborts_requests_under_way(tmp_path: Path) -> None:
             srv.proc.send_signal(signal.SIGTERM)
             # The second signal only once the first was handled (two pending SIGTERMs
             # would be delivered as one).
-            wait_until("the server logs SIGTERM", lambda: "SIGTERM: finishing" in srv.stderr)
+            wait_until("the server logs SIGTERM", lambda: "SIGTERM: finishing" in srv.log())
             srv.proc.send_signal(signal.SIGTERM)
             assert raw.recv(16) == b""  # closed without the reply,
             assert not ended.exists()  # and without waiting for the backend
         # The backend call itself cannot be interrupted: the exit waits for it.
         assert srv.proc.wait(20) == 0
-        assert "SIGTERM again" in srv.stderr
+        assert "SIGTERM again" in srv.log()
 
 
 # --------------------------------------------------------------------------- inetd
@@ -439,27 +366,18 @@ def test_a_second_signal_aborts_requests_under_way(tmp_path: Path) -> None:
 
 def test_inetd_with_our_client(tmp_path: Path) -> None:
     ours, theirs = socket.socketpair()
-    log = tmp_path / "inetd.log"
-    with ours, theirs, open(log, "w") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pynbd", "serve", "--inetd", "--memory", "8M"],
-            stdin=theirs.fileno(),
-            stdout=theirs.fileno(),
-            stderr=logf,
-            env=child_env(),
-        )
-        try:
+    with ours, theirs:
+        fd = theirs.fileno()
+        with start_pynbd(tmp_path, "--inetd", "--memory", "8M", stdin=fd, stdout=fd) as srv:
+            assert srv.uris == []  # nothing listens
             theirs.close()
             with Client(sock=ours) as c:
                 assert c.size == 8 * MiB
                 c.pwrite(b"inetd", 0)
                 assert c.pread(5, 0) == b"inetd"
-            assert proc.wait(20) == 0, log.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-    assert "export ''" in log.read_text()
+            assert srv.proc.wait(STOP_GRACE) == 0, srv.log()
+            log = srv.log()
+    assert "export ''" in log
 
 
 LIBNBD_COMMAND = """
@@ -491,7 +409,7 @@ def test_inetd_started_by_libnbd_connect_command() -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**peer_env(), "PYTHONPATH": str(SRC)},
+        env=child_env(peer_env()),
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -499,14 +417,7 @@ def test_inetd_started_by_libnbd_connect_command() -> None:
 
 
 def test_inetd_needs_a_socket() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pynbd", "serve", "--inetd", "--memory", "1M"],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=child_env(),
-    )
+    done = run_serve("--inetd", "--memory", "1M", input="")
     assert done.returncode == 1
     assert done.stderr.strip() == (
         "pynbd: --inetd: standard input is not a socket (--inetd serves a socket on fd 0)"
@@ -520,7 +431,7 @@ def test_inetd_needs_a_socket() -> None:
 def test_socket_activation_by_nbdinfo() -> None:
     """nbdinfo -- [ CMD ] (libnbd 1.14's only subprocess form) uses socket activation."""
     cmd = ["[", sys.executable, "-m", "pynbd", "serve", "--memory", "64M", "]"]
-    env = {"PYTHONPATH": str(SRC)}
+    env = child_env(peer_env())
     info = json.loads(nbdinfo("--json", "--", *cmd, env=env))
     assert info["exports"][0]["export-size"] == 64 * MiB
     extents = json.loads(nbdinfo("--map", "--json", "--", *cmd, env=env))
@@ -539,8 +450,14 @@ def test_hand_made_socket_activation(tmp_path: Path) -> None:
         tcp.bind(("127.0.0.1", 0))
         tcp.listen()
         port = tcp.getsockname()[1]
-        env = {**child_env(), "TCP_FD": str(tcp.fileno())}
-        with _activated(tmp_path, unix, tcp, env) as srv:
+        with start_pynbd(
+            tmp_path,
+            *("--memory", "2M", "--socket-activation"),
+            stdin=unix.fileno(),
+            pass_fds=(tcp.fileno(),),
+            env={**child_env(), "TCP_FD": str(tcp.fileno())},
+            wrapper=(sys.executable, "-c", LAUNCHER),
+        ) as srv:
             assert srv.uris == [f"nbd+unix:///?socket={path}", f"nbd://127.0.0.1:{port}/"]
             with Client(path=str(path)) as c:
                 c.pwrite(b"shared", 0)
@@ -563,48 +480,9 @@ os.execv(sys.argv[1], sys.argv[1:])
 """
 
 
-@contextlib.contextmanager
-def _activated(
-    tmp_path: Path, unix: socket.socket, tcp: socket.socket, env: dict[str, str]
-) -> Iterator[Served]:
-    r, w = os.pipe()
-    log = tmp_path / "activated.log"
-    argv = [sys.executable, "-m", "pynbd", "serve", "--memory", "2M", "--socket-activation"]
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, *argv, "--ready-fd", str(w)],
-            stdin=unix.fileno(),
-            stdout=subprocess.PIPE,
-            stderr=logf,
-            text=True,
-            env=env,
-            pass_fds=(tcp.fileno(), w),
-        )
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb") as pipe:
-            readable, _, _ = select.select([pipe], [], [], 30)
-            ready = pipe.read() if readable else b""
-        assert ready, f"not ready:\n{log.read_text()}"
-        yield Served(proc, ready.decode().split(), log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
 def test_socket_activation_for_another_process_is_ignored() -> None:
     env = {**child_env(), "LISTEN_PID": "1", "LISTEN_FDS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "pynbd", "serve", "--memory", "1M", "--socket-activation"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-    )
+    done = run_serve("--memory", "1M", "--socket-activation", env=env)
     assert done.returncode == 1
     assert done.stderr.strip() == (
         "pynbd: --socket-activation: LISTEN_PID/LISTEN_FDS do not name this process"
@@ -689,15 +567,7 @@ def test_bad_arguments_give_one_line(
     image.write_bytes(bytes(4096))
     (tmp_path / "F").write_text("alice:00ff\n")
     args = [str(tmp_path / a) if a in ("S", "IMG", "F") else a for a in args]
-    done = subprocess.run(
-        [sys.executable, "-m", "pynbd", "serve", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path,
-        env=child_env(),
-    )
+    done = run_serve(*args, cwd=tmp_path)
     lines = done.stderr.splitlines()
     assert done.returncode == status, done.stderr
     assert len(lines) == 1, done.stderr

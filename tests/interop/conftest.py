@@ -5,18 +5,16 @@
 - :func:`exercise_all`: every command and flag a server advertises, run with its data
   checked; every one it does not advertise must raise UnsupportedError and leave the
   connection usable.
-- :func:`start_nbd_server`: nbd-server with per-export options (``flush``, ``fua``,
-  ``trim``), which :meth:`tests.peers.Peers.nbd_server` cannot write.
+- ``pynbd_server``: the factory of ``pynbd serve`` processes (tests/serve_launcher.py),
+  for the interop tests of pynbd's server.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +23,8 @@ from pynbd.client.base import MappedExtent
 from pynbd.errors import InvalidRequest, RequestError, UnsupportedError
 from pynbd.proto.constants import StateFlag
 from tests.drivers import KINDS, Driver, Handle, driving
-from tests.peers import START_TIMEOUT, PeerError, Peers, Server, require_program
+from tests.peers import Peers
+from tests.serve_launcher import pynbd_server as pynbd_server
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -43,52 +42,6 @@ def api(request: pytest.FixtureRequest, peers: Peers) -> Iterator[Driver]:
     abort when a client drops mid-request)."""
     with driving(request.param) as driver:
         yield driver
-
-
-# --------------------------------------------------------------------------- nbd-server
-
-
-def start_nbd_server(
-    peers: Peers,
-    exports: Mapping[str, str | os.PathLike[str]],
-    options: Mapping[str, Mapping[str, str]] | None = None,
-) -> Server:
-    """Start nbd-server on a unix socket with extra per-export config lines.
-
-    ``tests/peers.py`` writes only ``exportname`` and ``readonly`` per export; nbd-server
-    advertises FLUSH, FUA and TRIM only when an export sets ``flush``, ``fua``, ``trim``
-    to true. This writes the config itself and leaves the process to Peers (which
-    stops it at teardown).
-
-    Args:
-        peers: the test's Peers.
-        exports: export name -> file.
-        options: export name -> {key: value} config lines for that export.
-    """
-    exe = require_program("nbd-server")
-    options = options or {}
-    n = next(peers._counter)
-    conf = peers.workdir / f"nbd-server-opts-{n}.conf"
-    pidfile = peers.workdir / f"nbd-server-opts-{n}.pid"
-    sock, cleanup = peers._unix_path("nbd-server", n, None)
-    lines = ["[generic]", "allowlist = true", f"unixsock = {sock}"]
-    for name, path in exports.items():
-        if not name or any(c in name for c in "[]\n="):
-            raise PeerError(f"export name {name!r} cannot be an nbd-server section")
-        lines += [f"[{name}]", f"exportname = {Path(path).absolute()}"]
-        lines += [f"{key} = {value}" for key, value in options.get(name, {}).items()]
-    conf.write_text("\n".join(lines) + "\n")
-    return peers._spawn_daemon(
-        n,
-        [exe, "-C", os.fspath(conf), "-p", os.fspath(pidfile)],
-        pidfile,
-        export=next(iter(exports)),
-        exports=tuple(exports),
-        socket_path=sock,
-        tcp=False,
-        cleanup=[*cleanup, pidfile],
-        timeout=START_TIMEOUT,
-    )
 
 
 # --------------------------------------------------------------------------- checks

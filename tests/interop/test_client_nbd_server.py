@@ -15,9 +15,9 @@ import pytest
 
 from pynbd.errors import ExportNotFound, UnsupportedError
 from tests.drivers import Driver
-from tests.peers import Peers, Server, make_raw_image
+from tests.peers import Server, make_raw_image
 
-from .conftest import KiB, MiB, assert_alive, exercise_all, start_nbd_server
+from .conftest import KiB, MiB, assert_alive, exercise_all
 
 pytestmark = pytest.mark.interop
 
@@ -27,11 +27,11 @@ Factory = Callable[..., Server]
 ALL_ON = {"flush": "true", "fua": "true", "trim": "true"}
 
 
-def test_simple_replies_only(api: Driver, peers: Peers, tmp_path: Path) -> None:
+def test_simple_replies_only(api: Driver, nbd_server: Factory, tmp_path: Path) -> None:
     """No structured replies: block status and DF are refused unsent; reads, writes,
     flush, trim and zero work."""
     image = make_raw_image(tmp_path / "disk.img", 4 * MiB)
-    server = start_nbd_server(peers, {"disk": image}, {"disk": ALL_ON})
+    server = nbd_server({"disk": image}, tcp=False, options={"disk": ALL_ON})
     c = api.connect(server.uri)
     assert c.structured_replies is False
     assert c.extended_headers is False
@@ -60,9 +60,9 @@ def test_simple_replies_only(api: Driver, peers: Peers, tmp_path: Path) -> None:
         assert f.read(4096) == data[:4096]
 
 
-def test_exercise_all(api: Driver, peers: Peers, tmp_path: Path) -> None:
+def test_exercise_all(api: Driver, nbd_server: Factory, tmp_path: Path) -> None:
     image = make_raw_image(tmp_path / "disk.img", 48 * MiB)
-    server = start_nbd_server(peers, {"disk": image}, {"disk": ALL_ON})
+    server = nbd_server({"disk": image}, tcp=False, options={"disk": ALL_ON})
     c = api.connect(server.uri)
     result = exercise_all(c)
     assert result.done == {

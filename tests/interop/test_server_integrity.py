@@ -44,9 +44,8 @@ from typing import Any
 import pytest
 
 from pynbd import AsyncClient
-from tests.interop import server_fixture
-from tests.interop.server_fixture import PynbdServer
 from tests.peers import peer_env
+from tests.serve_launcher import PynbdServer
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -59,9 +58,6 @@ IN_FLIGHT = 16
 Start = Callable[..., PynbdServer]
 
 pytestmark = pytest.mark.interop
-
-# The fixture, by assignment (an import would be shadowed by every test's argument).
-pynbd_server = server_fixture.pynbd_server
 
 LIBNBD_PYTHON = "/usr/bin/python3"
 

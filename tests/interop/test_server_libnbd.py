@@ -3,7 +3,8 @@ libnbd's Python module (run with Debian's /usr/bin/python3, the only interpreter
 has ``import nbd``) that send every command and flag, with structured replies on and
 off, and check block status on a sparse memory export and on a sparse file.
 
-Every test starts its own server (see ``server_fixture.py``) and stops it by pid.
+Every test starts its own server (the ``pynbd_server`` fixture of
+``tests/serve_launcher.py``), which is stopped by pid at teardown.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop import server_fixture
-from tests.interop.server_fixture import PynbdServer
 from tests.peers import nbdinfo_json, peer_env, require_program, run_tool
+from tests.serve_launcher import PynbdServer
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -28,9 +28,6 @@ MiB = 1024 * KiB
 Start = Callable[..., PynbdServer]
 
 pytestmark = pytest.mark.interop
-
-# The fixture, by assignment (an import would be shadowed by every test's argument).
-pynbd_server = server_fixture.pynbd_server
 
 #: libnbd's Python module exists only for this interpreter.
 LIBNBD_PYTHON = "/usr/bin/python3"
@@ -84,7 +81,7 @@ def test_nbdinfo_list_json_and_descriptions(pynbd_server: Start) -> None:
     text = run_tool("nbdinfo", "--list", srv.uri).stdout
     assert 'export="small"' in text and 'export="other"' in text
 
-    info = nbdinfo_json(srv.export_uri("other"))
+    info = nbdinfo_json(srv.uri_for("other"))
     assert info["protocol"] == "newstyle-fixed"
     assert info["structured"] is True
     (export,) = info["exports"]
@@ -397,7 +394,7 @@ def test_libnbd_every_command(pynbd_server: Start, tmp_path: Path, mode: str) ->
     srv = pynbd_server("--memory", "16M")
     out = run_libnbd_script(tmp_path, EVERY_COMMAND, srv.uri, mode)
     assert out.strip() == f"OK {mode}"
-    log = srv.stderr()
+    log = srv.log()
     assert "structured replies" in log or mode == "nosr", log
 
 

@@ -2,7 +2,8 @@
 of it (data checked through the proxy), ``nbd-client -l`` listing its named exports
 over TCP, and fio's nbd engine with a verifying random-write workload.
 
-Every test starts its own server (see ``server_fixture.py``) and stops it by pid.
+Every test starts its own server (the ``pynbd_server`` fixture of
+``tests/serve_launcher.py``), which is stopped by pid at teardown.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from pynbd import Client
-from tests.interop import server_fixture
-from tests.interop.server_fixture import PynbdServer
 from tests.peers import run_tool
+from tests.serve_launcher import PynbdServer
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -26,9 +26,6 @@ MiB = 1024 * KiB
 Start = Callable[..., PynbdServer]
 
 pytestmark = pytest.mark.interop
-
-# The fixture, by assignment (an import would be shadowed by every test's argument).
-pynbd_server = server_fixture.pynbd_server
 
 
 # --------------------------------------------------------------------------- nbdkit proxy
@@ -85,7 +82,7 @@ def test_nbdkit_proxy_data_both_ways(pynbd_server: Start, tmp_path: Path, tcp: b
     expected[5 * MiB : 5 * MiB + 64 * KiB] = b"\x3c" * (64 * KiB)
     assert back.read_bytes() == source.read_bytes()
     # And directly from our server: what went through the proxy is really there.
-    with Client(srv.export_uri("named")) as c:
+    with Client(srv.uri_for("named")) as c:
         assert c.pread(16 * MiB, 0) == expected
 
 
@@ -183,5 +180,5 @@ def test_fio_verify_file_export_mixed_sizes(pynbd_server: Start, tmp_path: Path)
     jobs = report["jobs"]
     assert isinstance(jobs, list)
     assert jobs[0]["error"] == 0
-    log = srv.stderr()
+    log = srv.log()
     assert re.search(r"\d+ requests", log), log

@@ -1,7 +1,8 @@
 """qemu as an independent client of ``pynbd serve``: qemu-img info, convert both ways
 and compare; qemu-io writes and reads with patterns, zeroes, discards and flushes.
 
-Every test starts its own server (see ``server_fixture.py``) and stops it by pid.
+Every test starts its own server (the ``pynbd_server`` fixture of
+``tests/serve_launcher.py``), which is stopped by pid at teardown.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop import server_fixture
-from tests.interop.server_fixture import PynbdServer
 from tests.peers import run_tool
+from tests.serve_launcher import PynbdServer
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -23,9 +23,6 @@ MiB = 1024 * KiB
 Start = Callable[..., PynbdServer]
 
 pytestmark = pytest.mark.interop
-
-# The fixture, by assignment (an import would be shadowed by every test's argument).
-pynbd_server = server_fixture.pynbd_server
 
 
 def qemu_io(uri: str, *commands: str) -> str:
@@ -46,7 +43,7 @@ def test_qemu_img_info(pynbd_server: Start, tcp: bool) -> None:
     info = json.loads(run_tool("qemu-img", "info", "--output=json", srv.uri).stdout)
     assert info["virtual-size"] == 48 * MiB
     assert info["format"] == "raw"
-    info = json.loads(run_tool("qemu-img", "info", "--output=json", srv.export_uri("b")).stdout)
+    info = json.loads(run_tool("qemu-img", "info", "--output=json", srv.uri_for("b")).stdout)
     assert info["virtual-size"] == 5 * MiB
 
 
