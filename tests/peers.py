@@ -803,6 +803,7 @@ class Peers:
         tcp: bool = True,
         *,
         options: Mapping[str, Mapping[str, str]] | None = None,
+        allowlist: bool = True,
         socket_path: Path | None = None,
         port: int | None = None,
         timeout: float = START_TIMEOUT,
@@ -822,6 +823,7 @@ class Peers:
             options: export name -> more ``key = value`` lines for its section, such
                 as ``{"disk": {"flush": "true", "fua": "true", "trim": "true"}}``
                 (nbd-server advertises FLUSH, FUA and TRIM only when asked to).
+            allowlist: answer NBD_OPT_LIST (False: refuse it, nbd-server's default).
             socket_path: a unix socket path to use (to restart a server in place).
             port: a TCP port to use (no retry then).
             timeout: seconds to wait for the server to listen.
@@ -849,7 +851,7 @@ class Peers:
             n = next(self._counter)
             conf = self.workdir / f"nbd-server-{n}.conf"
             pidfile = self.workdir / f"nbd-server-{n}.pid"
-            lines = ["[generic]", "allowlist = true"]
+            lines = ["[generic]", f"allowlist = {str(allowlist).lower()}"]
             cleanup: list[Path] = [pidfile]
             sock: Path | None = None
             if tcp:
