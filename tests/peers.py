@@ -186,12 +186,13 @@ def run_tool(
     return done
 
 
-#: Where the tests look for a Python 3.13 (TLS-PSK needs it) unless $PYNBD_PYTHON313 says.
+#: Where the tests look for a Python 3.13 unless $PYNBD_PYTHON313 says.
 PYTHON313_DEFAULT = "/root/.pyenv/versions/3.13.0/bin/python3"
 
 
 def python313() -> str:
-    """Return the path of a Python 3.13 interpreter, for the TLS-PSK tests.
+    """Return the path of a Python 3.13 interpreter, for the tests that run under it
+    (TLS-PSK, the asyncio transport that keeps a view of unsent data).
 
     Raises:
         PeerError: there is none at $PYNBD_PYTHON313 (default :data:`PYTHON313_DEFAULT`).
@@ -199,8 +200,8 @@ def python313() -> str:
     path = os.environ.get("PYNBD_PYTHON313", PYTHON313_DEFAULT)
     if not os.access(path, os.X_OK):
         raise PeerError(
-            f"Python 3.13 is needed to test TLS-PSK for real and {path} is not there; "
-            "install it there or point $PYNBD_PYTHON313 at a 3.13 interpreter"
+            f"Python 3.13 is needed to test TLS-PSK and 3.13's asyncio for real and {path} "
+            "is not there; install it there or point $PYNBD_PYTHON313 at a 3.13 interpreter"
         )
     return path
 

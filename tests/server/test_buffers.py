@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ import pytest
 from pynbd.proto.constants import Cmd
 from pynbd.proto.server import BufferPool, RequestReceived
 from pynbd.server import Backend, Capabilities, MemoryBackend
+from tests.peers import python313
+from tests.serve_launcher import start_pynbd
 
 from .helpers import (
     raw_go,
@@ -26,12 +27,10 @@ from .helpers import (
     read_simple_reply,
     recv_exactly,
     running_server,
-    wait_until,
 )
 from .test_core_transmission import request, tx
 
 KiB = 1024
-PYTHON313_DEFAULT = "/root/.pyenv/versions/3.13.0/bin/python3"
 _READ, _WRITE = 0, 1
 
 
@@ -177,20 +176,10 @@ def test_a_read_reply_is_not_overwritten_by_a_later_request_before_it_is_sent() 
 def test_the_same_under_python_3_13(tmp_path: Path) -> None:
     # From 3.12 the transport keeps a view of what it could not send (3.11 copies it):
     # a reply buffer handed to it must never come back to the pool.
-    python = os.environ.get("PYNBD_PYTHON313", PYTHON313_DEFAULT)
-    if not os.access(python, os.X_OK):
-        pytest.skip(f"no Python 3.13 at {python}")
-    size, path = 256 * KiB, str(tmp_path / "nbd.sock")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src"))
-    command = [python, "-m", "pynbd", "serve", "--memory", str(size), "--unix", path]
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: os.path.exists(path) or proc.poll() is not None, "the server's start")
-        assert proc.poll() is None, "the server did not start"
-        _check_reads_between_writes(path, size)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    size = 256 * KiB
+    with start_pynbd(tmp_path, "--memory", str(size), listen="unix", python=python313()) as srv:
+        assert srv.socket_path is not None
+        _check_reads_between_writes(str(srv.socket_path), size)
 
 
 class _SlowFirstWrite(Backend):

@@ -30,7 +30,8 @@ from pynbd.proto.server import TLSPolicy
 from pynbd.server import Export, Limits, MemoryBackend, Server, ServerTLSConfig
 from pynbd.server.tls import make_server_context, read_psk_file
 from pynbd.transport.tls import TLSConfig
-from tests.peers import make_psk_file, make_x509_dir, peer_env
+from tests.peers import make_psk_file, make_x509_dir, peer_env, python313
+from tests.serve_launcher import child_env, start_pynbd
 
 from .helpers import (
     PATIENCE,
@@ -42,9 +43,7 @@ from .helpers import (
     wait_until,
 )
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 ROOT = Path(__file__).resolve().parents[2]
-PYTHON313_DEFAULT = "/root/.pyenv/versions/3.13.0/bin/python3"
 
 
 @pytest.fixture(scope="module")
@@ -298,16 +297,6 @@ def test_psk_below_313_is_refused_clearly(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- PSK (3.13)
 
 
-def python313() -> str:
-    path = os.environ.get("PYNBD_PYTHON313", PYTHON313_DEFAULT)
-    if not os.path.exists(path):
-        pytest.fail(
-            f"Python 3.13 is needed to test TLS-PSK for real and {path} does not exist; "
-            "install it there or point $PYNBD_PYTHON313 at a 3.13 interpreter"
-        )
-    return path
-
-
 # Run by Python 3.13 with PYTHONPATH=src:ROOT: our server with PSK, our clients with the
 # right key, a wrong key and an unknown user. Prints one JSON line.
 PSK_SCRIPT = r"""
@@ -348,7 +337,8 @@ def test_psk_under_python313(tmp_path: Path) -> None:
     psk = make_psk_file(tmp_path)
     wrong = tmp_path / "wrong.psk"
     wrong.write_text(f"alice:{os.urandom(32).hex()}\nmallory:{os.urandom(32).hex()}\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]))
+    env = child_env()
+    env["PYTHONPATH"] += os.pathsep + str(ROOT)  # for tests.server.helpers
     done = subprocess.run(
         [python313(), "-c", PSK_SCRIPT, str(psk), str(wrong)],
         capture_output=True,
@@ -367,35 +357,11 @@ def test_psk_under_python313(tmp_path: Path) -> None:
 
 def test_nbdinfo_psk_against_a_python313_server(tmp_path: Path) -> None:
     psk = make_psk_file(tmp_path)
-    sock = tmp_path / "nbd.sock"
-    env = dict(os.environ, PYTHONPATH=str(SRC))
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [
-            python313(),
-            "-m",
-            "pynbd",
-            "serve",
-            "--memory",
-            "16M",
-            "--unix",
-            str(sock),
-            "--tls-psk-file",
-            str(psk),
-            "--ready-fd",
-            str(w),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        pass_fds=(w,),
-    )
-    os.close(w)
-    try:
-        with os.fdopen(r) as ready:
-            assert ready.read().strip() == f"nbds+unix:///?socket={sock}", proc.stderr
+    with start_pynbd(
+        tmp_path, "--memory", "16M", "--tls-psk-file", str(psk), listen="unix", python=python313()
+    ) as srv:
+        sock = srv.socket_path
+        assert srv.uris == [f"nbds+unix:///?socket={sock}"], srv.log()
         uri = f"nbds+unix://alice@/?socket={sock}&tls-psk-file={psk}"
         done = nbdinfo("--json", uri)
         assert done.returncode == 0, done.stderr
@@ -407,11 +373,4 @@ def test_nbdinfo_psk_against_a_python313_server(tmp_path: Path) -> None:
         wrong.write_text(f"alice:{os.urandom(32).hex()}\n")
         bad = nbdinfo("--size", f"nbds+unix://alice@/?socket={sock}&tls-psk-file={wrong}")
         assert bad.returncode != 0
-        proc.terminate()
-        assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        assert proc.stderr is not None
-        proc.stderr.close()
+        assert srv.stop() == 0, srv.log()
