@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.serve_launcher import child_env
+
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
 HEADER = "| test | transport | pynbd | libnbd | ratio | paired | target | verdict |"
@@ -37,10 +39,6 @@ def quick_run(tmp_path: Path, only: str) -> tuple[subprocess.CompletedProcess[st
     assert shutil.which("nbdkit"), "nbdkit is not installed (.ci/run installs it)"
     assert _has_libnbd(), "python3-libnbd is missing for /usr/bin/python3 (.ci/run installs it)"
     out_json = tmp_path / "bench.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p
-    )
     proc = subprocess.run(
         [
             SYSTEM_PYTHON,
@@ -53,7 +51,7 @@ def quick_run(tmp_path: Path, only: str) -> tuple[subprocess.CompletedProcess[st
             str(out_json),
         ],
         cwd=REPO,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=100,

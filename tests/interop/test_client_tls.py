@@ -30,16 +30,14 @@ from pynbd.errors import (
 )
 from pynbd.proto.constants import Rep
 from tests.drivers import Driver
-from tests.peers import Peers, Server, make_psk_file, make_raw_image, make_x509_dir
+from tests.peers import Peers, Server, make_psk_file, make_raw_image, make_x509_dir, python313
+from tests.serve_launcher import child_env
 
 from .conftest import KiB, MiB, exercise_all
 
 pytestmark = pytest.mark.interop
 
 Factory = Callable[..., Server]
-
-SRC = Path(__file__).resolve().parents[2] / "src"
-PYTHON313_DEFAULT = "/root/.pyenv/versions/3.13.0/bin/python3"
 
 
 #: How a server that demands a client certificate turns away a client without one.
@@ -252,16 +250,6 @@ print(json.dumps(out))
 """
 
 
-def _python313() -> str:
-    path = os.environ.get("PYNBD_PYTHON313", PYTHON313_DEFAULT)
-    if not os.access(path, os.X_OK):
-        pytest.fail(
-            f"Python 3.13 is needed to test TLS-PSK for real and {path} does not exist; "
-            "install it there or point $PYNBD_PYTHON313 at a 3.13 interpreter"
-        )
-    return path
-
-
 def _run_psk_script(server: Server, tmp_path: Path) -> dict[str, Any]:
     assert server.psk_file is not None and server.tls_username == "alice"
     good = server.uri
@@ -274,9 +262,9 @@ def _run_psk_script(server: Server, tmp_path: Path) -> dict[str, Any]:
     assert wrong_key != good and "mallory@" in wrong_user
     script = tmp_path / "psk_check.py"
     script.write_text(_PSK_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.fspath(SRC), PYTHONDONTWRITEBYTECODE="1")
+    env = {**child_env(), "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run(
-        [_python313(), "-W", "error", os.fspath(script), good, wrong_key, wrong_user],
+        [python313(), "-W", "error", os.fspath(script), good, wrong_key, wrong_user],
         capture_output=True,
         text=True,
         env=env,

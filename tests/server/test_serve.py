@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,23 +11,20 @@ from pathlib import Path
 
 import pytest
 
-import pynbd
 from pynbd.client import Client
 from pynbd.errors import ConnectionClosed, ProtocolError
 from pynbd.server import MemoryBackend, serve
-
-SRC = str(Path(pynbd.__file__).resolve().parent.parent)
+from tests.serve_launcher import child_env
 
 
 @contextmanager
 def child(code: str) -> Iterator[subprocess.Popen[str]]:
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=child_env(),
     )
     try:
         yield proc

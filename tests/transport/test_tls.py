@@ -38,10 +38,8 @@ from pynbd.transport import (
     tls_error,
     wrap_socket,
 )
-from tests.peers import python313, require_program
-
-SRC = Path(__file__).resolve().parents[2] / "src"
-
+from tests.peers import Server, free_port, python313
+from tests.serve_launcher import child_env
 
 # --- A hand-written minimum of NBD, for the tests only ---------------------------------
 # (These functions are also copied into the Python 3.13 script with inspect.getsource.)
@@ -72,68 +70,6 @@ def raw_abort(sock: socket.socket) -> None:
     sock.sendall(struct.pack(">QII", 0x49484156454F5054, 2, 0))
     reply = struct.unpack(">QIII", recv_exact(sock, 20))
     assert reply == (0x3E889045565A9, 2, 1, 0), reply
-
-
-# --- nbdkit -----------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    socket_path: str | None = None
-    port: int | None = None
-    log: Path | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def nbdkit(tmp: Path, *args: str, tcp: bool = False) -> Iterator[Server]:
-    """Run ``nbdkit ARGS memory 1M`` on a unix socket (or TCP on 127.0.0.1); stop it after."""
-    for attempt in range(5):
-        pidfile = tmp / f"nbdkit{attempt}.pid"
-        log = tmp / f"nbdkit{attempt}.log"
-        pidfile.unlink(missing_ok=True)  # a stale one would say "ready" too early
-        if tcp:
-            port: int | None = _free_port()
-            where = ["-i", "127.0.0.1", "-p", str(port)]
-            sock_path = None
-        else:
-            port = None
-            sock_path = str(tmp / f"nbdkit{attempt}.sock")
-            # nbdkit 1.32 leaves its socket behind when stopped: clear a stale one.
-            Path(sock_path).unlink(missing_ok=True)
-            where = ["-U", sock_path]
-        exe = require_program("nbdkit")
-        cmd = [exe, "-f", "--exit-with-parent", "-P", str(pidfile), *where, *args]
-        cmd += ["memory", "1M"]
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-        try:
-            # nbdkit writes its pid file once it listens.
-            deadline = time.monotonic() + 20
-            while not (pidfile.exists() and pidfile.read_text().strip()):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-            if proc.poll() is None and pidfile.exists():
-                yield Server(proc, sock_path, port, log)
-                return
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        if not tcp:
-            break  # a unix socket in a fresh directory cannot be taken: a real failure
-    raise RuntimeError(f"nbdkit did not start: {log.read_text(errors='replace')}")
 
 
 # --- Certificates -----------------------------------------------------------------------
@@ -170,7 +106,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 def tls_roundtrip(server: Server, cfg: TLSConfig, host: str | None = None) -> str:
     """Connect, STARTTLS, handshake, ABORT over TLS; return the TLS version."""
     if server.socket_path is not None:
-        sock = open_stream(path=server.socket_path, timeout=10)
+        sock = open_stream(path=os.fspath(server.socket_path), timeout=10)
     else:
         sock = open_stream(host="127.0.0.1", port=server.port, timeout=10)
     try:
@@ -192,8 +128,8 @@ def tls_roundtrip(server: Server, cfg: TLSConfig, host: str | None = None) -> st
 
 
 @pytest.mark.interop
-def test_x509_tcp_verified(tmp_path: Path, pki: PKI) -> None:
-    with nbdkit(tmp_path, "--tls=require", f"--tls-certificates={pki.server_dir}", tcp=True) as srv:
+def test_x509_tcp_verified(nbdkit: Callable[..., Server], pki: PKI) -> None:
+    with nbdkit("memory", "1M", tls="x509", tls_creds=pki.server_dir, tcp=True) as srv:
         # By IP address (the server certificate names 127.0.0.1) and by name.
         cfg = TLSConfig(certificates=str(pki.ca_only_dir))
         assert tls_roundtrip(srv, cfg, "127.0.0.1") in ("TLSv1.2", "TLSv1.3")
@@ -210,8 +146,8 @@ def test_x509_tcp_verified(tmp_path: Path, pki: PKI) -> None:
 
 
 @pytest.mark.interop
-def test_x509_wrong_ca_fails(tmp_path: Path, pki: PKI) -> None:
-    with nbdkit(tmp_path, "--tls=require", f"--tls-certificates={pki.server_dir}", tcp=True) as srv:
+def test_x509_wrong_ca_fails(nbdkit: Callable[..., Server], pki: PKI) -> None:
+    with nbdkit("memory", "1M", tls="x509", tls_creds=pki.server_dir, tcp=True) as srv:
         cfg = TLSConfig(certificates=str(pki.other_ca_dir))
         with pytest.raises(TLSError, match="certificate verification failed") as info:
             tls_roundtrip(srv, cfg, "127.0.0.1")
@@ -225,8 +161,8 @@ def test_x509_wrong_ca_fails(tmp_path: Path, pki: PKI) -> None:
 
 
 @pytest.mark.interop
-def test_x509_unix_socket_names(tmp_path: Path, pki: PKI) -> None:
-    with nbdkit(tmp_path, "--tls=require", f"--tls-certificates={pki.server_dir}") as srv:
+def test_x509_unix_socket_names(nbdkit: Callable[..., Server], pki: PKI) -> None:
+    with nbdkit("memory", "1M", tls="x509", tls_creds=pki.server_dir) as srv:
         ca = str(pki.ca_only_dir)
         # No name over a unix socket: the chain is verified, the name is not.
         assert not make_client_context(TLSConfig(certificates=ca)).check_hostname
@@ -241,8 +177,8 @@ def test_x509_unix_socket_names(tmp_path: Path, pki: PKI) -> None:
 
 
 @pytest.mark.interop
-def test_x509_tls_hostname_over_tcp(tmp_path: Path, pki: PKI) -> None:
-    with nbdkit(tmp_path, "--tls=require", f"--tls-certificates={pki.server_dir}", tcp=True) as srv:
+def test_x509_tls_hostname_over_tcp(nbdkit: Callable[..., Server], pki: PKI) -> None:
+    with nbdkit("memory", "1M", tls="x509", tls_creds=pki.server_dir, tcp=True) as srv:
         ca = str(pki.ca_only_dir)
         # hostname wins over the address connected to.
         assert tls_roundtrip(srv, TLSConfig(certificates=ca, hostname="localhost"), "127.0.0.1")
@@ -251,9 +187,8 @@ def test_x509_tls_hostname_over_tcp(tmp_path: Path, pki: PKI) -> None:
 
 
 @pytest.mark.interop
-def test_x509_client_certificate(tmp_path: Path, pki: PKI) -> None:
-    args = ("--tls=require", f"--tls-certificates={pki.server_dir}", "--tls-verify-peer")
-    with nbdkit(tmp_path, *args) as srv:
+def test_x509_client_certificate(nbdkit: Callable[..., Server], pki: PKI) -> None:
+    with nbdkit("memory", "1M", tls="x509", tls_creds=pki.server_dir, tls_verify_peer=True) as srv:
         # The directory's client-cert.pem and client-key.pem are sent.
         assert tls_roundtrip(srv, TLSConfig(certificates=str(pki.client_dir)))
         # Or named files.
@@ -294,13 +229,13 @@ main()
 """
 
 
-def run_psk_client(tmp: Path, path: str, psk_file: Path, user: str) -> str:
+def run_psk_client(tmp: Path, path: Path, psk_file: Path, user: str) -> str:
     helpers = "\n\n".join(inspect.getsource(f) for f in (recv_exact, raw_starttls, raw_abort))
     script = tmp / "psk_client.py"
     script.write_text(PSK_SCRIPT.format(helpers=helpers))
-    env = {**os.environ, "PYTHONPATH": str(SRC), "LOGNAME": "alice"}
+    env = {**child_env(), "LOGNAME": "alice"}
     out = subprocess.run(
-        [python313(), str(script), path, str(psk_file), user],
+        [python313(), str(script), str(path), str(psk_file), user],
         capture_output=True,
         text=True,
         timeout=60,
@@ -320,8 +255,8 @@ def psk_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.interop
-def test_psk_against_nbdkit(tmp_path: Path, psk_file: Path) -> None:
-    with nbdkit(tmp_path, "--tls=require", f"--tls-psk={psk_file}") as srv:
+def test_psk_against_nbdkit(tmp_path: Path, psk_file: Path, nbdkit: Callable[..., Server]) -> None:
+    with nbdkit("memory", "1M", tls="psk", tls_creds=psk_file) as srv:
         assert srv.socket_path is not None
         out = run_psk_client(tmp_path, srv.socket_path, psk_file, "alice")
         assert out.startswith("OK TLSv1.3"), out
@@ -340,10 +275,12 @@ def test_psk_against_nbdkit(tmp_path: Path, psk_file: Path) -> None:
 
 
 @pytest.mark.interop
-def test_psk_refuses_certificate_server(tmp_path: Path, psk_file: Path, pki: PKI) -> None:
+def test_psk_refuses_certificate_server(
+    tmp_path: Path, psk_file: Path, pki: PKI, nbdkit: Callable[..., Server]
+) -> None:
     # A server without the key answers with a certificate handshake; a PSK client
     # verifies no certificates, so without the check this would be a silent success.
-    with nbdkit(tmp_path, "--tls=require", f"--tls-certificates={pki.server_dir}") as srv:
+    with nbdkit("memory", "1M", tls="x509", tls_creds=pki.server_dir) as srv:
         assert srv.socket_path is not None
         out = run_psk_client(tmp_path, srv.socket_path, psk_file, "alice")
         assert out.startswith("TLSError: the server answered with a certificate"), out
@@ -540,7 +477,7 @@ def test_open_stream_tcp_ipv6() -> None:
 
 
 def test_open_stream_refused() -> None:
-    port = _free_port()
+    port = free_port()
     with pytest.raises(ConnectionClosed) as info:
         open_stream(host="127.0.0.1", port=port, timeout=5)
     assert str(info.value) == f"cannot connect to 127.0.0.1:{port}: Connection refused"
