@@ -333,6 +333,8 @@ class ClientTransmission(ReceiveBuffer):
         ReceiveBuffer.__init__(self, buffer_size)
         #: Direct reads shorter than this get room for their whole usual reply.
         self._direct_small = min(DIRECT_READ, buffer_size - self._lead + 1)
+        #: The room lent for a big read's usual header (it never changes).
+        self._header_room = self._view[: self._lead]
         self._state = _HEADER
         self._target: memoryview | None = None
         self._target_pos = 0
@@ -546,15 +548,13 @@ class ClientTransmission(ReceiveBuffer):
         assert lead is not None  # the read is not empty
         self._direct = (cookie, _READ, buffer, length, offset, flags, lead)
         self._state = _DIRECT
-        if self._end:
-            self._start = self._end = 0
         self._direct_lead = lead
         if length < self._direct_small:
             self._direct_want = want = self._lead + length
-        else:
-            self._direct_want = want = self._lead
-            self._direct_usual = DIRECT_DATA
-        return cookie, request, self._view[:want]
+            return cookie, request, self._view[:want]
+        self._direct_want = self._lead
+        self._direct_usual = DIRECT_DATA
+        return cookie, request, self._header_room
 
     def direct_request(
         self,
@@ -599,8 +599,6 @@ class ClientTransmission(ReceiveBuffer):
         request = self._header(cmd, wire_flags, cookie, offset, length)
         self._direct = (cookie, cmd, None, length, offset, flags, lead)
         self._state = _DIRECT
-        if self._end:
-            self._start = self._end = 0
         self._direct_lead = lead
         self._direct_want = want = len(lead)
         return cookie, request, self._view[:want]
@@ -644,8 +642,10 @@ class ClientTransmission(ReceiveBuffer):
         if nbytes and self._buf.startswith(self._direct_lead[:nbytes]):
             return DIRECT_PARTIAL  # (the slice is all of the lead once nbytes passed it)
         # Not the usual reply: the request becomes an ordinary one, and the general
-        # path parses what came, in place.
+        # path parses what came, in place (the room starts the buffer, which held no
+        # unparsed bytes).
         self._end_direct()
+        self._start = self._end = 0
         cookie, cmd, buffer, length, offset, flags, lead = direct
         if cmd is _READ:
             if length >= DIRECT_READ:
