@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trustme
 
 from pynbd import __version__
 from pynbd.cli import main
@@ -570,7 +571,6 @@ def test_map_range_and_totals(capsys: pytest.CaptureFixture[str], nbdkit: Factor
 
 @pytest.mark.interop
 def test_info_over_tls(capsys: pytest.CaptureFixture[str], nbdkit: Factory, tmp_path: Path) -> None:
-    trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")
     server_dir = tmp_path / "server"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
 from pynbd.errors import ConnectionClosed, NBDTimeout, TLSError
 from pynbd.transport import (
@@ -85,7 +86,6 @@ class PKI:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    trustme = pytest.importorskip("trustme")
     base = tmp_path_factory.mktemp("pki")
     ca = trustme.CA()
     server = ca.issue_cert("localhost", "127.0.0.1", "::1")
