@@ -282,3 +282,38 @@ def test_bench_kernel_tables() -> None:
     assert "500 IOPS | 1.0k IOPS | 800 IOPS" in rand
     assert cpu_table.splitlines()[2].endswith("| - | - | - |")  # no marks: no CPU figure
     assert errors == "Errors:\n- pynbd-serve round 1: boom"
+
+
+@pytest.mark.interop
+def test_abtrees_compares_a_checkout_with_itself(tmp_path: Path) -> None:
+    """bench/abtrees.py imports two checkouts side by side (here the same one twice)
+    and prints the control's and the new tree's ratios to the base; no speed asserted."""
+    assert shutil.which("nbdkit"), "nbdkit is not installed (.ci/run installs it)"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "abtrees.py"),
+            str(REPO),
+            str(REPO),
+            "--case",
+            "pread_into",
+            "--size",
+            "4K",
+            "--rounds",
+            "3",
+            "--seconds",
+            "0.02",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("pread_into 4096 bytes, 3 rounds of 0.02 s; base ")
+    assert lines[1].split()[:3] == ["control", "(base", "again)"]
+    assert lines[2].split()[0] == "new"
+    for line in lines[1:]:
+        assert " of base (quartiles " in line
