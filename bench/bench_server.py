@@ -58,6 +58,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 CONTENDERS = ("pynbd-mem", "pynbd-file", "nbdkit-mem", "nbdkit-file", "qemu-nbd")
+#: With --baseline: pynbd serve from another checkout, in the same rounds.
+BASELINES = ("base-mem", "base-file")
 CASES = ("write-256k", "write-4m", "read-256k", "read-4m", "randread-qd1", "randread-qd16")
 TRANSPORTS = ("unix", "tcp")
 FIO_RAMP_MS = 200
@@ -143,7 +145,9 @@ def _wait_connectable(proc: subprocess.Popen[bytes], family: int, address: Any) 
     return False
 
 
-def start_pynbd(name: str, what: list[str], transport: str, workdir: Path, python: str) -> Running:
+def start_pynbd(
+    name: str, what: list[str], transport: str, workdir: Path, python: str, src: Path = SRC
+) -> Running:
     where = (
         ["--unix", str(workdir / f"{name}.sock")]
         if transport == "unix"
@@ -151,7 +155,7 @@ def start_pynbd(name: str, what: list[str], transport: str, workdir: Path, pytho
     )
     log = workdir / f"{name}-{transport}.log"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH")) if p)
     r, w = os.pipe()
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
@@ -215,11 +219,17 @@ def start_peer(
     raise SystemExit(f"{name} did not start:\n{log.read_text()}")
 
 
-def start(name: str, transport: str, workdir: Path, size: int, python: str) -> Running:
+def start(
+    name: str, transport: str, workdir: Path, size: int, python: str, baseline: Path | None
+) -> Running:
     image = workdir / f"{name}.img"
     if name.endswith("file") or name == "qemu-nbd":
         with open(image, "wb") as f:
             f.truncate(size)
+    if name.startswith("base-"):  # pynbd serve from the --baseline checkout
+        assert baseline is not None
+        what = ["--memory", str(size)] if name == "base-mem" else [str(image)]
+        return start_pynbd(name, what, transport, workdir, python, baseline / "src")
     if name == "pynbd-mem":
         return start_pynbd(name, ["--memory", str(size)], transport, workdir, python)
     if name == "pynbd-file":
@@ -337,16 +347,19 @@ class Results:
         return statistics.median(x.cpu_per_unit for x in got)
 
 
-def bench(s: Settings, selected: list[str], workdir: Path, python: str) -> Results:
+def bench(
+    s: Settings, selected: list[str], workdir: Path, python: str, baseline: Path | None
+) -> Results:
     results = Results()
+    contenders = CONTENDERS + (BASELINES if baseline is not None else ())
     for transport in TRANSPORTS:
         cases = [c for c in CASES if f"{transport}/{c}" in selected]
         if not cases:
             continue
         servers: list[Running] = []
         try:
-            for name in CONTENDERS:
-                servers.append(start(name, transport, workdir, s.size, python))
+            for name in contenders:
+                servers.append(start(name, transport, workdir, s.size, python, baseline))
             # Fill every export first, so that reads read data.
             for server in servers:
                 run([require("nbdcopy"), str(s.source), server.uri])
@@ -410,7 +423,36 @@ def tables(results: Results, selected: list[str]) -> str:
                 tgt = "-" if target is None else f">= {target:.1f}x"
                 lines.append(f"| {case} | {ours} / {ref} | {ratio:.2f}x | {tgt} | {verdict} |")
         lines += cpu_tables(results, transport, cases)
+        if results.samples.get((transport, cases[0], "base-mem")):
+            lines += baseline_table(results, transport, cases)
     return "\n".join(lines)
+
+
+def baseline_table(results: Results, transport: str, cases: list[str]) -> list[str]:
+    """This checkout against --baseline's: the median over rounds of each round's
+    ratio (both ran in the same round, so the machine's drift cancels), and the ratio
+    of server CPU per unit."""
+    lines = [
+        "\nThis checkout / the --baseline checkout, paired by round (throughput; server"
+        " CPU per unit, lower is better):\n",
+        "| case | mem: throughput | mem: CPU per unit | file: throughput | file: CPU per unit |",
+        "|---|---|---|---|---|",
+    ]
+    for case in cases:
+        row = []
+        for ours, base in (("pynbd-mem", "base-mem"), ("pynbd-file", "base-file")):
+            a = results.samples.get((transport, case, ours), [])
+            b = results.samples.get((transport, case, base), [])
+            pairs = [(x, y) for x, y in zip(a, b, strict=False) if y.value and y.cpu_per_unit]
+            if not pairs:
+                row += ["-", "-"]
+                continue
+            row.append(f"{statistics.median(x.value / y.value for x, y in pairs):.3f}")
+            row.append(
+                f"{statistics.median(x.cpu_per_unit / y.cpu_per_unit for x, y in pairs):.3f}"
+            )
+        lines.append(f"| {case} | " + " | ".join(row) + " |")
+    return lines
 
 
 def cpu_tables(results: Results, transport: str, cases: list[str]) -> list[str]:
@@ -461,6 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every sample here")
     parser.add_argument("--markdown", action="store_true", help="(the table is Markdown always)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for pynbd serve")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also serve from this checkout's src (base-mem, base-file) in the same rounds, "
+        "and print this checkout against it: an A/B of two trees",
+    )
     args = parser.parse_args(argv)
 
     ids = [f"{t}/{c}" for t in TRANSPORTS for c in CASES]
@@ -482,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         make_source(source, size)
         s = Settings(size, settings_rounds, fio_seconds, source)
         t0 = time.monotonic()
-        results = bench(s, selected, workdir, args.python)
+        baseline = args.baseline.resolve() if args.baseline else None
+        if baseline is not None and not (baseline / "src" / "pynbd").is_dir():
+            raise SystemExit(f"--baseline {args.baseline}: no src/pynbd there")
+        results = bench(s, selected, workdir, args.python, baseline)
         elapsed = time.monotonic() - t0
     table = tables(results, selected)
     server_python = run([args.python, "-c", "import platform; print(platform.python_version())"])

@@ -317,3 +317,25 @@ def test_abtrees_compares_a_checkout_with_itself(tmp_path: Path) -> None:
     assert lines[2].split()[0] == "new"
     for line in lines[1:]:
         assert " of base (quartiles " in line
+
+
+def test_bench_server_baseline_table_pairs_rounds() -> None:
+    """--baseline's table: per case and backend, the median of each round's ratio of
+    this checkout's server to the baseline's (throughput, and CPU per unit)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_server as bs
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    results = bs.Results()
+    # Three rounds: ours 100, 90, 120 MB/s against the baseline's 100, 100, 100 (ratios
+    # 1.0, 0.9, 1.2: median 1.0); CPU seconds so that CPU per MB halves in every round.
+    for ours, base in ((100, 100), (90, 100), (120, 100)):
+        results.samples.setdefault(("unix", "write-4m", "pynbd-mem"), []).append(
+            bs.Sample(ours, 1.0, 0.5, 100)
+        )
+        results.samples.setdefault(("unix", "write-4m", "base-mem"), []).append(
+            bs.Sample(base, 1.0, 1.0, 100)
+        )
+    lines = bs.baseline_table(results, "unix", ["write-4m"])
+    assert lines[-1] == "| write-4m | 1.000 | 0.500 | - | - |"
