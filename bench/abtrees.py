@@ -34,17 +34,11 @@ from typing import Any
 
 from bench_client import nbdkit  # (this script's folder is first on sys.path)
 
+from pynbd.cli.common import parse_size  # (importable once bench_client is)
+
 KiB = 1024
 MiB = 1024 * KiB
 REGION = 64 * MiB
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``4K``, ``256K``, ``4M``."""
-    units = {"K": KiB, "M": MiB}
-    if text[-1:].upper() in units:
-        return int(text[:-1]) * units[text[-1].upper()]
-    return int(text)
 
 
 def load_trees(checkouts: list[Path], workdir: Path) -> list[Any]:

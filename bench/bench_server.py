@@ -226,14 +226,13 @@ def start(
     if name.endswith("file") or name == "qemu-nbd":
         with open(image, "wb") as f:
             f.truncate(size)
-    if name.startswith("base-"):  # pynbd serve from the --baseline checkout
-        assert baseline is not None
-        what = ["--memory", str(size)] if name == "base-mem" else [str(image)]
-        return start_pynbd(name, what, transport, workdir, python, baseline / "src")
-    if name == "pynbd-mem":
-        return start_pynbd(name, ["--memory", str(size)], transport, workdir, python)
-    if name == "pynbd-file":
-        return start_pynbd(name, [str(image)], transport, workdir, python)
+    if name.startswith(("pynbd-", "base-")):  # base-: from the --baseline checkout
+        what = ["--memory", str(size)] if name.endswith("-mem") else [str(image)]
+        src = SRC
+        if name.startswith("base-"):
+            assert baseline is not None
+            src = baseline / "src"
+        return start_pynbd(name, what, transport, workdir, python, src)
     nbdkit = require("nbdkit")
     if name == "nbdkit-mem":
         return start_peer(
