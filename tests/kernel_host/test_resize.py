@@ -146,3 +146,55 @@ def test_cli_resize_usage(state_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["resize", "/dev/nbd9"]) == 1
     assert "no server recorded for /dev/nbd9" in capsys.readouterr().err
     assert main(["resize", "not-a-device", "--size", "1M"]) == 1
+
+
+def test_state_file_never_follows_a_planted_symlink(state_dir: Path, tmp_path: Path) -> None:
+    # Whoever can write to the state directory plants symlinks at the names the record
+    # goes through: the old temporary name was predictable (.nbdX.json.PID).
+    state_dir.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (state_dir / f".nbd3.json.{os.getpid()}").symlink_to(victim)
+    (state_dir / "nbd3.json").symlink_to(victim)
+    path = resize.write_state(3, "nbd://h/")
+    assert victim.read_text() == "precious\n"
+    assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+    assert (resize.read_state(3) or {})["uri"] == "nbd://h/"
+    # A record reached through a symlink is not read either.
+    planted = tmp_path / "planted.json"
+    planted.write_text('{"uri": "nbd://attacker/"}\n')
+    (state_dir / "nbd5.json").symlink_to(planted)
+    assert resize.read_state(5) is None
+    resize.remove_state(5)  # removes the symlink, not its target
+    assert planted.exists() and not (state_dir / "nbd5.json").is_symlink()
+
+
+def test_state_directory_checked_as_root(
+    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state_dir.mkdir()
+    resize.write_state(3, "nbd://h/")
+    monkeypatch.setattr(resize, "_running_as_root", lambda: True, raising=False)
+    state_dir.chmod(0o755)
+    assert resize.read_state(3) is not None  # ours, not writable by others: fine
+    state_dir.chmod(0o1777)  # sticky or not, anyone could plant a record
+    with pytest.raises(PermissionError, match=r"state directory .*state is writable by others"):
+        resize.write_state(3, "nbd://h/")
+    with pytest.raises(PermissionError, match="writable by others"):
+        resize.read_state(3)
+    with pytest.raises(InvalidRequest, match="not reading the recorded server: state dir"):
+        resize.reread_size(3)
+    state_dir.chmod(0o755)
+    link = tmp_path / "link"
+    link.symlink_to(state_dir)
+    monkeypatch.setenv("PYNBD_STATE_DIR", os.fspath(link))
+    with pytest.raises(PermissionError, match="is a symlink"):
+        resize.write_state(3, "nbd://h/")
+    # Someone else's directory (the owner test on a made-up status).
+    other = os.stat_result((0o40755, 0, 0, 2, os.geteuid() + 1, 0, 0, 0, 0, 0))
+    assert resize._unsafe_dir(other) == f"owned by uid {os.geteuid() + 1}, not by root"
+    assert resize._unsafe_dir(os.stat(state_dir)) is None
+    # Not root: the user's own choice, not checked.
+    monkeypatch.setattr(resize, "_running_as_root", lambda: False)
+    state_dir.chmod(0o777)
+    assert resize.write_state(3, "nbd://h/") == link / "nbd3.json"

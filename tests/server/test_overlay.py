@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,42 @@ def test_overlay_in_a_temporary_file(tmp_path: Path) -> None:
     assert contents(ov) == expect
     assert contents(base) == original
     ov.close()
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "mkstemp"])
+def test_overlay_file_is_never_reopened_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
+) -> None:
+    # Someone who can write to a shared --overlay-dir replaces the name of the new
+    # temporary file with a symlink to their victim, right after it is made.
+    victim = tmp_path / "victim.img"
+    victim.write_bytes(b"precious" * (32 * BS // 8))
+    before = victim.read_bytes()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    made = tempfile.mkstemp
+
+    def swap(*args: object, **kwargs: object) -> tuple[int, str]:
+        fd, path = made(*args, **kwargs)  # type: ignore[call-overload]
+        os.unlink(path)
+        os.symlink(victim, path)
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", swap)
+    if not unnamed:  # a kernel or filesystem without O_TMPFILE
+        monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    base = patterned(32 * BS)
+    ov = OverlayBackend(base, directory=shared, block_size=BS)
+    try:
+        ov.pwrite(memoryview(b"\xee" * 3 * BS), BS, False)
+        assert contents(ov)[BS : 4 * BS] == b"\xee" * 3 * BS
+        assert victim.read_bytes() == before  # the writes went to the overlay's file
+        store = os.fstat(ov._store._fd)  # type: ignore[attr-defined]
+        assert store.st_nlink == 0  # no name anywhere
+        assert store.st_mode & 0o777 == 0o600
+    finally:
+        ov.close()
+    assert list(shared.iterdir()) == []  # the planted symlink was removed, not followed
 
 
 def test_bad_arguments() -> None:

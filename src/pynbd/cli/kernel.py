@@ -49,7 +49,6 @@ modprobe nbd, detach the busy device, ...), 2 on a usage error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import logging
@@ -211,8 +210,13 @@ def run_attach(args: argparse.Namespace) -> int:
     except KernelError as exc:
         raise explain_kernel_error(exc, device) from exc
     if uri is not None:
-        with contextlib.suppress(OSError):  # only `pynbd resize` without --uri needs it
+        try:
             write_state(attachment.index, uri)
+        except OSError as exc:  # only `pynbd resize` without --uri needs it
+            reason = exc.strerror or str(exc)
+            if exc.filename is not None:
+                reason = f"{exc.filename}: {reason}"
+            print(f"pynbd: not recording the server for `pynbd resize`: {reason}", file=sys.stderr)
     print(attachment.device, flush=True)
     if not foreground:
         return 0

@@ -61,6 +61,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -395,12 +396,23 @@ def _uri(address: Any, tls: bool) -> str:
 
 
 def _write_pid_file(path: str | None) -> bool:
-    """Write our pid to ``path`` (atomically); False when there is no pid file."""
+    """Write our pid to ``path`` (atomically, mode 0644); False when there is no pid file.
+
+    The pid goes to a new file of an unguessable name (``mkstemp``: ``O_EXCL`` and
+    ``O_NOFOLLOW``), which is then renamed over ``path``: a symlink planted at either
+    name is replaced, never followed (a pid file's directory may be shared, such as
+    /run or /tmp, and the server may run as root).
+    """
     if path is None:
         return False
-    tmp = f"{path}.{os.getpid()}.tmp"
+    directory, name = os.path.split(path)
     try:
-        with open(tmp, "w") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
+    except OSError as exc:
+        raise CommandError(f"cannot write the pid file {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
             f.write(f"{os.getpid()}\n")
         os.replace(tmp, path)
     except OSError as exc:
@@ -411,9 +423,11 @@ def _write_pid_file(path: str | None) -> bool:
 
 
 def _remove_pid_file(path: str) -> None:
+    """Remove the pid file if it still holds our pid (a symlink there is not followed)."""
     with contextlib.suppress(OSError, ValueError):
-        with open(path) as f:
-            if int(f.read().strip()) != os.getpid():
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if int(f.read(32).strip()) != os.getpid():
                 return
         os.unlink(path)
 

@@ -41,6 +41,8 @@ import dataclasses
 import errno
 import json
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ from .netlink import DeviceConfig, encode_reconfigure
 
 __all__ = [
     "STATE_DIR",
+    "open_state_dir",
     "read_state",
     "remove_state",
     "reread_size",
@@ -62,6 +65,8 @@ __all__ = [
 
 #: Where attach records what resize needs (``$PYNBD_STATE_DIR`` overrides).
 STATE_DIR = "/run/pynbd"
+#: The most of a state file read (a record is a few hundred bytes).
+_MAX_STATE = 64 * 1024
 #: Seconds given to the server's event loop to apply a new size.
 _LOOP_TIMEOUT = 30.0
 
@@ -213,28 +218,61 @@ def write_state(device: str | int, uri: str, **extra: Any) -> Path:
     wants to know): ``{"device", "uri", "pid", ...extra}``. Written atomically, mode
     0600 (a URI may name key files). Returns the path.
 
+    The record goes to a new file of a random name (``O_EXCL|O_NOFOLLOW``) that is
+    renamed over the state file: a symlink planted at either name is replaced, never
+    followed. As root, the directory is checked first (see :func:`open_state_dir`).
+
     Raises:
-        OSError: the state directory cannot be written.
+        OSError: the state directory cannot be written; PermissionError: it is not safe.
     """
     path = state_path(device)
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     record = {"device": device_path(device_index(device)), "uri": uri, "pid": os.getpid()}
     record.update(extra)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-        f.write("\n")
-    os.replace(tmp, path)
+    dir_fd = open_state_dir(path.parent, create=True)
+    try:
+        tmp = f".{path.name}.{secrets.token_hex(8)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+                f.write("\n")
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
     return path
 
 
 def read_state(device: str | int) -> dict[str, Any] | None:
-    """The record :func:`write_state` left for a device, or None (no file, or a bad one)."""
+    """The record :func:`write_state` left for a device, or None (no file, or a bad one:
+    not a regular file, a symlink, not JSON).
+
+    Raises:
+        PermissionError: running as root, the state directory is not safe (see
+            :func:`open_state_dir`): its records cannot be trusted.
+    """
+    path = state_path(device)
     try:
-        data = json.loads(state_path(device).read_text())
+        dir_fd = open_state_dir(path.parent)
+    except PermissionError:
+        raise
+    except OSError:
+        return None
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(path.name, flags, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            data = json.loads(f.read(_MAX_STATE))
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(dir_fd)
     return data if isinstance(data, dict) and isinstance(data.get("uri"), str) else None
 
 
@@ -242,7 +280,53 @@ def remove_state(device: str | int) -> None:
     """Remove a device's state file (detach calls this). Never fails: a missing file
     or an unwritable directory is left as it is."""
     with contextlib.suppress(OSError):
-        state_path(device).unlink()
+        state_path(device).unlink()  # unlink removes a symlink, never its target
+
+
+def open_state_dir(directory: Path, *, create: bool = False) -> int:
+    """A descriptor of the state directory, made (mode 0755) when ``create``.
+
+    As root, the directory must not be a symlink, must be owned by root and must not be
+    writable by group or others (sticky or not: anyone could plant a record there,
+    which ``pynbd resize`` would follow as root). Another user's state directory is
+    theirs to choose and is not checked.
+
+    Raises:
+        PermissionError: as root, the directory is not safe (the message says why).
+        OSError: it cannot be made or opened.
+    """
+    if create:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    root = _running_as_root()
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if root else 0)
+    try:
+        fd = os.open(directory, flags)
+    except OSError as exc:
+        if root and os.path.islink(directory):  # ELOOP or ENOTDIR
+            raise PermissionError(
+                errno.EPERM, f"state directory {directory} is a symlink; set PYNBD_STATE_DIR"
+            ) from exc
+        raise
+    why = _unsafe_dir(os.fstat(fd)) if root else None
+    if why is not None:
+        os.close(fd)
+        raise PermissionError(
+            errno.EPERM, f"state directory {directory} is {why}; fix it or set PYNBD_STATE_DIR"
+        )
+    return fd
+
+
+def _running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _unsafe_dir(st: os.stat_result) -> str | None:
+    """Why a directory of this status may not hold root's records, or None."""
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by root"
+    if st.st_mode & 0o022:
+        return f"writable by others (mode {stat.S_IMODE(st.st_mode):04o}: chmod go-w)"
+    return None
 
 
 # --------------------------------------------------------------------------- other servers
@@ -271,12 +355,15 @@ def reread_size(device: str | int, *, uri: str | None = None, size: int | None =
             the server reports, when the server is known).
 
     Raises:
-        InvalidRequest: no URI known and no size given, or ``size`` larger than the
-            export.
+        InvalidRequest: no URI known and no size given, ``size`` larger than the
+            export, or (as root) a state directory others can write to.
         KernelError, and the client's errors (see :func:`server_size`).
     """
     if uri is None:
-        state = read_state(device)
+        try:
+            state = read_state(device)
+        except PermissionError as exc:
+            raise InvalidRequest(f"not reading the recorded server: {exc.strerror}") from exc
         uri = state["uri"] if state is not None else None
     if uri is None and size is None:
         raise InvalidRequest(

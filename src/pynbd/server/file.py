@@ -68,15 +68,21 @@ class FileBackend(Backend):
     Args:
         path: the file or device.
         read_only: open it read-only and refuse writes.
+        fd: a descriptor already open on the file, used instead of opening ``path``
+            (which then only names it); the backend owns it from the call on, and
+            closes it (at once when this raises).
 
     Raises:
         OSError: the file cannot be opened.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, read_only: bool = False, fd: int | None = None
+    ) -> None:
         self.path = os.fspath(path)
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        self._fd = os.open(self.path, flags)
+        if fd is None:
+            fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self._fd = fd
         try:
             mode = os.fstat(self._fd).st_mode
             self.is_block_device = stat.S_ISBLK(mode)

@@ -8,7 +8,7 @@ are:
 
 - ``BASE``: never written here: read from the base.
 - ``DATA``: copied up: read from the overlay store (a sparse memory store, or a sparse
-  temporary file that is deleted as soon as it is opened).
+  temporary file that has no name: ``O_TMPFILE``, else removed as soon as it is made).
 - ``ZERO``: trimmed or zeroed whole: reads as zeroes, stores nothing.
 
 A write that covers part of a ``BASE`` block first copies that block up from the base
@@ -282,11 +282,35 @@ def _add(out: list[Extent], length: int, flags: int) -> None:
 
 
 def _temporary_file(directory: str | os.PathLike[str], size: int) -> FileBackend:
-    """A sparse file of ``size`` bytes in ``directory``, already unlinked."""
-    fd, path = tempfile.mkstemp(prefix="pynbd-overlay-", dir=directory)
+    """A sparse file of ``size`` bytes in ``directory`` with no name left, mode 0600.
+
+    Only the descriptor is used once the file exists, never its name: in a shared
+    directory the name could be swapped for a symlink to another file between two
+    calls. ``O_TMPFILE`` makes a file that never has a name; where the kernel or the
+    filesystem cannot, :func:`tempfile.mkstemp` creates one (``O_EXCL|O_NOFOLLOW``)
+    and the name is removed at once (unlink removes a symlink, never its target).
+    """
+    fd = _unnamed_file(os.fspath(directory))
     try:
         os.ftruncate(fd, size)
-        return FileBackend(path)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return FileBackend(os.path.join(directory, "(pynbd overlay, unnamed)"), fd=fd)
+
+
+def _unnamed_file(directory: str) -> int:
+    """A descriptor of a new empty file in ``directory`` that has no name."""
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            return os.open(directory, tmpfile | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:
+            pass  # EOPNOTSUPP (the filesystem), EISDIR (an old kernel): use a name
+    fd, path = tempfile.mkstemp(prefix="pynbd-overlay-", dir=directory)
+    try:
         os.unlink(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
