@@ -266,6 +266,77 @@ def test_device_object_refuses_a_path_that_is_not_nbd() -> None:
         NBDDevice(None, "/dev/null")
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_device_object_refuses_what_is_only_named_nbd(tmp_path: Path) -> None:
+    # Each of these is called nbd5; none may be opened read-write as a device.
+    disk = tmp_path / "disk.img"  # stands for another disk
+    disk.write_bytes(b"precious" * 512)
+    nodes = {name: tmp_path / name / "nbd5" for name in ("file", "fifo", "null", "disk")}
+    for path in nodes.values():
+        path.parent.mkdir()
+    nodes["file"].write_bytes(b"data")
+    os.mkfifo(nodes["fifo"])
+    nodes["null"].symlink_to("/dev/null")
+    nodes["disk"].symlink_to(disk)
+    null = os.stat("/dev/null").st_rdev
+    said = {
+        "file": "a regular file",
+        "fifo": "a fifo",
+        "null": f"a symlink to /dev/null: a character device {os.major(null)}:{os.minor(null)}",
+        "disk": f"a symlink to {disk}: a regular file",
+    }
+    before = _open_fds()
+    for name, path in nodes.items():
+        with pytest.raises(InvalidRequest) as excinfo:
+            NBDDevice(None, path)
+        assert str(excinfo.value) == f"{path} is not an nbd device ({said[name]})"
+        with pytest.raises(InvalidRequest, match="is not an nbd device"):
+            device.open_device(path, os.O_RDONLY)
+    assert _open_fds() == before
+    assert disk.read_bytes() == b"precious" * 512
+
+
+def test_device_is_checked_on_the_open_descriptor(
+    tmp_path: Path, fake_node: Callable[[str, int, int], None]
+) -> None:
+    # The name looked like an nbd device when checked, and is something else when
+    # opened (swapped in between): the descriptor's fstat refuses it.
+    path = tmp_path / "nbd2"
+    path.write_bytes(b"data")
+    fake_node(os.fspath(path), NBD_MAJOR, 2 << device._part_shift())
+    before = _open_fds()
+    with pytest.raises(InvalidRequest, match=f"{path} is not an nbd device \\(a regular file\\)"):
+        device.open_device(path, os.O_RDWR)
+    assert _open_fds() == before  # closed again
+
+
+def test_nbd_nodes_by_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device, "_part_shift", lambda: 5)
+
+    def node(major: int, minor: int) -> os.stat_result:
+        fields = (stat.S_IFBLK | 0o660, 1, 1, 1, 0, 0, 0, 0, 0, 0)
+        return os.stat_result(fields, {"st_rdev": os.makedev(major, minor)})
+
+    assert device._index_of_node("/dev/nbd3", node(NBD_MAJOR, 3 << 5)) == 3
+    with pytest.raises(InvalidRequest, match="/dev/nbd3p1 is a partition"):
+        device._index_of_node("/dev/nbd3p1", node(NBD_MAJOR, (3 << 5) + 1))
+    with pytest.raises(InvalidRequest, match=r"/dev/x is not an nbd device \(a block device 8:0\)"):
+        device._index_of_node("/dev/x", node(8, 0))
+
+
+def test_nbd_major_from_proc_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    devices = tmp_path / "devices"
+    monkeypatch.setattr(device, "PROC_DEVICES", devices)
+    assert device.nbd_major() == NBD_MAJOR  # no such file
+    devices.write_text("Character devices:\n  1 mem\n 43 nbd\n\nBlock devices:\n  7 loop\n")
+    assert device.nbd_major() == NBD_MAJOR  # not loaded (43 nbd is a character one here)
+    devices.write_text("Character devices:\n  1 mem\n\nBlock devices:\n  7 loop\n252 nbd\n")
+    assert device.nbd_major() == 252
+
+
 def test_closed_device_object_says_so() -> None:
     dev = NBDDevice.__new__(NBDDevice)
     dev._fd, dev._path, dev._sock, dev._job = None, "/dev/nbd2", None, None

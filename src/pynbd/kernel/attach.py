@@ -50,6 +50,7 @@ from .device import (
     device_path,
     list_devices,
     netlink_available,
+    open_device,
     sysfs_state,
     validate_block_size,
     wait_disconnected,
@@ -770,7 +771,7 @@ def _settle(attachment: Attachment, *, scan: bool = True) -> None:
     if not scan:
         return
     try:
-        fd = os.open(attachment.device, os.O_RDONLY | os.O_CLOEXEC)
+        fd, _ = open_device(attachment.device, os.O_RDONLY)
     except OSError as exc:
         raise KernelError(exc.errno or errno.EIO, call="open", device=attachment.device) from exc
     os.close(fd)

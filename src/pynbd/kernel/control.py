@@ -24,6 +24,7 @@ from .device import (
     device_path,
     find_holders,
     list_devices,
+    open_device,
     sysfs_state,
     wait_disconnected,
 )
@@ -129,7 +130,7 @@ def _ioctl_disconnect(index: int) -> None:
     if state.exists and not state.busy:
         return
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd, _ = open_device(path, os.O_RDWR)
     except OSError as exc:
         raise KernelError(exc.errno or errno.EIO, call="open", device=path) from exc
     try:

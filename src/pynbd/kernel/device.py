@@ -67,7 +67,9 @@ __all__ = [
     "find_holders",
     "list_devices",
     "max_block_size",
+    "nbd_major",
     "netlink_available",
+    "open_device",
     "sysfs_state",
     "validate_block_size",
     "wait_disconnected",
@@ -77,6 +79,8 @@ __all__ = [
 NBD_MAJOR = 43
 
 SYS_BLOCK = Path("/sys/block")
+#: Where the kernel lists the majors of its drivers.
+PROC_DEVICES = Path("/proc/devices")
 _NAME = re.compile(r"nbd(\d+)\Z")
 
 
@@ -101,12 +105,7 @@ def device_index(device: str | os.PathLike[str] | int) -> int:
             st = os.stat(device)
         except OSError as exc:
             raise InvalidRequest(f"{os.fspath(device)} is not an nbd device") from exc
-        if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != NBD_MAJOR:
-            raise InvalidRequest(f"{os.fspath(device)} is not an nbd device")
-        part_shift = _part_shift()
-        if os.minor(st.st_rdev) & ((1 << part_shift) - 1):
-            raise InvalidRequest(f"{os.fspath(device)} is a partition, not an nbd device")
-        return os.minor(st.st_rdev) >> part_shift
+        return _index_of_node(os.fspath(device), st)
     return int(found.group(1))
 
 
@@ -117,6 +116,78 @@ def _part_shift() -> int:
     except (OSError, ValueError):
         max_part = 16
     return max_part.bit_length() if max_part > 0 else 0
+
+
+def nbd_major() -> int:
+    """The block major number of the nbd driver: ``/proc/devices`` says, else 43."""
+    with contextlib.suppress(OSError, ValueError):
+        block = PROC_DEVICES.read_text().partition("Block devices:")[2]
+        for line in block.splitlines():
+            number, _, name = line.strip().partition(" ")
+            if name.strip() == "nbd":
+                return int(number)
+    return NBD_MAJOR
+
+
+def open_device(path: str | os.PathLike[str], flags: int) -> tuple[int, int]:
+    """Open an nbd device; returns ``(descriptor, index)``.
+
+    Only a whole nbd device is opened: a block device of the nbd driver's major
+    (:func:`nbd_major`) and not a partition, whatever its name (udev symlinks welcome).
+    The node is checked before it is opened (opening a fifo may block, some character
+    devices act when opened), and the opened descriptor again with ``fstat``, so the
+    name cannot be swapped for another disk between the check and the use.
+
+    Args:
+        path: the device.
+        flags: ``os.O_RDONLY``, ``os.O_RDWR``... (``O_CLOEXEC`` is added).
+
+    Raises:
+        InvalidRequest: not an nbd device; the message says what it is instead
+            (``/tmp/x/nbd3 is not an nbd device (a symlink to /dev/sda: a block
+            device 8:0)``).
+        OSError: it cannot be looked at or opened (ENOENT, EACCES...).
+    """
+    name = os.fspath(path)
+    _index_of_node(name, os.stat(name))
+    fd = os.open(name, flags | os.O_CLOEXEC)
+    try:
+        index = _index_of_node(name, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, index
+
+
+def _index_of_node(path: str, st: os.stat_result) -> int:
+    """The index of the nbd device with status ``st``; InvalidRequest for anything else."""
+    if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != nbd_major():
+        raise InvalidRequest(f"{path} is not an nbd device ({_describe_node(path, st)})")
+    part_shift = _part_shift()
+    if os.minor(st.st_rdev) & ((1 << part_shift) - 1):
+        raise InvalidRequest(f"{path} is a partition, not an nbd device")
+    return os.minor(st.st_rdev) >> part_shift
+
+
+def _describe_node(path: str, st: os.stat_result) -> str:
+    """What a node is, for an error: ``a regular file``, ``a symlink to /dev/sda: ...``."""
+    mode = st.st_mode
+    if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
+        kind = "block" if stat.S_ISBLK(mode) else "character"
+        what = f"a {kind} device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    elif stat.S_ISREG(mode):
+        what = "a regular file"
+    elif stat.S_ISDIR(mode):
+        what = "a directory"
+    elif stat.S_ISFIFO(mode):
+        what = "a fifo"
+    elif stat.S_ISSOCK(mode):
+        what = "a socket"
+    else:
+        what = "not a device"
+    if os.path.islink(path):
+        return f"a symlink to {os.path.realpath(path)}: {what}"
+    return what
 
 
 def device_path(index: int) -> str:
@@ -234,9 +305,10 @@ def find_holders(device: str | os.PathLike[str] | int) -> list[Holder]:
     index = device_index(device)
     shift = _part_shift()
     first, last = index << shift, ((index + 1) << shift) - 1
+    nbd = nbd_major()
 
     def ours(major: int, minor: int) -> bool:
-        return major == NBD_MAJOR and first <= minor <= last
+        return major == nbd and first <= minor <= last
 
     out = _mount_holders(ours) + _process_holders(ours)
     base = SYS_BLOCK / f"nbd{index}"
@@ -453,6 +525,7 @@ class NBDDevice:
         device: str | os.PathLike[str] | None = None,
     ) -> None:
         self._fd: int | None = None
+        self._index: int | None = None
         self._path = ""
         self._sock: ioctl.FileLike | None = None
         self._job: AsyncRun | None = None
@@ -473,8 +546,8 @@ class NBDDevice:
 
     @property
     def index(self) -> int:
-        """The device's number X."""
-        return device_index(self._path)
+        """The device's number X (of the device opened, whatever its path's name)."""
+        return device_index(self._path) if self._index is None else self._index
 
     def fileno(self) -> int:
         """The open device's descriptor.
@@ -499,9 +572,9 @@ class NBDDevice:
             raise KernelError(errno.EBUSY, "NBD_DO_IT is running", device=self._path)
         self.close()
         target = os.fspath(path) if path is not None else find_free_device()
-        device_index(target)  # refuse a path that is not an nbd device
+        device_index(target)  # a name that is not nbdX must be an nbd node
         try:
-            self._fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+            self._fd, self._index = open_device(target, os.O_RDWR)
         except OSError as exc:
             hint = "modprobe nbd" if exc.errno == errno.ENOENT else ""
             if exc.errno in (errno.EACCES, errno.EPERM):

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest
-from .device import NetlinkControl, device_index, device_path, sysfs_state
+from .device import NetlinkControl, device_index, device_path, open_device, sysfs_state
 from .errors import FamilyNotFound, KernelError
 from .netlink import DeviceConfig, encode_reconfigure
 
@@ -115,7 +115,7 @@ def _ioctl_size(index: int, size: int) -> None:
 
     path = device_path(index)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, _ = open_device(path, os.O_RDONLY)
     except OSError as exc:
         raise KernelError(exc.errno or errno.EIO, call="open", device=path) from exc
     try:
