@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from pynbd.client import Client
 from pynbd.errors import ConnectionClosed, NBDTimeout, TLSError
 from pynbd.transport import (
     TLSConfig,
@@ -174,6 +175,42 @@ def test_x509_unix_socket_names(nbdkit: Callable[..., Server], pki: PKI) -> None
         # The chain is still checked without a name.
         with pytest.raises(TLSError, match="verification failed"):
             tls_roundtrip(srv, TLSConfig(certificates=str(pki.other_ca_dir)))
+
+
+@pytest.mark.interop
+def test_x509_unix_socket_never_trusts_the_system_cas_without_a_name(
+    nbdkit: Callable[..., Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server over a unix socket with a certificate for some other site, issued by a
+    # CA the system trusts (SSL_CERT_FILE stands for the system's CAs here).
+    public = trustme.CA()
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    public.cert_pem.write_to_path(str(creds / "ca-cert.pem"))
+    site = public.issue_cert("evil.example")
+    site.private_key_pem.write_to_path(str(creds / "server-key.pem"))
+    site.cert_chain_pems[0].write_to_path(str(creds / "server-cert.pem"))
+    public.cert_pem.write_to_path(str(tmp_path / "system-cas.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "system-cas.pem"))
+    with nbdkit("memory", "1M", tls="x509", tls_creds=creds) as srv:
+        with pytest.raises(TLSError) as info:
+            tls_roundtrip(srv, TLSConfig())
+        assert "add tls-certificates=DIR" in str(info.value)
+        assert "or tls-hostname=NAME" in str(info.value)
+        assert "tls-verify-peer=false" in str(info.value)
+        # The same through a URI, with pynbd's client.
+        uri = f"nbds+unix:///?socket={srv.socket_path}"
+        with pytest.raises(TLSError, match="without tls-hostname"):
+            Client(uri, timeout=10)
+        # With the name to check, the system CAs are as good as for TCP.
+        assert tls_roundtrip(srv, TLSConfig(hostname="evil.example"))
+        with pytest.raises(TLSError, match="Hostname mismatch"):
+            tls_roundtrip(srv, TLSConfig(hostname="localhost"))
+        # A pinned CA, or no verification at all, as asked.
+        assert tls_roundtrip(srv, TLSConfig(certificates=str(creds)))
+        assert tls_roundtrip(srv, TLSConfig(verify_peer=False))
+        with Client(f"{uri}&tls-verify-peer=false", timeout=10) as c:
+            assert c.size == 1 << 20
 
 
 @pytest.mark.interop
@@ -339,8 +376,14 @@ def test_context_settings(pki: PKI) -> None:
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     off = make_client_context(TLSConfig(verify_peer=False), "h")
     assert off.verify_mode == ssl.CERT_NONE and not off.check_hostname
-    # No CA given: the system CAs.
+    # No CA given: the system CAs, with the name checked.
     assert make_client_context(TLSConfig(), "h").verify_mode == ssl.CERT_REQUIRED
+    # Over a unix socket (no host) without a name: only a pinned CA, never the system's.
+    with pytest.raises(TLSError, match="without tls-hostname would accept any certificate"):
+        make_client_context(TLSConfig())
+    assert not make_client_context(TLSConfig(certificates=str(pki.ca_only_dir))).check_hostname
+    assert make_client_context(TLSConfig(hostname="srv")).check_hostname
+    assert make_client_context(TLSConfig(verify_peer=False)).verify_mode == ssl.CERT_NONE
 
 
 def test_context_errors(tmp_path: Path, pki: PKI) -> None:

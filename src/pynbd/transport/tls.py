@@ -12,8 +12,14 @@ Two kinds of credentials, as libnbd and nbdkit use them:
   ``ca-crl.pem`` (a revocation list, used when there). ``cafile``, ``certfile`` and
   ``keyfile`` name files directly and win over the directory. The server is verified by
   default: its chain always, and its name when there is one to check (see
-  :meth:`TLSConfig.server_name`: over a unix socket only ``hostname`` gives one, so
-  without it only the chain is checked).
+  :meth:`TLSConfig.server_name`: over a unix socket only ``hostname`` gives one).
+  Over a unix socket without ``hostname`` only a CA given for the purpose (a pinned
+  CA: ``ca-cert.pem`` or ``cafile``) can vouch for the server: with the system CAs any
+  certificate of any site would do, so :func:`make_client_context` refuses that and
+  says which URI parameter to add. libnbd (1.14) verifies nothing at all over a unix
+  socket without a hostname; qemu refuses to connect ("No hostname for certificate
+  validation") and never uses the system CAs. ``tls-verify-peer=false`` still turns
+  verification off.
 - PSK. ``psk_file`` names a file of ``username:hexkey`` lines, as nbdkit reads and
   GnuTLS's ``psktool`` writes. The user name defaults to the local user name (libnbd's
   rule: ``$LOGNAME``, else the login name), never to ``"default"``. Python exposes
@@ -61,6 +67,14 @@ CA_CRL = "ca-crl.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 
+#: Over a unix socket with no name to check, the system CAs would vouch for any site.
+_NO_NAME_NO_CA = (
+    "TLS over a unix socket without tls-hostname would accept any certificate the system "
+    "CAs vouch for: add tls-certificates=DIR (a directory with the server's CA as "
+    "ca-cert.pem) or tls-hostname=NAME (the name in the server's certificate) to the "
+    "URI, or tls-verify-peer=false to skip verification"
+)
+
 _HEX_RE = re.compile(r"(?:[0-9A-Fa-f]{2})+")
 _SSL_LOCATION_RE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
 
@@ -73,7 +87,8 @@ class TLSConfig:
         certificates: a directory with ``ca-cert.pem`` and optionally
             ``client-cert.pem`` + ``client-key.pem`` and ``ca-crl.pem``.
         cafile: a PEM file of CAs to trust (wins over the directory's ``ca-cert.pem``);
-            with neither, the system CAs are trusted.
+            with neither, the system CAs are trusted, but only where a name is checked
+            (TCP, or ``hostname``).
         certfile: a PEM client certificate (chain), sent when the server asks.
         keyfile: the private key of ``certfile`` (may be omitted when ``certfile``
             holds the key too).
@@ -81,7 +96,8 @@ class TLSConfig:
             makes the connection open to a man in the middle.
         hostname: the name to verify the server's certificate against and to send as
             SNI, instead of the host connected to. Over a unix socket this is the only
-            name there is; without it only the chain is verified.
+            name there is; without it only the chain is verified, and only against a
+            CA given here (``certificates`` or ``cafile``), never the system CAs.
         psk_file: a file of ``username:hexkey`` lines; selects TLS-PSK (Python 3.13+).
         username: the PSK user name; default :func:`default_tls_username`.
         required: True to fail when the server refuses STARTTLS; False for
@@ -207,7 +223,8 @@ def make_client_context(cfg: TLSConfig, server_hostname: str | None = None) -> s
         ``cfg.server_name(server_hostname)``.
 
     Raises:
-        TLSError: a file cannot be read or parsed, or PSK is asked for on Python < 3.13.
+        TLSError: a file cannot be read or parsed, PSK is asked for on Python < 3.13,
+            or the server could not be verified (no name to check and no CA of its own).
     """
     if cfg.psk_file is not None:
         return _psk_context(cfg.psk_file, cfg.username)
@@ -271,6 +288,8 @@ def _x509_context(cfg: TLSConfig, name: str | None) -> ssl.SSLContext:
             ctx.load_cert_chain(certfile, keyfile)
     except (OSError, ValueError) as exc:
         raise TLSError(f"cannot load {what}: {_describe(exc)}") from exc
+    if cfg.verify_peer and name is None and cafile is None:
+        raise TLSError(_NO_NAME_NO_CA)
     if cfg.verify_peer:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.check_hostname = name is not None

@@ -96,7 +96,9 @@ class NBDURI:
         tls_psk_file: ``tls-psk-file=FILE``: a PSK file of ``username:hexkey`` lines.
         tls_username: the TLS user name, from ``user@`` or ``tls-username=``.
         tls_hostname: ``tls-hostname=NAME``: the name to check the server's
-            certificate against (and send as SNI) instead of ``host``.
+            certificate against (and send as SNI) instead of ``host``. Over a unix
+            socket it is the only name; without it ``tls-certificates`` must hold the
+            server's CA (the system CAs are not trusted there).
 
     Raises:
         URIError: when the fields do not make a valid NBD URI.
