@@ -152,16 +152,12 @@ def threads_available() -> int:
         pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     except OSError:
         return 1 << 15
-    running = sum(len(os.listdir(f"/proc/{p}/task")) for p in _pids())
+    running = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):  # it may be gone already
+                running += len(os.listdir(f"/proc/{pid}/task"))
     return pid_max - running
-
-
-def _pids() -> list[str]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit() and os.path.isdir(f"/proc/{p}/task"):
-            out.append(p)
-    return out
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -202,7 +198,8 @@ def sparse_scenario(spec: str) -> Scenario:
     written = chunks * CHUNK
     return Scenario(
         f"sparse-{size_text}-{fraction_text}",
-        f"sparse {human_size(size)}, {fraction_text} written ({human_size(written)})",
+        f"sparse {human_size(size)}, {fraction_text} written"
+        + (f" ({human_size(written)})" if written else ""),
         "sparse",
         "memory",
         size,
@@ -259,7 +256,8 @@ def serve_options(python: str, src: Path) -> set[str]:
 class Contender:
     name: str
     src: Path | None  # a pynbd tree; None for nbdkit
-    options: set[str] = field(default_factory=set)
+    options: set[str] = field(default_factory=set)  # what its ``serve --help`` lists
+    extra: list[str] = field(default_factory=list)  # --serve-arg
 
 
 def start_server(
@@ -276,6 +274,7 @@ def start_server(
         what = ["--memory", str(scenario.size)] if scenario.export == "memory" else [str(image)]
         if "--max-connections" in who.options:
             what += ["--max-connections", str(connections)]
+        what += who.extra
         return start_pynbd(who.name, what, "unix", workdir, python, who.src), what
     nbdkit = require("nbdkit")
     plugin = ["memory", str(scenario.size)] if scenario.export == "memory" else ["file", str(image)]
@@ -540,6 +539,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--python", default=sys.executable, help="interpreter for pynbd serve")
     p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for pynbd serve (repeatable; --serve-arg=--no-connection-threads)",
+    )
+    p.add_argument(
         "--baseline",
         type=Path,
         metavar="CHECKOUT",
@@ -586,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for who in contenders:
         if who.src is not None:
             who.options = serve_options(args.python, who.src)
+            who.extra = args.serve_arg
     need = max((sc.count for sc in args.scenarios), default=0)
     if nofile < 4 * need + 64:
         warning = f"warning: RLIMIT_NOFILE {nofile} may be short for {need} connections"

@@ -99,6 +99,8 @@ def test_arguments_refuse_what_the_machine_would_hold(bm: Any) -> None:
         (3, 4, 2 << 20, 8 << 20)
     ] * 2
     assert args.servers == ["nbdkit"]
+    args = bm.parse_args(["--serve-arg=--no-connection-threads", "--serve-arg=-q"])
+    assert args.serve_arg == ["--no-connection-threads", "-q"]
     for bad in (
         ["--sparse", "1T:1%"],  # 10 GiB written: more than the default 4 GiB cap
         ["--servers", "qemu-nbd"],
