@@ -205,9 +205,12 @@ def test_limits_are_checked() -> None:
     assert ClientLimits().max_handshake_bytes == 16 * MiB
     assert ClientLimits().max_option_replies == 65_536
     assert ClientLimits().max_extents == 65_536
+    assert ClientLimits().max_read_ranges == 4096
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match=r"ClientLimits\.max_extents"):
             ClientLimits(max_extents=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"ClientLimits\.max_read_ranges"):
+            ClientLimits(max_read_ranges=bad)  # type: ignore[arg-type]
     with pytest.raises(AttributeError):
         DEFAULT_LIMITS.max_extents = 1  # type: ignore[misc]
 
@@ -426,3 +429,52 @@ def test_a_long_error_chunk_is_not_buffered() -> None:
     reply = core.next_event()
     assert reply is not None and isinstance(reply.error, RequestError)
     assert peak < 1 * MiB, f"the error chunk held {peak} bytes"
+
+
+# --- transmission: the ranges of a read's chunks --------------------------------------------
+
+
+def data_chunk(cookie: int, offset: int, data: bytes, done: bool = False) -> bytes:
+    return header("structured", cookie, 1, 8 + len(data), done) + struct.pack(">Q", offset) + data
+
+
+def hole_chunk(cookie: int, offset: int, size: int) -> bytes:
+    return header("structured", cookie, 2, 12, done=False) + struct.pack(">QI", offset, size)
+
+
+@pytest.mark.parametrize("order", ["forward", "backward"])
+def test_read_chunks_in_order_join_into_one_range(order: str) -> None:
+    core = core_for("structured", ClientLimits(max_read_ranges=1))
+    buf = bytearray(2000)
+    cookie = core.read(buf, 0)
+    offsets = range(0, 2000, 2) if order == "forward" else range(1998, -1, -2)
+    chunks = [
+        hole_chunk(cookie, off, 2) if off % 4 else data_chunk(cookie, off, b"ab") for off in offsets
+    ]
+    core.receive_data(b"".join(chunks) + header("structured", cookie, 0, 0))
+    reply = core.next_event()
+    assert reply is not None and reply.error is None
+    assert buf == b"ab\0\0" * 500
+
+
+def test_read_chunks_with_gaps_stop_at_max_read_ranges() -> None:
+    core = core_for("structured", ClientLimits(max_read_ranges=4))
+    cookie = core.read(bytearray(100), 0)
+    # Four separate one-byte pieces are allowed; filling a gap joins two of them.
+    core.receive_data(b"".join(data_chunk(cookie, off, b"x") for off in (0, 2, 4, 6)))
+    core.receive_data(data_chunk(cookie, 1, b"x"))
+    core.receive_data(data_chunk(cookie, 8, b"x"))
+    with pytest.raises(ProtocolError, match=r"ClientLimits\.max_read_ranges"):
+        core.receive_data(hole_chunk(cookie, 10, 1))
+    assert core.closed
+
+
+def test_read_gaps_default_bound() -> None:
+    # A read answered with one-byte chunks at every other offset: 1 Mi of them cost
+    # 137 MiB and 11.6 s before the bound; the default stops at 4096 ranges.
+    core = core_for("structured")
+    cookie = core.read(bytearray(1 << 16), 0)
+    chunks = b"".join(data_chunk(cookie, 2 * i, b"x") for i in range(4096))
+    core.receive_data(chunks)
+    with pytest.raises(ProtocolError, match=r"ClientLimits\.max_read_ranges"):
+        core.receive_data(data_chunk(cookie, 2 * 4096, b"x"))

@@ -226,8 +226,10 @@ class _InFlight:
         self.extents: dict[int, tuple[Extent, ...]] | None = None
         self.contexts: frozenset[int] = _NO_CONTEXTS
 
-    def cover(self, start: int, end: int) -> None:
-        """Record that [start, end) of the read has arrived; overlaps are protocol errors."""
+    def cover(self, start: int, end: int, max_ranges: int) -> None:
+        """Record that [start, end) of the read has arrived; overlaps are protocol
+        errors, and so is a chunk that would leave more than ``max_ranges`` separate
+        ranges (ClientLimits.max_read_ranges)."""
         if start < self.offset or end > self.offset + self.length or end <= start:
             raise ProtocolError(
                 f"chunk [{start}, {end}) lies outside the read [{self.offset}, "
@@ -253,6 +255,11 @@ class _InFlight:
         if j < len(covered) and covered[j][0] == end:
             end = covered[j][1]
             j += 1
+        if i == j and len(covered) >= max_ranges:
+            raise ProtocolError(
+                f"a read's chunks left more than {max_ranges} separate ranges "
+                "(ClientLimits.max_read_ranges)"
+            )
         covered[i:j] = [(start, end)]
 
 
@@ -295,8 +302,8 @@ class ClientTransmission(ReceiveBuffer):
             meta contexts).
         initial_data: bytes that arrived after the handshake, if any.
         buffer_size: size of the internal receive buffer.
-        limits: what the server may make the client hold: here ``max_extents`` (see
-            :class:`~pynbd.proto.limits.ClientLimits`).
+        limits: what the server may make the client hold: here ``max_extents`` and
+            ``max_read_ranges`` (see :class:`~pynbd.proto.limits.ClientLimits`).
     """
 
     def __init__(
@@ -1150,7 +1157,7 @@ class ClientTransmission(ReceiveBuffer):
         entry = self._current
         assert entry is not None and entry.buffer is not None
         n = self._chunk_len - 8
-        entry.cover(offset, offset + n)
+        entry.cover(offset, offset + n, self.limits.max_read_ranges)
         rel = offset - entry.offset
         self._start_into(entry.buffer[rel : rel + n], n)
 
@@ -1209,7 +1216,7 @@ class ClientTransmission(ReceiveBuffer):
             if entry.command is not Cmd.READ:
                 raise ProtocolError("NBD_REPLY_TYPE_OFFSET_HOLE in reply to a non-read")
             hole = OffsetHole.unpack(data)
-            entry.cover(hole.offset, hole.offset + hole.size)
+            entry.cover(hole.offset, hole.offset + hole.size, self.limits.max_read_ranges)
             assert entry.buffer is not None
             rel = hole.offset - entry.offset
             entry.buffer[rel : rel + hole.size] = bytes(hole.size)
