@@ -162,9 +162,11 @@ class Client(ClientBase):
             KeyboardInterrupt) closes the connection too: the position in the stream
             is then unknown.
         limits: what the server may make the client hold: option replies and their
-            bytes in the handshake, extents kept per block status reply (see
-            :class:`~pynbd.proto.limits.ClientLimits`; the defaults suit any
-            well-behaved server). Going over one is a ProtocolError that names it.
+            bytes in the handshake, extents kept per block status reply, separate
+            ranges of a read's chunks (see :class:`~pynbd.proto.limits.ClientLimits`;
+            the defaults suit any well-behaved server). Going over one is a
+            ProtocolError that names it; extents over the bound are dropped instead,
+            and :meth:`block_status` asks again from where the kept ones end.
 
     Raises:
         URIError, ConnectionClosed, TLSError, OptionError, ExportNotFound,
