@@ -29,6 +29,7 @@ except ImportError:  # run from a checkout without PYTHONPATH=src
 from pynbd.errors import NBDError, ProtocolError
 from pynbd.proto.constants import BASE_ALLOCATION, Cmd, CmdFlag, TransmissionFlag
 from pynbd.proto.handshake import Negotiated
+from pynbd.proto.limits import DEFAULT_LIMITS, ClientLimits
 from pynbd.proto.transmission import ClientTransmission, Reply
 
 SIZE = 1 << 20
@@ -56,7 +57,7 @@ REQUESTS: list[tuple[Cmd, int, int, int]] = [
 def setup(byte: int) -> tuple[ClientTransmission, bool]:
     """Byte 0: bits 0-1 reply style (simple, structured, extended, extended with
     BLOCK_STATUS_PAYLOAD), bit 2 block sizes advertised, bit 3 a tiny receive buffer,
-    bit 4 disconnect before EOF."""
+    bit 4 disconnect before EOF, bit 5 ``max_extents`` of 2 (status chunks are cut)."""
     style = byte & 3
     n = Negotiated(
         size=SIZE,
@@ -69,7 +70,9 @@ def setup(byte: int) -> tuple[ClientTransmission, bool]:
     if byte & 4:
         n.minimum_block, n.preferred_block, n.maximum_payload = 512, 4096, 1 << 20
         n.block_size_advertised = True
-    return ClientTransmission(n, buffer_size=64 if byte & 8 else 128 * 1024), bool(byte & 16)
+    limits = ClientLimits(max_extents=2) if byte & 32 else DEFAULT_LIMITS
+    core = ClientTransmission(n, buffer_size=64 if byte & 8 else 128 * 1024, limits=limits)
+    return core, bool(byte & 16)
 
 
 def submit(core: ClientTransmission, mask: int) -> dict[int, tuple[Cmd, int, int, int]]:
@@ -96,7 +99,9 @@ def submit(core: ClientTransmission, mask: int) -> dict[int, tuple[Cmd, int, int
     return sent
 
 
-def check_reply(reply: Reply, sent: dict[int, tuple[Cmd, int, int, int]], done: set[int]) -> None:
+def check_reply(
+    reply: Reply, sent: dict[int, tuple[Cmd, int, int, int]], done: set[int], max_extents: int
+) -> None:
     assert reply.cookie in sent, "a reply for a request never made"
     assert reply.cookie not in done, "a request completed twice"
     done.add(reply.cookie)
@@ -114,6 +119,8 @@ def check_reply(reply: Reply, sent: dict[int, tuple[Cmd, int, int, int]], done: 
                 assert len(extents) == 1 and extents[0].length <= length
             else:
                 assert sum(e.length for e in extents[:-1]) < length
+                # This request asks for every context: each keeps its share.
+                assert len(extents) <= max(1, max_extents // len(CONTEXTS))
     else:
         assert reply.extents is None
 
@@ -147,7 +154,7 @@ def one_input(data: bytes) -> None:
         for pos in range(0, len(stream), step):
             feed(stream[pos : pos + step])
             while (reply := core.next_event()) is not None:
-                check_reply(reply, sent, done)
+                check_reply(reply, sent, done, core.limits.max_extents)
             assert core.in_flight == len(sent) - len(done)
         if disconnect:
             core.disconnect()
@@ -156,7 +163,7 @@ def one_input(data: bytes) -> None:
         assert core.closed, "a ProtocolError left the core open"
         with_replies = core.next_event()
         if with_replies is not None:
-            check_reply(with_replies, sent, done)
+            check_reply(with_replies, sent, done, core.limits.max_extents)
         return
     except NBDError:
         return
@@ -213,6 +220,8 @@ SEEDS: list[bytes] = [
     bytes([1, 7, 0xFF]) + _structured_replies(False),
     bytes([2, 0x83, 0xFF]) + _structured_replies(True),
     bytes([0x0D, 0x81, 0xFF]) + _structured_replies(False),
+    bytes([0x21, 7, 0xFF]) + _structured_replies(False),
+    bytes([0x22, 0x83, 0xFF]) + _structured_replies(True),
     bytes([3, 5, 0x18]) + _chunk(True, 1, 6, struct.pack(">IIQQ", 1, 1, 8192, 0), True, 0)
     + _chunk(True, 2, 6, struct.pack(">IIQQ", 2, 1, 4096, 0), True, 4096),
 ]  # fmt: skip

@@ -4,12 +4,14 @@ connections they are built on.
 A :class:`Connection` (blocking) or :class:`AsyncConnection` (asyncio) opens the stream
 and negotiates; :class:`Negotiated` is what negotiation settled. Code that needs the
 negotiated socket itself (the kernel side) or only negotiation (listing exports)
-uses them directly; everything else uses the clients.
+uses them directly; everything else uses the clients. :class:`ClientLimits` bounds what
+a server may make a client hold (``limits=`` of both clients; the defaults elsewhere).
 """
 
 from __future__ import annotations
 
 from ..proto.handshake import Negotiated
+from ..proto.limits import ClientLimits
 from ..proto.records import ServerEntry
 from .aio import AsyncClient, connect_multi_async
 from .aio_connection import AsyncConnection, negotiate_async
@@ -23,6 +25,7 @@ __all__ = [
     "AsyncClient",
     "AsyncConnection",
     "Client",
+    "ClientLimits",
     "ConnectOptions",
     "Connection",
     "Deadline",

@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import ConnectionClosed, NBDTimeout, UnsupportedError
 from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag
 from ..proto.handshake import Negotiated
+from ..proto.limits import DEFAULT_LIMITS, ClientLimits
 from ..proto.transmission import ClientTransmission, Reply
 from ..transport.tls import TLSConfig
 from ..transport.uri import NBDURI
@@ -88,6 +89,7 @@ class AsyncClient(ClientBase):
         meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,),
         request_block_size: bool = True,
         timeout: float | None = DEFAULT_TIMEOUT,
+        limits: ClientLimits = DEFAULT_LIMITS,
     ) -> AsyncClient:
         """Connect and negotiate; arguments as for :class:`~pynbd.client.sync.Client`."""
         target, options = resolve(
@@ -102,6 +104,7 @@ class AsyncClient(ClientBase):
             meta_contexts=meta_contexts,
             request_block_size=request_block_size,
             timeout=timeout,
+            limits=limits,
         )
         return cls(await AsyncConnection.open(target, options, sock=sock, timeout=timeout), options)
 
@@ -120,10 +123,18 @@ class AsyncClient(ClientBase):
         info: bool = True,
         go: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
+        limits: ClientLimits = DEFAULT_LIMITS,
     ) -> Negotiated:
         """Negotiation mode, as :meth:`pynbd.client.sync.Client.negotiate`."""
         target, options = resolve(
-            uri, host=host, port=port, path=path, export_name=export_name, tls=tls, timeout=timeout
+            uri,
+            host=host,
+            port=port,
+            path=path,
+            export_name=export_name,
+            tls=tls,
+            timeout=timeout,
+            limits=limits,
         )
         result = await negotiate_async(
             target,

@@ -20,6 +20,7 @@ from typing import TypeVar, cast
 
 from ..errors import ConnectionClosed, NBDError, NBDTimeout, TLSError
 from ..proto.handshake import NEED_DATA, ClientHandshake, HandshakeDone, Negotiated, StartTLS
+from ..proto.limits import DEFAULT_LIMITS, ClientLimits
 from ..proto.transmission import ClientTransmission, Reply
 from ..transport.tls import check_session, make_client_context, tls_error
 from .base import DEFAULT_TIMEOUT, Buffer, ConnectOptions, Target
@@ -283,12 +284,21 @@ class AsyncConnection:
     """
 
     def __init__(
-        self, proto: ClientProtocol, negotiated: Negotiated, target: Target, trailing: bytes
+        self,
+        proto: ClientProtocol,
+        negotiated: Negotiated,
+        target: Target,
+        trailing: bytes,
+        limits: ClientLimits = DEFAULT_LIMITS,
     ) -> None:
         self.proto = proto
         self.negotiated = negotiated
         self.target = target
-        self.core = ClientTransmission(negotiated, trailing) if negotiated.in_transmission else None
+        self.core = (
+            ClientTransmission(negotiated, trailing, limits=limits)
+            if negotiated.in_transmission
+            else None
+        )
         proto.core = self.core
 
     @classmethod
@@ -328,7 +338,7 @@ class AsyncConnection:
         # Bytes the server sent right after GO are checked, not dropped.
         trailing = handshake.trailing_data + bytes(proto.hs_data)
         try:
-            return cls(proto, negotiated, target, trailing)
+            return cls(proto, negotiated, target, trailing, options.limits)
         except BaseException:
             if proto.transport is not None:
                 proto.transport.abort()  # the core refused those bytes

@@ -19,6 +19,7 @@ from ..errors import (
 )
 from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag, Opt, TransmissionFlag
 from ..proto.handshake import HandshakeConfig, Negotiated, TLSMode
+from ..proto.limits import DEFAULT_LIMITS, ClientLimits
 from ..proto.transmission import U32_MAX, ClientTransmission, Reply, split_range
 from ..transport.tls import TLSConfig
 from ..transport.uri import NBDURI, parse_uri
@@ -51,7 +52,11 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class ConnectOptions:
-    """How to connect and negotiate; shared by :class:`Client` and :class:`AsyncClient`."""
+    """How to connect and negotiate; shared by :class:`Client` and :class:`AsyncClient`.
+
+    ``limits`` bounds what the server may make the client hold (see
+    :class:`~pynbd.proto.limits.ClientLimits`).
+    """
 
     export_name: str = ""
     tls: TLSConfig | None = None
@@ -60,6 +65,7 @@ class ConnectOptions:
     meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,)
     request_block_size: bool = True
     timeout: float | None = DEFAULT_TIMEOUT
+    limits: ClientLimits = DEFAULT_LIMITS
 
     def handshake_config(
         self,
@@ -85,6 +91,7 @@ class ConnectOptions:
             list_exports=list_exports,
             list_meta_contexts=list_meta_contexts,
             info=info,
+            limits=self.limits,
         )
 
 
@@ -129,6 +136,7 @@ def resolve(
     meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,),
     request_block_size: bool = True,
     timeout: float | None = DEFAULT_TIMEOUT,
+    limits: ClientLimits = DEFAULT_LIMITS,
 ) -> tuple[Target, ConnectOptions]:
     """:func:`resolve_target`, then the :class:`ConnectOptions` for that export and TLS
     setting: what every way of connecting (both clients, the CLI) starts from."""
@@ -143,6 +151,7 @@ def resolve(
         meta_contexts=tuple(meta_contexts),
         request_block_size=request_block_size,
         timeout=timeout,
+        limits=limits,
     )
     return target, options
 

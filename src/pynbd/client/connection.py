@@ -35,6 +35,7 @@ from ..proto.handshake import (
     Negotiated,
     StartTLS,
 )
+from ..proto.limits import DEFAULT_LIMITS, ClientLimits
 from ..proto.transmission import ClientTransmission
 from ..transport.connect import open_stream
 from ..transport.tls import start_client_tls
@@ -70,14 +71,21 @@ class Connection:
         sock: the socket in use (a TLS socket after STARTTLS).
         negotiated: what the handshake settled.
         target: where it is connected.
+        limits: the bounds the transmission core keeps to.
     """
 
     def __init__(
-        self, sock: socket.socket, negotiated: Negotiated, target: Target, trailing: bytes
+        self,
+        sock: socket.socket,
+        negotiated: Negotiated,
+        target: Target,
+        trailing: bytes,
+        limits: ClientLimits = DEFAULT_LIMITS,
     ) -> None:
         self.sock: socket.socket | None = sock
         self.negotiated = negotiated
         self.target = target
+        self.limits = limits
         self._trailing = trailing
         self._core: ClientTransmission | None = None
 
@@ -93,7 +101,7 @@ class Connection:
         if self._core is None:
             if not self.negotiated.in_transmission:
                 raise ConnectionClosed("negotiation mode: the export is not in use")
-            self._core = ClientTransmission(self.negotiated, self._trailing)
+            self._core = ClientTransmission(self.negotiated, self._trailing, limits=self.limits)
         return self._core
 
     @classmethod
@@ -133,7 +141,7 @@ class Connection:
         )
         handshake = ClientHandshake(config)
         sock, negotiated = _handshake(sock, handshake, target, deadline)
-        return cls(sock, negotiated, target, handshake.trailing_data)
+        return cls(sock, negotiated, target, handshake.trailing_data, options.limits)
 
     @property
     def closed(self) -> bool:

@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..proto.constants import BASE_ALLOCATION, Cmd, CmdFlag
 from ..proto.handshake import Negotiated
+from ..proto.limits import DEFAULT_LIMITS, ClientLimits
 from ..proto.transmission import (
     DIRECT_DONE,
     DIRECT_OTHER,
@@ -160,6 +161,12 @@ class Client(ClientBase):
             A call interrupted by an exception from a signal handler (such as
             KeyboardInterrupt) closes the connection too: the position in the stream
             is then unknown.
+        limits: what the server may make the client hold: option replies and their
+            bytes in the handshake, extents kept per block status reply, separate
+            ranges of a read's chunks (see :class:`~pynbd.proto.limits.ClientLimits`;
+            the defaults suit any well-behaved server). Going over one is a
+            ProtocolError that names it; extents over the bound are dropped instead,
+            and :meth:`block_status` asks again from where the kept ones end.
 
     Raises:
         URIError, ConnectionClosed, TLSError, OptionError, ExportNotFound,
@@ -181,6 +188,7 @@ class Client(ClientBase):
         meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,),
         request_block_size: bool = True,
         timeout: float | None = DEFAULT_TIMEOUT,
+        limits: ClientLimits = DEFAULT_LIMITS,
     ) -> None:
         target, self.options = resolve(
             uri,
@@ -194,6 +202,7 @@ class Client(ClientBase):
             meta_contexts=meta_contexts,
             request_block_size=request_block_size,
             timeout=timeout,
+            limits=limits,
         )
         self.target = target
         self.timeout = timeout
@@ -235,6 +244,7 @@ class Client(ClientBase):
         info: bool = True,
         go: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
+        limits: ClientLimits = DEFAULT_LIMITS,
     ) -> Negotiated:
         """Negotiate without using the export: list exports, meta contexts, export info.
 
@@ -255,7 +265,14 @@ class Client(ClientBase):
             export; as :class:`Client` otherwise.
         """
         target, options = resolve(
-            uri, host=host, port=port, path=path, export_name=export_name, tls=tls, timeout=timeout
+            uri,
+            host=host,
+            port=port,
+            path=path,
+            export_name=export_name,
+            tls=tls,
+            timeout=timeout,
+            limits=limits,
         )
         result = negotiate(
             target,

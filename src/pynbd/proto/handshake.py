@@ -50,6 +50,7 @@ from .constants import (
     TransmissionFlag,
 )
 from .events import NEED_DATA, NeedData, StartTLS
+from .limits import DEFAULT_LIMITS, ClientLimits
 from .records import (
     BlockSizeInfo,
     ClientFlags,
@@ -65,6 +66,7 @@ from .records import (
     OptionReply,
     OptionRequest,
     ServerEntry,
+    UnknownInfo,
     check_block_sizes,
     decode_string,
     encode_string,
@@ -104,6 +106,8 @@ class HandshakeConfig:
         info: in negotiation mode, ask NBD_OPT_INFO about the export. A refusal
             ends negotiation without an error: it is recorded in
             :attr:`Negotiated.refused`, with what was learned before it.
+        limits: what the server may make the client hold (see
+            :class:`~pynbd.proto.limits.ClientLimits`).
     """
 
     export_name: str = ""
@@ -116,6 +120,7 @@ class HandshakeConfig:
     list_exports: bool = False
     list_meta_contexts: bool = False
     info: bool = True
+    limits: ClientLimits = DEFAULT_LIMITS
 
 
 @dataclass(slots=True)
@@ -204,7 +209,10 @@ HandshakeEvent: TypeAlias = NeedData | StartTLS | HandshakeDone
 
 @dataclass(frozen=True, slots=True)
 class OptionResult:
-    """Every reply the server gave to one option, ending with the final one."""
+    """What the server answered to one option: the final reply, and the entries of the
+    replies before it (an NBD_REP_INFO of an unknown type is not kept; of a known type,
+    the last one).
+    """
 
     option: int
     reply: int  # the final reply type: Rep.ACK or an error
@@ -326,12 +334,14 @@ class ClientHandshake:
     """Client side of the handshake (oldstyle, newstyle and fixed newstyle).
 
     Raises (from ``next_event``/``tls_established``): :class:`ProtocolError` when the
-    server breaks the protocol, :class:`OptionError` (or :class:`ExportNotFound`) when the
-    server refuses an option the client cannot do without, :class:`TLSError` when TLS is
-    required and the server does not offer it. The handshake is over after any of them:
-    every later call raises the same error. When the server refused an option during
-    fixed newstyle haggling, NBD_OPT_ABORT is queued first (the spec's soft disconnect),
-    so a driver may still send :meth:`data_to_send` before it closes the stream.
+    server breaks the protocol or goes over ``config.limits`` (the message names the
+    bound, see :class:`~pynbd.proto.limits.ClientLimits`), :class:`OptionError` (or
+    :class:`ExportNotFound`) when the server refuses an option the client cannot do
+    without, :class:`TLSError` when TLS is required and the server does not offer it.
+    The handshake is over after any of them: every later call raises the same error.
+    When the server refused an option during fixed newstyle haggling, NBD_OPT_ABORT is
+    queued first (the spec's soft disconnect), so a driver may still send
+    :meth:`data_to_send` before it closes the stream.
 
     Args:
         config: what to negotiate (defaults: :class:`HandshakeConfig`).
@@ -354,7 +364,12 @@ class ClientHandshake:
         self._out = bytearray()
         self._fixed = False
         self._option: Opt | None = None
-        self._entries: list[ServerEntry | InfoRecord | MetaContextEntry] = []
+        # What the option in flight has answered so far (see _keep).
+        self._entries: list[ServerEntry | MetaContextEntry] = []
+        self._infos: dict[type, InfoRecord] = {}
+        # What all option replies of the handshake cost so far (see ClientLimits).
+        self._replies_seen = 0
+        self._reply_bytes = 0
         self._plan: _Plan | None = None
         self._tls_pending = False
         self._eof = False
@@ -544,10 +559,25 @@ class ClientHandshake:
             )
         if length > MAX_OPTION_REPLY:
             raise ProtocolError(f"option reply of {length} bytes is too long")
-        if len(self._in) < OPTION_REPLY_HEADER_SIZE + length:
+        # The handshake's bounds are judged on the header, before the payload is awaited.
+        size = OPTION_REPLY_HEADER_SIZE + length
+        limits = self.config.limits
+        if self._replies_seen >= limits.max_option_replies:
+            raise ProtocolError(
+                f"the server sent more than {limits.max_option_replies} option replies "
+                "in one handshake (ClientLimits.max_option_replies)"
+            )
+        if self._reply_bytes + size > limits.max_handshake_bytes:
+            raise ProtocolError(
+                f"the server's option replies exceed {limits.max_handshake_bytes} bytes "
+                "in one handshake (ClientLimits.max_handshake_bytes)"
+            )
+        if len(self._in) < size:
             return False
-        data = bytes(self._in[OPTION_REPLY_HEADER_SIZE : OPTION_REPLY_HEADER_SIZE + length])
-        del self._in[: OPTION_REPLY_HEADER_SIZE + length]
+        data = bytes(self._in[OPTION_REPLY_HEADER_SIZE:size])
+        del self._in[:size]
+        self._replies_seen += 1
+        self._reply_bytes += size
         kind = reply_kind(reply)
         event = REPLY_OUTCOMES.get((self._option, kind)) if kind else None
         if event is None:
@@ -555,14 +585,16 @@ class ClientHandshake:
                 f"reply type {reply:#x} is not valid for NBD_OPT_{self._option.name}"
             )
         if event is _MORE:
-            self._entries.append(self._parse_entry(reply, data))
+            self._keep(reply, data)
             self._transition(event)
             return True
         if kind is ReplyKind.ACK and data:
             raise ProtocolError("NBD_REP_ACK with a payload")
         message = decode_string(data, "error message") if kind is ReplyKind.ERROR else ""
-        result = OptionResult(self._option, reply, tuple(self._entries), message)
+        entries = (*self._entries, *self._infos.values())
+        result = OptionResult(self._option, reply, entries, message)
         self._entries = []
+        self._infos = {}
         self._option = None
         self._transition(event)
         if event is Input.REPLY_STARTTLS_ACK:
@@ -573,13 +605,20 @@ class ClientHandshake:
         self._advance(result)
         return True
 
-    @staticmethod
-    def _parse_entry(reply: int, data: bytes) -> ServerEntry | InfoRecord | MetaContextEntry:
-        if reply == Rep.SERVER:
-            return ServerEntry.unpack(data)
+    def _keep(self, reply: int, data: bytes) -> None:
+        """Record what an NBD_REP_SERVER, INFO or META_CONTEXT reply says, and no more:
+        an information type this client does not know is dropped (the client MUST
+        ignore it, spec "NBD_OPT_INFO"), and a known one that comes again replaces the
+        earlier one (it SHOULD appear once), so an export's information never grows
+        with the number of replies."""
         if reply == Rep.INFO:
-            return unpack_info(data)
-        return MetaContextEntry.unpack(data)
+            info = unpack_info(data)
+            if not isinstance(info, UnknownInfo):
+                self._infos[type(info)] = info
+        elif reply == Rep.SERVER:
+            self._entries.append(ServerEntry.unpack(data))
+        else:
+            self._entries.append(MetaContextEntry.unpack(data))
 
     def _advance(self, result: OptionResult) -> None:
         """Feed an option's outcome to the plan and perform what it asks next."""

@@ -575,21 +575,44 @@ class BlockStatusChunk:
             DESCRIPTOR.pack(e.length, e.flags) for e in self.extents
         )
 
+    @staticmethod
+    def descriptors(length: int, extended: bool = False) -> int:
+        """How many descriptors a status chunk of ``length`` payload bytes holds.
+
+        Raises ProtocolError when no whole number of them (one at least) fits.
+        """
+        head, size = (EXTENDED_STATUS_HEAD.size, 16) if extended else (4, 8)
+        count, rest = divmod(length - head, size)
+        if count < 1 or rest:
+            name = "BLOCK_STATUS_EXT" if extended else "BLOCK_STATUS"
+            raise ProtocolError(f"NBD_REPLY_TYPE_{name}: bad length {length}")
+        return count
+
     @classmethod
     def unpack(cls, data: bytes | memoryview, extended: bool = False) -> BlockStatusChunk:
-        data = bytes(data)
+        return cls.unpack_prefix(data, cls.descriptors(len(data), extended), extended)
+
+    @classmethod
+    def unpack_prefix(
+        cls, data: bytes | bytearray | memoryview, count: int, extended: bool = False
+    ) -> BlockStatusChunk:
+        """Parse the start of a status chunk of ``count`` descriptors: its head and
+        the first whole descriptors, which is all of ``data`` (a client that keeps only
+        the first extents reads no further). The extents not in ``data`` are not
+        checked.
+        """
+        view = memoryview(data)
+        kept = cls.descriptors(len(view), extended)
+        if kept > count:
+            raise ProtocolError(f"block status: {kept} descriptors in a chunk of {count}")
         if extended:
-            if len(data) < 24 or (len(data) - 8) % 16:
-                raise ProtocolError("NBD_REPLY_TYPE_BLOCK_STATUS_EXT: bad length")
-            cid, count = EXTENDED_STATUS_HEAD.unpack_from(data)
-            if count != (len(data) - 8) // 16:
+            cid, stated = EXTENDED_STATUS_HEAD.unpack_from(view)
+            if stated != count:
                 raise ProtocolError("NBD_REPLY_TYPE_BLOCK_STATUS_EXT: descriptor count mismatch")
-            pairs = EXTENDED_DESCRIPTOR.iter_unpack(data[8:])
+            pairs = EXTENDED_DESCRIPTOR.iter_unpack(view[EXTENDED_STATUS_HEAD.size :])
         else:
-            if len(data) < 12 or (len(data) - 4) % 8:
-                raise ProtocolError("NBD_REPLY_TYPE_BLOCK_STATUS: bad length")
-            (cid,) = U32.unpack_from(data)
-            pairs = DESCRIPTOR.iter_unpack(data[4:])
+            (cid,) = U32.unpack_from(view)
+            pairs = DESCRIPTOR.iter_unpack(view[4:])
         extents = tuple(Extent(length, flags) for length, flags in pairs)
         if any(e.length == 0 for e in extents):
             raise ProtocolError("block status: zero-length extent")

@@ -59,6 +59,7 @@ from .constants import (
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
     FLAG_NEEDS,
+    MAX_STRING,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
@@ -70,6 +71,7 @@ from .constants import (
     TransmissionFlag,
 )
 from .handshake import Negotiated
+from .limits import DEFAULT_LIMITS, ClientLimits
 from .records import (
     BlockStatusChunk,
     ErrorChunk,
@@ -120,8 +122,16 @@ _BLOCK_STATUS_PAYLOAD = int(TransmissionFlag.BLOCK_STATUS_PAYLOAD)
 _OFFSET_DATA = int(Chunk.OFFSET_DATA)
 #: Largest payload accepted for a chunk that is not read data (block status, errors).
 #: A status chunk SHOULD stay under 4 + 8 * 2**20 bytes; allow the 64-bit form twice
-#: that, and treat anything bigger as a lying length.
+#: that, and treat anything bigger as a lying length. Only what is kept of it is
+#: buffered (see ClientLimits.max_extents); the rest is drained.
 MAX_METADATA_CHUNK = 8 + 16 * (1 << 20) + 4096
+#: What is kept of an error chunk: the error, the message length and the message (at
+#: most 4096 bytes, spec "Conventions"); ERROR_OFFSET's offset comes after them. Bytes
+#: after the message of another error type are drained unread.
+_ERROR_KEEP = 6 + MAX_STRING
+_ERROR_OFFSET_MAX = _ERROR_KEEP + 8
+#: The buffer a chunk's unkept bytes are drained into, at most this much at a time.
+_DRAIN = 64 * 1024
 
 _WRITE_CMDS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 #: Which command flags each command may carry (spec "Command flags").
@@ -216,8 +226,10 @@ class _InFlight:
         self.extents: dict[int, tuple[Extent, ...]] | None = None
         self.contexts: frozenset[int] = _NO_CONTEXTS
 
-    def cover(self, start: int, end: int) -> None:
-        """Record that [start, end) of the read has arrived; overlaps are protocol errors."""
+    def cover(self, start: int, end: int, max_ranges: int) -> None:
+        """Record that [start, end) of the read has arrived; overlaps are protocol
+        errors, and so is a chunk that would leave more than ``max_ranges`` separate
+        ranges (ClientLimits.max_read_ranges)."""
         if start < self.offset or end > self.offset + self.length or end <= start:
             raise ProtocolError(
                 f"chunk [{start}, {end}) lies outside the read [{self.offset}, "
@@ -233,8 +245,22 @@ class _InFlight:
         i = bisect.bisect_left(covered, (start, end))
         if (i > 0 and covered[i - 1][1] > start) or (i < len(covered) and covered[i][0] < end):
             raise ProtocolError(f"chunk [{start}, {end}) overlaps an earlier chunk")
-        covered.insert(i, (start, end))
         self.covered_total += end - start
+        # Join the neighbours it touches: chunks that come in order (as servers send
+        # them) keep one range, however many there are.
+        j = i
+        if i > 0 and covered[i - 1][1] == start:
+            i -= 1
+            start = covered[i][0]
+        if j < len(covered) and covered[j][0] == end:
+            end = covered[j][1]
+            j += 1
+        if i == j and len(covered) >= max_ranges:
+            raise ProtocolError(
+                f"a read's chunks left more than {max_ranges} separate ranges "
+                "(ClientLimits.max_read_ranges)"
+            )
+        covered[i:j] = [(start, end)]
 
 
 # Receive states
@@ -276,6 +302,8 @@ class ClientTransmission(ReceiveBuffer):
             meta contexts).
         initial_data: bytes that arrived after the handshake, if any.
         buffer_size: size of the internal receive buffer.
+        limits: what the server may make the client hold: here ``max_extents`` and
+            ``max_read_ranges`` (see :class:`~pynbd.proto.limits.ClientLimits`).
     """
 
     def __init__(
@@ -284,8 +312,10 @@ class ClientTransmission(ReceiveBuffer):
         initial_data: bytes = b"",
         *,
         buffer_size: int = 128 * 1024,
+        limits: ClientLimits = DEFAULT_LIMITS,
     ) -> None:
         self.negotiated = negotiated
+        self.limits = limits
         self.size = negotiated.size or 0
         self.flags = negotiated.flags
         self.extended = negotiated.extended_headers
@@ -342,7 +372,14 @@ class ClientTransmission(ReceiveBuffer):
         self._chunk_flags = 0
         self._chunk_type = 0
         self._chunk_len = 0
+        #: A non-data chunk's payload received into a buffer of its own: what is kept
+        #: of it when too big for the receive buffer, or the drain (see _drain_next).
         self._large_chunk: bytearray | None = None
+        #: Bytes of the current chunk to drain once what is kept of it is parsed.
+        self._skip = 0
+        #: Descriptors in the status chunk being received (what its length says).
+        self._status_count = 0
+        self._drain: bytearray | None = None  # made on first use
         if initial_data:
             self.receive_data(initial_data)
 
@@ -908,7 +945,7 @@ class ClientTransmission(ReceiveBuffer):
             elif state == _CHUNK:
                 if self._end - self._start < self._chunk_len:
                     return
-                data = bytes(self._view[self._start : self._start + self._chunk_len])
+                data = self._view[self._start : self._start + self._chunk_len].tobytes()
                 self._start += self._chunk_len
                 self._state = _HEADER
                 self._on_metadata_chunk(data)
@@ -1062,33 +1099,65 @@ class ClientTransmission(ReceiveBuffer):
                 raise ProtocolError("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE")
             self._chunk_done(entry)
             return
-        # Judge the type before reading its payload, so that a chunk the reply cannot
-        # have fails at once instead of after up to MAX_METADATA_CHUNK bytes.
+        # Judge the type and the length before reading the payload, so that a chunk
+        # the reply cannot have fails at once, and only what is kept of it is buffered.
+        if length > MAX_METADATA_CHUNK:
+            raise ProtocolError(f"reply chunk of {length} bytes is too long")
+        keep = length
         if type_ == Chunk.OFFSET_HOLE:
             if entry.command is not Cmd.READ:
                 raise ProtocolError("NBD_REPLY_TYPE_OFFSET_HOLE in reply to a non-read")
             if length != 12:
                 raise ProtocolError(f"NBD_REPLY_TYPE_OFFSET_HOLE with bad length {length}")
         elif type_ in (Chunk.BLOCK_STATUS, Chunk.BLOCK_STATUS_EXT):
-            if entry.command is not Cmd.BLOCK_STATUS:
-                raise ProtocolError("block status chunk in reply to another command")
+            keep = self._status_keep(entry, type_, length)
         elif not type_ & CHUNK_ERROR_BIT:
             # Spec "Structured reply types": an unknown non-error type is fatal.
             raise ProtocolError(f"unknown reply chunk type {type_}")
-        if length > MAX_METADATA_CHUNK:
-            raise ProtocolError(f"reply chunk of {length} bytes is too long")
-        if length > len(self._buf):
+        elif type_ == Chunk.ERROR_OFFSET:
+            if length > _ERROR_OFFSET_MAX:
+                raise ProtocolError(f"NBD_REPLY_TYPE_ERROR_OFFSET with bad length {length}")
+        else:
+            keep = min(length, _ERROR_KEEP)
+        self._skip = length - keep
+        self._chunk_len = keep
+        if keep > len(self._buf):
             # Too big for the receive buffer: collect it in a buffer of its own.
-            self._large_chunk = bytearray(length)
-            self._start_into(memoryview(self._large_chunk), length)
+            self._large_chunk = bytearray(keep)
+            self._start_into(memoryview(self._large_chunk), keep)
         else:
             self._state = _CHUNK
+
+    def _status_keep(self, entry: _InFlight, type_: int, length: int) -> int:
+        """Judge a status chunk's header; return how many of its bytes to keep.
+
+        The spec lets a server describe less than was asked ("NBD_CMD_BLOCK_STATUS"),
+        so a chunk with more descriptors than this context's share of
+        ``limits.max_extents`` is cut to the first ones, which still describe a prefix
+        of the range; the rest is drained unread.
+        """
+        if entry.command is not Cmd.BLOCK_STATUS:
+            raise ProtocolError("block status chunk in reply to another command")
+        if (type_ == Chunk.BLOCK_STATUS_EXT) != self.extended:
+            raise ProtocolError("block status chunk of the wrong width for the headers agreed")
+        count = BlockStatusChunk.descriptors(length, self.extended)
+        if entry.flags & _REQ_ONE:
+            if count != 1:
+                raise ProtocolError("NBD_CMD_FLAG_REQ_ONE answered with more than one extent")
+        elif count > entry.length:
+            # Each extent is a byte at least, and all but the last lie in the request.
+            raise ProtocolError(
+                f"block status chunk of {count} extents for a request of {entry.length} bytes"
+            )
+        self._status_count = count
+        kept = min(count, max(1, self.limits.max_extents // len(entry.contexts)))
+        return length - (count - kept) * (16 if self.extended else 8)
 
     def _begin_data(self, offset: int) -> None:
         entry = self._current
         assert entry is not None and entry.buffer is not None
         n = self._chunk_len - 8
-        entry.cover(offset, offset + n)
+        entry.cover(offset, offset + n, self.limits.max_read_ranges)
         rel = offset - entry.offset
         self._start_into(entry.buffer[rel : rel + n], n)
 
@@ -1105,14 +1174,32 @@ class ClientTransmission(ReceiveBuffer):
         entry = self._current
         assert entry is not None
         if self._large_chunk is not None:
-            data, self._large_chunk = bytes(self._large_chunk), None
-            self._on_metadata_chunk(data)
+            data, self._large_chunk = self._large_chunk, None
+            if data is self._drain:
+                self._drain_next(entry)
+            else:
+                self._on_metadata_chunk(memoryview(data))
         elif self.structured:
             self._chunk_done(entry)
         else:
             self._complete(entry)  # simple reply payload
 
-    def _on_metadata_chunk(self, data: bytes) -> None:
+    def _drain_next(self, entry: _InFlight) -> None:
+        """Drain the next piece of the current chunk's unkept bytes (see _skip), or,
+        once they are all gone, finish the chunk."""
+        skip = self._skip
+        if not skip:
+            self._chunk_done(entry)
+            return
+        drain = self._drain
+        if drain is None:
+            drain = self._drain = bytearray(_DRAIN)
+        n = min(skip, _DRAIN)
+        self._skip = skip - n
+        self._large_chunk = drain  # so that _target_done() comes back here
+        self._start_into(memoryview(drain), n)
+
+    def _on_metadata_chunk(self, data: bytes | memoryview) -> None:
         entry = self._current
         assert entry is not None
         type_ = self._chunk_type
@@ -1129,32 +1216,32 @@ class ClientTransmission(ReceiveBuffer):
             if entry.command is not Cmd.READ:
                 raise ProtocolError("NBD_REPLY_TYPE_OFFSET_HOLE in reply to a non-read")
             hole = OffsetHole.unpack(data)
-            entry.cover(hole.offset, hole.offset + hole.size)
+            entry.cover(hole.offset, hole.offset + hole.size, self.limits.max_read_ranges)
             assert entry.buffer is not None
             rel = hole.offset - entry.offset
             entry.buffer[rel : rel + hole.size] = bytes(hole.size)
         elif type_ in (Chunk.BLOCK_STATUS, Chunk.BLOCK_STATUS_EXT):
-            self._on_block_status(entry, type_, data)
+            self._on_block_status(entry, data)
         else:
             raise ProtocolError(f"unknown reply chunk type {type_}")
-        self._chunk_done(entry)
+        self._drain_next(entry)
 
-    def _on_block_status(self, entry: _InFlight, type_: int, data: bytes) -> None:
-        if entry.command is not Cmd.BLOCK_STATUS:
-            raise ProtocolError("block status chunk in reply to another command")
-        if (type_ == Chunk.BLOCK_STATUS_EXT) != self.extended:
-            raise ProtocolError("block status chunk of the wrong width for the headers agreed")
-        chunk = BlockStatusChunk.unpack(data, self.extended)
+    def _on_block_status(self, entry: _InFlight, data: bytes | memoryview) -> None:
+        """The kept part of a status chunk (see _status_keep), judged."""
+        chunk = BlockStatusChunk.unpack_prefix(data, self._status_count, self.extended)
         if chunk.context_id not in entry.contexts:
             raise ProtocolError(f"block status for meta context {chunk.context_id}, not asked for")
         assert entry.extents is not None  # made by request() for BLOCK_STATUS
         if chunk.context_id in entry.extents:
             raise ProtocolError(f"two block status chunks for meta context {chunk.context_id}")
         extents = chunk.extents
+        # All extents but the chunk's last lie within the request; when some were cut,
+        # every kept one is such an extent.
+        within = extents if len(extents) < self._status_count else extents[:-1]
         if entry.flags & _REQ_ONE:
-            if len(extents) != 1 or extents[0].length > entry.length:
-                raise ProtocolError("NBD_CMD_FLAG_REQ_ONE answered with more than one extent")
-        elif sum(e.length for e in extents[:-1]) >= entry.length:
+            if extents[0].length > entry.length:
+                raise ProtocolError("NBD_CMD_FLAG_REQ_ONE answered with an extent past the request")
+        elif sum(e.length for e in within) >= entry.length:
             raise ProtocolError("block status extents run past the requested length")
         entry.extents[chunk.context_id] = extents
 
