@@ -20,15 +20,17 @@ this checkout's ``src`` first on ``PYTHONPATH``; in the guest (``NBDVM=1``) it s
    the last must be the same.
 2. **Kills**: a file-backed nbdkit on a TCP port of 127.0.0.1, attached by ``pynbd
    attach URI --persist`` (a separate process, which supervises the device), an ext4
-   on the device and a thread writing files to it: each write()+fsync() that returned
-   is an acknowledged write, whose sha256 is kept. Each round SIGKILLs the server by
-   its pid while a write is in flight (mostly), starts it again on the same port and
-   file, waits for the supervisor's "reconnected" and for the writer to go on, then
-   pauses the writer, drops the page cache and checks every acknowledged file still
-   kept. A file is deleted (to keep the file system small) only once it has been
-   checked after a restart, so every acknowledged write is checked at least once.
-   At the end the file system is unmounted and ``e2fsck -fn`` must find it clean, on
-   the device and in the server's file; a read-only mount checks every file again.
+   at the start of the device and a thread writing, in turn, files to it and blocks
+   to the device itself past it: each write()+fsync() that returned is an
+   acknowledged write, whose sha256 is kept. Each round SIGKILLs the server by its pid
+   while a write is in flight (mostly), starts it again on the same port and file,
+   waits for the supervisor's "reconnected" and for the writer to go on, then pauses
+   the writer, drops the page cache and checks every acknowledged write still kept. A
+   file is deleted, or a block overwritten, only once it has been checked after a
+   restart, so every acknowledged write is checked at least once. At the end the file
+   system is unmounted and ``e2fsck -fn`` must find it clean, on the device and in
+   the server's file; a read-only mount checks every write again, and the server's
+   file every block once the device is detached.
 
 The kernel log is read throughout: a WARNING, BUG, Oops, hung task or "blocked for more
 than" line fails the soak. It prints its figures (cycles and time per cycle, kills,
@@ -72,8 +74,13 @@ SIZE = 64 * 1024 * 1024
 BLOCK = 128 * 1024
 #: The kernel's request timeout for the cycles (as the attach tests use).
 CYCLE_TIMEOUT = 30
-#: The file system of the kills: TCG makes mkfs and fsck of more slow.
+#: The file system of the kills, at the start of the device: TCG makes mkfs and fsck of
+#: more slow.
 FS_SIZE = "16M"
+#: The blocks the kills' writer writes on the device itself, past the file system.
+RAW_BASE = 32 * 1024 * 1024
+RAW_BLOCK = 64 * 1024
+RAW_SLOTS = 128
 #: Files the writer keeps once checked; at most MAX_UNCHECKED more wait for a check.
 LIVE = 64
 MAX_UNCHECKED = 256
@@ -101,11 +108,15 @@ class Figures:
     kills_mid_write: int = 0
     reconnects: int = 0
     reconnect_seconds: list[float] = field(default_factory=list)
+    kill_to_reconnect_seconds: list[float] = field(default_factory=list)
     kill_phase_seconds: float = 0.0
     acknowledged: int = 0
+    files: int = 0
+    blocks: int = 0
+    slowest_write: float = 0.0
     verified: int = 0
     checks: int = 0
-    lost: set[str] = field(default_factory=set)
+    lost: set[int] = field(default_factory=set)
     fsck: str = "not run"
     kernel_lines: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -117,6 +128,7 @@ class Figures:
     def report(self) -> str:
         cyc = self.cycle_seconds or [0.0]
         rec = self.reconnect_seconds or [0.0]
+        dead = self.kill_to_reconnect_seconds or [0.0]
         lines = [
             f"cycles: {self.cycles}/{self.cycles_wanted} attach/IO/detach ({self.netlink} "
             f"netlink, {self.ioctl} ioctl) in {sum(cyc):.0f} s; per cycle median "
@@ -125,10 +137,13 @@ class Figures:
             f"{self.fds[1]}, threads {self.threads[0]} -> {self.threads[1]}",
             f"kills: {self.kills}/{self.kills_wanted} server SIGKILLs ({self.kills_mid_write} "
             f"with a write+fsync in flight) in {self.kill_phase_seconds:.0f} s; "
-            f"{self.reconnects} reconnections; from restart to reconnected median "
-            f"{statistics.median(rec):.2f} s, max {max(rec):.2f} s",
-            f"writes: {self.acknowledged} acknowledged, {self.verified} verified by "
-            f"checksum ({self.checks} checksums compared), {len(self.lost)} lost",
+            f"{self.reconnects} reconnections; from kill to reconnected median "
+            f"{statistics.median(dead):.2f} s, max {max(dead):.2f} s (from restart "
+            f"median {statistics.median(rec):.2f} s, max {max(rec):.2f} s)",
+            f"writes: {self.acknowledged} acknowledged ({self.files} files on ext4, "
+            f"{self.blocks} blocks on the device), {self.verified} verified by checksum "
+            f"({self.checks} checksums compared), {len(self.lost)} lost; slowest "
+            f"write+fsync {self.slowest_write:.2f} s",
             f"fsck: {self.fsck}",
             f"kernel log: {len(self.kernel_lines)} warnings",
             *(f"  {line}" for line in self.kernel_lines[:20]),
@@ -264,10 +279,11 @@ class Soak:
             )
             assert proc.stdout is not None and proc.stderr is not None
             out, err = Lines(proc.stdout), Lines(proc.stderr)
-            writer = Writer(mnt, random.Random(rng.random()))
+            writer = None
             device = None
             try:
                 device = out.wait_for("/dev/nbd", WAIT).strip()
+                writer = Writer(mnt, device, random.Random(rng.random()))
                 err.wait_for("supervising 1 connection", WAIT)
                 self.say(f"kills: {device} attached by pynbd attach --persist (pid {proc.pid})")
                 _run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", device, FS_SIZE)
@@ -291,6 +307,7 @@ class Soak:
                 busy = _busy(device_index(device))
                 if busy:
                     fig.failures.append(f"{device} not free after pynbd attach ended: {busy}")
+                self._verify(writer, "the end, in the server's file", image)
                 fsck.append(_fsck(image, "the server's file"))
                 self.say(f"kills: pynbd attach ended, device free; {fsck[1]}")
                 fig.fsck = "; ".join(fsck)
@@ -299,10 +316,16 @@ class Soak:
             except Exception as exc:
                 fig.failures.append(f"kills, after {fig.kills}: {exc!r}")
             finally:
-                writer.stop(raise_stuck=False)
-                fig.acknowledged = writer.written
-                if writer.error is not None:
-                    fig.failures.append(f"the writer failed: {writer.error!r}")
+                if writer is not None:
+                    writer.stop(raise_stuck=False)
+                    fig.acknowledged, fig.files, fig.blocks = (
+                        writer.written,
+                        writer.files,
+                        writer.blocks,
+                    )
+                    fig.slowest_write = writer.slowest
+                    if writer.error is not None:
+                        fig.failures.append(f"the writer failed: {writer.error!r}")
                 umount(mnt)
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -328,12 +351,14 @@ class Soak:
             time.sleep(0.005)  # a kill between two writes still counts, and is rarer
         before = _count(_drain(err), "reconnected connection")
         mid_write = writer.in_flight
+        killed = time.monotonic()
         server.kill()  # SIGKILL by pid
         time.sleep(rng.uniform(0.0, 0.5))  # some re-dials find nobody listening
         server.start()
         restarted = time.monotonic()
         _until(lambda: _count(_drain(err), "reconnected connection") > before, "reconnected")
         fig.reconnect_seconds.append(time.monotonic() - restarted)
+        fig.kill_to_reconnect_seconds.append(time.monotonic() - killed)
         written = writer.written
         _until(
             lambda: writer.written > written or writer.full or writer.error is not None,
@@ -347,58 +372,77 @@ class Soak:
         self._verify(writer, f"kill {k}")
         self.say(
             f"kill {k + 1}/{n}: {'mid-write' if mid_write else 'between writes'}, reconnected "
-            f"{fig.reconnect_seconds[-1]:.2f} s after the restart; {writer.written} writes "
-            f"acknowledged, {len(writer.manifest)} kept, {len(fig.lost)} lost"
+            f"{fig.kill_to_reconnect_seconds[-1]:.2f} s after the kill; {writer.written} writes "
+            f"acknowledged, {len(writer.manifest)} kept and checked, {len(fig.lost)} lost"
         )
 
-    def _verify(self, writer: Writer, when: str) -> None:
-        """Check every acknowledged file kept, read from the device (the page cache
-        dropped), with the writer paused."""
-        with writer.paused():
+    def _verify(self, writer: Writer, when: str, image: Path | None = None) -> None:
+        """Check every acknowledged write kept, with the writer paused: read from the
+        device, the page cache dropped; with ``image``, only the blocks, read from the
+        server's file."""
+        with writer.paused(), open(image or writer.device, "rb", buffering=0) as dev:
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            for name, digest in list(writer.manifest.items()):
-                try:
-                    data = (writer.root / name).read_bytes()
-                except FileNotFoundError:
-                    data = None
+            for key, acked in list(writer.manifest.items()):
+                data: bytes | None = None
+                if key.startswith("@"):
+                    data = os.pread(dev.fileno(), acked.length, int(key[1:]))
+                elif image is not None:
+                    continue
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        data = (writer.root / key).read_bytes()
                 self.figures.checks += 1
-                if data is None or hashlib.sha256(data).hexdigest() != digest:
-                    if name not in self.figures.lost:
+                if data is None or hashlib.sha256(data).hexdigest() != acked.digest:
+                    if acked.number not in self.figures.lost:
                         why = "missing" if data is None else "checksum differs"
-                        self.say(f"LOST after {when} kill: {name} ({why})")
-                    self.figures.lost.add(name)
-                writer.checked.add(name)
+                        self.say(f"LOST, checked after {when}: write {acked.number}, {key} ({why})")
+                    self.figures.lost.add(acked.number)
+                writer.checked.add(acked.number)
             self.figures.verified = len(writer.checked)
 
     def close(self) -> None:
         self.log.close()
 
 
-class Writer:
-    """Writes files with fsync in a thread; a file's sha256 goes into the manifest once
-    its write()+fsync() returned (the write is acknowledged).
+@dataclass(frozen=True)
+class Acked:
+    """An acknowledged write: its number (in the order written), length and sha256."""
 
-    At most :data:`LIVE` checked files are kept (older checked ones are deleted), and it
-    waits while :data:`MAX_UNCHECKED` wait for a check: the file system stays small
-    however fast the host is.
+    number: int
+    length: int
+    digest: str
+
+
+class Writer:
+    """Writes in a thread, with fsync: files on the mounted file system and raw blocks
+    on the device past it, in turn. Once a write()+fsync() returned (the write is
+    acknowledged) its sha256 goes into :attr:`manifest`, keyed by the file's name or
+    by ``@OFFSET`` for a block on the device.
+
+    At most :data:`LIVE` checked files are kept (older checked ones are deleted), a
+    block is overwritten only once checked, and it waits while :data:`MAX_UNCHECKED`
+    writes wait for a check: the space used stays small however fast the host is.
     """
 
-    def __init__(self, root: Path, rng: random.Random) -> None:
-        self.root, self.rng = root, rng
-        self.manifest: dict[str, str] = {}
-        self.checked: set[str] = set()
-        self.written = 0
+    def __init__(self, root: Path, device: str, rng: random.Random) -> None:
+        self.root, self.device, self.rng = root, device, rng
+        self.manifest: dict[str, Acked] = {}
+        self.checked: set[int] = set()  # numbers of the writes checked
+        self.written = self.files = self.blocks = 0
+        self.slowest = 0.0  # seconds of the slowest write()+fsync()
         self.in_flight = False
         self.full = False
         self.error: BaseException | None = None
-        self._order: deque[str] = deque()
-        self._lock = threading.Lock()  # held for each file written
+        self._order: deque[str] = deque()  # the files, oldest first
+        self._lock = threading.Lock()  # held for each write
         self._go = threading.Event()
         self._go.set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._fd = -1
 
     def start(self) -> None:
+        self._fd = os.open(self.device, os.O_RDWR)
         self._thread = threading.Thread(target=self._run, name="soak writer", daemon=True)
         self._thread.start()
 
@@ -408,38 +452,53 @@ class Writer:
                 if not self._go.wait(0.1):
                     continue
                 with self._lock:
-                    unchecked = sum(name not in self.checked for name in self.manifest)
-                    self.full = unchecked >= MAX_UNCHECKED
-                    if not self.full:
-                        self._write_one()
+                    self.full = not self._write_one()
                 if self.full:
                     time.sleep(0.05)
         except BaseException as exc:  # the soak reports it
             self.error = exc
 
-    def _write_one(self) -> None:
+    def _write_one(self) -> bool:
+        """Write the next file or block; False when it must wait for a check."""
         i = self.written
-        data = self.rng.randbytes(self.rng.randrange(4096, 48 * 1024))
-        name = f"d{i % 8}/f{i}"
-        path = self.root / name
-        path.parent.mkdir(exist_ok=True)
+        if sum(a.number not in self.checked for a in self.manifest.values()) >= MAX_UNCHECKED:
+            return False
+        if i % 2:
+            offset = RAW_BASE + (i // 2 % RAW_SLOTS) * RAW_BLOCK
+            key = f"@{offset}"
+            if key in self.manifest and self.manifest[key].number not in self.checked:
+                return False
+        else:
+            key = f"d{i % 8}/f{i}"
+        data = self.rng.randbytes(self.rng.randrange(1, RAW_BLOCK // 4096 + 1) * 4096)
+        start = time.monotonic()
         self.in_flight = True
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if i % 2:
+            os.pwrite(self._fd, data, offset)
+            os.fsync(self._fd)
+            self.blocks += 1
+        else:
+            path = self.root / key
+            path.parent.mkdir(exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.files += 1
+            self._order.append(key)
         self.in_flight = False
-        self.manifest[name] = hashlib.sha256(data).hexdigest()
-        self._order.append(name)
+        self.slowest = max(self.slowest, time.monotonic() - start)
+        self.manifest[key] = Acked(i, len(data), hashlib.sha256(data).hexdigest())
         self.written = i + 1
-        while len(self._order) > LIVE and self._order[0] in self.checked:
+        while len(self._order) > LIVE and self.manifest[self._order[0]].number in self.checked:
             old = self._order.popleft()
             (self.root / old).unlink()
             del self.manifest[old]
+        return True
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Between two files: the writer waits until the block ends."""
+        """Between two writes: the writer waits until the block ends."""
         self._go.clear()
         try:
             with self._lock:
@@ -451,8 +510,13 @@ class Writer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(WAIT)
-            if self._thread.is_alive() and raise_stuck:
-                raise AssertionError("the writer is stuck")
+            if self._thread.is_alive():
+                if raise_stuck:
+                    raise AssertionError("the writer is stuck")
+                return
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 # --------------------------------------------------------------------------- helpers

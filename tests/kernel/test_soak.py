@@ -29,5 +29,6 @@ def test_a_short_soak_passes_and_counts_what_it_did(nbd_module: None, tmp_path: 
     assert figures.fds[0] == figures.fds[1] and figures.threads[0] == figures.threads[1]
     assert figures.kills == 1 and figures.reconnects >= 1
     assert figures.acknowledged > 0 and figures.verified == figures.acknowledged
+    assert figures.files + figures.blocks == figures.acknowledged
     assert figures.fsck.count("clean") == 2
     assert report.endswith("soak: PASSED")
