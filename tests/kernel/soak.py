@@ -45,6 +45,7 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -52,7 +53,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ from typing import TextIO
 from pynbd.kernel.attach import attach, detach, device_status
 from pynbd.kernel.device import device_index, sysfs_state
 from tests.guest import cli, qemu
-from tests.kernel.helpers import CMD_TIMEOUT, KernelLog, umount
+from tests.kernel.helpers import BAD_KERNEL_WORDS, CMD_TIMEOUT, KernelLog, umount
 from tests.kernel.helpers import run as _run
 from tests.kernel.test_supervisor import Lines, Restartable
 from tests.peers import Peers, make_raw_image
@@ -119,6 +120,7 @@ class Figures:
     lost: set[int] = field(default_factory=set)
     fsck: str = "not run"
     kernel_lines: list[str] = field(default_factory=list)
+    kernel_said: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -147,6 +149,8 @@ class Figures:
             f"fsck: {self.fsck}",
             f"kernel log: {len(self.kernel_lines)} warnings",
             *(f"  {line}" for line in self.kernel_lines[:20]),
+            "kernel log, the most frequent lines (digits as N):",
+            *(f"  {n:5d} x {line}" for line, n in self.kernel_said.most_common(8)),
             *(f"FAILED: {what}" for what in self.failures),
             "soak: " + ("PASSED" if self.ok else "FAILED"),
         ]
@@ -165,7 +169,9 @@ class Soak:
         print(f"[{time.monotonic() - self.started:7.1f}] {text}", file=self.out, flush=True)
 
     def check_kernel_log(self, where: str) -> None:
-        bad = self.log.bad_lines()
+        lines = self.log.read()
+        self.figures.kernel_said.update(re.sub(r"\d+", "N", line) for line in lines)
+        bad = [line for line in lines if any(w in line for w in BAD_KERNEL_WORDS)]
         if bad:
             self.say(f"kernel log, {where}: " + " | ".join(bad))
         self.figures.kernel_lines += [f"{where}: {line}" for line in bad]
