@@ -47,6 +47,17 @@ the guest could not be prepared, booted, or did not report a status (the reason,
 the guest's console log, goes to stderr); ``--help`` lists the options. Give the
 interpreter by its path: a pyenv shim works in the guest, but slowly.
 
+The soak of the kernel path (not part of CI) boots a guest the same way and runs
+:mod:`tests.kernel.soak` in it: attach/IO/detach cycles, netlink and ioctl in turn, then
+server SIGKILLs in the middle of writes under ``pynbd attach --persist``, each restart
+followed by a checksum of every acknowledged write, ``e2fsck -fn`` at the end and the
+kernel log read throughout. It prints its figures and exits 0 only when every check
+passed (125: the guest could not run it). The full soak takes tens of minutes under TCG;
+run it in the background, niced::
+
+    nice -n 10 .venv/bin/python -m tests.kernel.soak > soak.log 2>&1 &   # 200 cycles, 50 kills
+    .venv/bin/python -m tests.kernel.soak --cycles 20 --kills 5 --seed 2   # a shorter one
+
 The modules, in the order a run uses them:
 
 - :mod:`~tests.guest.host`: the error every step raises; the host programs, found by
