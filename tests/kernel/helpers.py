@@ -1,11 +1,18 @@
 """What the kernel tests share: running a command, unmounting, reading the kernel log,
-stopping a server process, and an ext4 round trip through a device."""
+stopping a server process, an ext4 round trip through a device, a file-backed nbdkit
+that can be killed and started again, and the lines of a child's pipe."""
 
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import IO
+
+from tests.peers import Peers, Server
 
 #: Seconds one command (mkfs, fsck, mount, dmesg...) may take under TCG.
 CMD_TIMEOUT = 120
@@ -109,3 +116,51 @@ def filesystem_round_trip(device: str, mnt: Path) -> None:
         run("umount", mnt)
     finally:
         umount(mnt)
+
+
+class Restartable:
+    """A file-backed nbdkit on a fixed TCP port that can be killed and started again."""
+
+    def __init__(self, peers: Peers, image: Path) -> None:
+        self.peers, self.image = peers, image
+        self.server: Server = peers.nbdkit("file", os.fspath(image), tcp=True)
+        assert self.server.port is not None
+        self.port: int = self.server.port
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    def kill(self) -> None:
+        self.server.kill()
+
+    def start(self) -> None:
+        self.server = self.peers.nbdkit("file", os.fspath(self.image), tcp=True, port=self.port)
+
+
+class Lines:
+    """The lines of a pipe, read by a thread (select on a buffered pipe can miss
+    lines that arrived together)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                self.queue.put(line.rstrip())
+        self.queue.put("")  # EOF
+
+    def wait_for(self, want: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line with {want!r} in {timeout} s: {self.seen}") from None
+            assert line, f"EOF before a line with {want!r}: {self.seen}"
+            self.seen.append(line)
+            if want in line:
+                return line

@@ -62,9 +62,15 @@ from typing import TextIO
 from pynbd.kernel.attach import attach, detach, device_status
 from pynbd.kernel.device import device_index, sysfs_state
 from tests.guest import cli, qemu
-from tests.kernel.helpers import BAD_KERNEL_WORDS, CMD_TIMEOUT, KernelLog, umount
+from tests.kernel.helpers import (
+    BAD_KERNEL_WORDS,
+    CMD_TIMEOUT,
+    KernelLog,
+    Lines,
+    Restartable,
+    umount,
+)
 from tests.kernel.helpers import run as _run
-from tests.kernel.test_supervisor import Lines, Restartable
 from tests.peers import Peers, make_raw_image
 
 CYCLES = 200

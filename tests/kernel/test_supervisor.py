@@ -14,7 +14,6 @@ import errno
 import hashlib
 import mmap
 import os
-import queue
 import random
 import signal
 import socket
@@ -25,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import ClassVar
 
 import pytest
 
@@ -33,32 +32,13 @@ from pynbd.kernel.attach import Attachment, attach, attach_backend, detach
 from pynbd.kernel.device import sysfs_state
 from pynbd.kernel.supervisor import Backoff, Keepalive, ReconnectPolicy, SupervisorState
 from pynbd.server import MemoryBackend
+from tests.kernel.helpers import Lines, Restartable
 from tests.kernel.helpers import run as _run
 from tests.kernel.helpers import umount as _umount
-from tests.peers import Peers, Server, make_raw_image
+from tests.peers import Peers, make_raw_image
 
 SIZE = 64 * 1024 * 1024
 POLICY = ReconnectPolicy(backoff=Backoff(0.05, 2.0, 0.5), give_up_after=60, poll_interval=0.2)
-
-
-class Restartable:
-    """A file-backed nbdkit on a fixed TCP port that can be killed and started again."""
-
-    def __init__(self, peers: Peers, image: Path) -> None:
-        self.peers, self.image = peers, image
-        self.server: Server = peers.nbdkit("file", os.fspath(image), tcp=True)
-        assert self.server.port is not None
-        self.port: int = self.server.port
-
-    @property
-    def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/"
-
-    def kill(self) -> None:
-        self.server.kill()
-
-    def start(self) -> None:
-        self.server = self.peers.nbdkit("file", os.fspath(self.image), tcp=True, port=self.port)
 
 
 @pytest.fixture
@@ -504,34 +484,6 @@ def test_in_process_backend_link_replaced(nbd_module: None) -> None:
 
 
 # --------------------------------------------------------------------------- command line
-
-
-class Lines:
-    """The lines of a pipe, read by a thread (select on a buffered pipe can miss
-    lines that arrived together)."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.queue: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: IO[str]) -> None:
-        with stream:
-            for line in stream:
-                self.queue.put(line.rstrip())
-        self.queue.put("")  # EOF
-
-    def wait_for(self, want: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line with {want!r} in {timeout} s: {self.seen}") from None
-            assert line, f"EOF before a line with {want!r}: {self.seen}"
-            self.seen.append(line)
-            if want in line:
-                return line
 
 
 def test_cli_attach_persist(server: Restartable) -> None:
