@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -231,7 +232,9 @@ class Run:
         self.buffer_size = len(self.core._buf)
         if s.sink:
             self.core.payload_sink = self.sink
-        self.sunk: dict[int, list[memoryview]] = {}  # offset -> the sink's last buffers
+        # What the sink gave, in order; each becomes one WRITE's segments (the sink is
+        # called at a header, perhaps before the previous write's event is taken).
+        self.sunk: deque[list[memoryview]] = deque()
         self.matched = 0  # requests of self.sent matched with events so far
         self.events = 0
         self.finals = 0  # replies sent (final chunks or simple replies)
@@ -248,7 +251,7 @@ class Run:
         pieces = [memoryview(bytearray(first))]
         if length > first:
             pieces.append(memoryview(bytearray(length - first)))
-        self.sunk[offset] = pieces
+        self.sunk.append(pieces)
         return pieces
 
     # -- feeding ----------------------------------------------------------------------
@@ -358,7 +361,7 @@ class Run:
         if cmd is Cmd.WRITE:
             assert len(sent.payload) == ev.length
             if ev.segments is not None:
-                assert ev.payload is None and ev.segments == self.sunk.get(ev.offset)
+                assert ev.payload is None and self.sunk and ev.segments is self.sunk.popleft()
         else:
             assert ev.payload is None and ev.segments is None
         if cmd is Cmd.BLOCK_STATUS:
