@@ -42,7 +42,7 @@ class Result:
 
     harness: str
     executions: int = 0
-    seconds: int = 0
+    seconds: int | None = None  # (libFuzzer says it only when it is done)
     cov: int = 0
     ft: int = 0
     corpus: int = 0
@@ -55,8 +55,9 @@ class Result:
         return bool(self.artifacts) or self.returncode != 0
 
     def line(self) -> str:
+        took = "" if self.seconds is None else f" in {self.seconds} s"
         head = (
-            f"{self.harness}: {self.executions} executions in {self.seconds} s, "
+            f"{self.harness}: {self.executions} executions{took}, "
             f"cov: {self.cov} ft: {self.ft}, corpus: {self.corpus} inputs"
         )
         if not self.crashed:

@@ -95,7 +95,7 @@ def test_crash_is_reported_with_its_input() -> None:
     assert (result.executions, result.cov, result.ft, result.corpus) == (1327, 332, 999, 67)
     assert result.crashed
     assert result.line() == (
-        "server-transmission: 1327 executions in 0 s, cov: 332 ft: 999, corpus: 67 inputs, "
+        "server-transmission: 1327 executions, cov: 332 ft: 999, corpus: 67 inputs, "
         "CRASH: AssertionError: <EMPTY MESSAGE>; "
         "input: /tmp/art/crash-e7e074b6947d"
     )
