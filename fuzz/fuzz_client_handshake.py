@@ -1,8 +1,9 @@
 """Atheris harness: arbitrary server bytes into the client handshake core.
 
-Run: ``python3 fuzz/fuzz_client_handshake.py -max_total_time=60 [CORPUS_DIR]``. Without
-a corpus directory the harness starts from its own seed transcripts (in a temporary
-directory). The only exceptions allowed to escape the core are pynbd's documented ones
+Run: ``scripts/fuzz client-handshake -n EXECUTIONS``, or ``python3
+fuzz/fuzz_client_handshake.py -max_total_time=60 [CORPUS_DIR]`` (an empty corpus
+directory, or a temporary one, starts from the harness's seed transcripts). The only
+exceptions allowed to escape the core are pynbd's documented ones
 (:class:`pynbd.errors.NBDError` subclasses); anything else, or a handshake that neither
 finishes nor fails, is a crash. ``tests/proto/test_fuzz_smoke.py`` runs :func:`one_input`
 on Hypothesis-generated inputs so CI covers it without atheris.
@@ -16,12 +17,9 @@ from __future__ import annotations
 import struct
 import sys
 from pathlib import Path
-from typing import Any
 
-try:
-    import pynbd  # noqa: F401
-except ImportError:  # run from a checkout without PYTHONPATH=src
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fuzz_main  # (also puts src/ on the path)
 
 from pynbd.errors import NBDError
 from pynbd.proto.constants import BASE_ALLOCATION
@@ -144,32 +142,5 @@ SEEDS: list[bytes] = [
 ]  # fmt: skip
 
 
-def _instrument_pynbd(atheris: Any) -> None:
-    """Instrument pynbd's own functions. atheris.instrument_all() would also instrument
-    the stdlib (enum, dataclasses...), which makes every run many times slower."""
-    import gc
-    import types
-
-    for obj in gc.get_objects():
-        if isinstance(obj, types.FunctionType) and (obj.__module__ or "").startswith("pynbd"):
-            atheris.instrument_func(obj)
-
-
-def main() -> None:
-    import tempfile
-
-    import atheris  # type: ignore[import-untyped]
-
-    _instrument_pynbd(atheris)
-    argv = list(sys.argv)
-    if not any(not a.startswith("-") for a in argv[1:]):
-        corpus = tempfile.mkdtemp(prefix="pynbd-fuzz-handshake-")
-        for i, seed in enumerate(SEEDS):
-            Path(corpus, f"seed-{i}").write_bytes(seed)
-        argv.append(corpus)
-    atheris.Setup(argv, one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzz_main("client-handshake", one_input, SEEDS)

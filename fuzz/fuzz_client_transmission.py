@@ -1,16 +1,17 @@
 """Atheris harness: arbitrary server bytes into the client transmission core.
 
-Run: ``python3 fuzz/fuzz_client_transmission.py -max_total_time=60 [CORPUS_DIR]``.
-Without a corpus directory the harness starts from its own seed replies. Only pynbd's
+Run: ``scripts/fuzz client-transmission -n EXECUTIONS``, or ``python3
+fuzz/fuzz_client_transmission.py -max_total_time=60 [CORPUS_DIR]`` (an empty corpus
+directory, or a temporary one, starts from the harness's seed replies). Only pynbd's
 documented exceptions (:class:`pynbd.errors.NBDError` subclasses) may escape; the core's
 invariants are checked on the way (each request completes once, a failed core is closed,
 ``receive_buffer`` is never empty, extents obey the request). ``tests/proto/
 test_fuzz_smoke.py`` runs :func:`one_input` on Hypothesis-generated inputs.
 
 Input layout: byte 0 picks the reply style and export (see :func:`setup`), byte 1 the
-read size (bit 7: feed through ``receive_buffer``/``buffer_updated``), byte 2 which
-requests are in flight (bit i: ``REQUESTS[i]``), the rest is the server's byte stream,
-then EOF.
+read size (bits 0-6, see :func:`_common.read_size`; bit 7: feed through
+``receive_buffer``/``buffer_updated``), byte 2 which requests are in flight (bit i:
+``REQUESTS[i]``), the rest is the server's byte stream, then EOF.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-try:
-    import pynbd  # noqa: F401
-except ImportError:  # run from a checkout without PYTHONPATH=src
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fuzz_main, read_size  # (also puts src/ on the path)
 
 from pynbd.errors import NBDError, ProtocolError
 from pynbd.proto.constants import BASE_ALLOCATION, Cmd, CmdFlag, TransmissionFlag
@@ -130,7 +128,7 @@ def one_input(data: bytes) -> None:
     if len(data) < 3:
         return
     core, disconnect = setup(data[0])
-    step = (data[1] & 0x7F) or 1
+    step = read_size(data[1] & 0x7F, len(data) - 3)
     via_buffer = bool(data[1] & 0x80)
     sent = submit(core, data[2])
     done: set[int] = set()
@@ -227,32 +225,5 @@ SEEDS: list[bytes] = [
 ]  # fmt: skip
 
 
-def _instrument_pynbd(atheris: Any) -> None:
-    """Instrument pynbd's own functions. atheris.instrument_all() would also instrument
-    the stdlib (enum, dataclasses...), which makes every run many times slower."""
-    import gc
-    import types
-
-    for obj in gc.get_objects():
-        if isinstance(obj, types.FunctionType) and (obj.__module__ or "").startswith("pynbd"):
-            atheris.instrument_func(obj)
-
-
-def main() -> None:
-    import tempfile
-
-    import atheris  # type: ignore[import-untyped]
-
-    _instrument_pynbd(atheris)
-    argv = list(sys.argv)
-    if not any(not a.startswith("-") for a in argv[1:]):
-        corpus = tempfile.mkdtemp(prefix="pynbd-fuzz-transmission-")
-        for i, seed in enumerate(SEEDS):
-            Path(corpus, f"seed-{i}").write_bytes(seed)
-        argv.append(corpus)
-    atheris.Setup(argv, one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzz_main("client-transmission", one_input, SEEDS)

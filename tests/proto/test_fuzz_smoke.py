@@ -1,4 +1,5 @@
-"""The fuzz harnesses' bodies (fuzz/*.py), run on Hypothesis inputs so CI covers them.
+"""The client fuzz harnesses' bodies (fuzz/fuzz_client_*.py), run on Hypothesis inputs
+so CI covers them (the server ones: tests/server/test_core_fuzz.py).
 
 Three kinds of input per harness: raw bytes, mutated seed transcripts (byte changes,
 cuts, insertions), and streams assembled from plausible wire records with random
@@ -10,58 +11,15 @@ running it, so each one also runs with other read sizes, feeding methods and con
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import sys
-from pathlib import Path
-from types import ModuleType
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-FUZZ_DIR = Path(__file__).resolve().parents[2] / "fuzz"
+from .harnesses import SETTINGS, U8, U16, U32, load, mutated
 
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"pynbd_fuzz_{name}", FUZZ_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-HANDSHAKE = _load("fuzz_client_handshake")
-TRANSMISSION = _load("fuzz_client_transmission")
-
-U8 = st.integers(0, 255)
-U16 = st.integers(0, 0xFFFF)
-U32 = st.integers(0, 0xFFFFFFFF)
-SETTINGS = settings(
-    max_examples=400,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-)
-
-
-@st.composite
-def mutated(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
-    data = bytearray(draw(st.sampled_from(seeds)))
-    for _ in range(draw(st.integers(0, 4))):
-        op = draw(st.integers(0, 4))
-        pos = draw(st.integers(0, len(data)))
-        if op == 0 and pos < len(data):
-            data[pos] = draw(U8)
-        elif op == 1:
-            del data[pos : pos + draw(st.integers(1, 24))]
-        elif op == 2:
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=24))
-        elif op == 3:
-            del data[pos:]
-        elif len(data) >= 3:
-            data[draw(st.integers(0, 2))] = draw(U8)  # another config / read size
-    return bytes(data)
+HANDSHAKE = load("fuzz_client_handshake")
+TRANSMISSION = load("fuzz_client_transmission")
 
 
 # --- handshake streams ------------------------------------------------------------------

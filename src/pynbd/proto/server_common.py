@@ -234,9 +234,13 @@ class ServerConfig:
         tls: the TLS mode; anything but NONE needs a driver that can do TLS.
         max_option_length: longest option data accepted; a longer one closes the
             connection (a lying length is a denial of service).
+        max_options: most options one connection may send, STARTTLS and refused
+            ones included (TLS resets the negotiation, not the count); the next one
+            gets NBD_REP_ERR_POLICY and the connection is closed (nbdkit allows 32).
 
     Raises:
-        ValueError: a key that is not its export's name, or an unknown default.
+        ValueError: a key that is not its export's name, an unknown default, or a
+            limit below 1.
     """
 
     exports: Mapping[str, ExportSpec]
@@ -246,8 +250,11 @@ class ServerConfig:
     allow_list: bool = True
     tls: TLSPolicy = TLSPolicy.NONE
     max_option_length: int = 64 * 1024
+    max_options: int = 32
 
     def __post_init__(self) -> None:
+        if self.max_options < 1:
+            raise ValueError(f"max_options must be at least 1, not {self.max_options}")
         for name, spec in self.exports.items():
             if name != spec.name:
                 raise ValueError(f"export key {name!r} differs from its name {spec.name!r}")

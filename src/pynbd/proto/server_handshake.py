@@ -81,6 +81,7 @@ class Input(enum.Enum):
     EXPORT_NAME_REFUSED = "EXPORT_NAME refused"
     ABORT = "ABORT"
     STARTTLS_ACCEPTED = "STARTTLS accepted"
+    TOO_MANY_OPTIONS = "too many options"
     TLS_ESTABLISHED = "TLS established"
     EOF = "end of stream"
 
@@ -95,6 +96,7 @@ TRANSITIONS: dict[tuple[State, Input], State] = {
     (State.OPTIONS, Input.EXPORT_NAME_REFUSED): State.CLOSED,
     (State.OPTIONS, Input.ABORT): State.CLOSED,
     (State.OPTIONS, Input.STARTTLS_ACCEPTED): State.TLS,
+    (State.OPTIONS, Input.TOO_MANY_OPTIONS): State.CLOSED,
     (State.OPTIONS, Input.EOF): State.CLOSED,
     (State.TLS, Input.TLS_ESTABLISHED): State.OPTIONS,
     (State.TLS, Input.EOF): State.CLOSED,
@@ -116,6 +118,8 @@ class ServerHandshake:
     the client breaks a MUST of the spec (unknown client flags, a bad option magic, an
     option longer than ``config.max_option_length``, NBD_OPT_EXPORT_NAME after extended
     headers, data sent before the TLS handshake); the driver then closes the connection.
+    The option after ``config.max_options`` is refused with NBD_REP_ERR_POLICY and ends
+    the session with a :class:`Disconnect` (the driver sends the reply, then closes).
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -129,6 +133,8 @@ class ServerHandshake:
         self._tls_pending = False
         self._disconnect: Disconnect | None = None
         self._disconnect_reported = False
+        # Options taken so far, whatever became of them (STARTTLS resets nothing here).
+        self._options = 0
         # The export the last NBD_OPT_SET_META_CONTEXT named, and what it selected.
         self._meta_export: ExportSpec | None = None
         self._meta: dict[int, str] = {}
@@ -233,14 +239,31 @@ class ServerHandshake:
         if len(self._in) < OPTION_HEADER_SIZE:
             return False
         option, length = OptionRequest.unpack_header(bytes(self._in[:OPTION_HEADER_SIZE]))
+        if self._options == self.config.max_options and option != Opt.ABORT:
+            # Refused at its header: its data is never read (nor waited for).
+            self._transition(self._too_many_options(option))
+            return True
         if length > self.config.max_option_length:
             raise ProtocolError(f"option {option} claims {length} bytes of data; too long")
         if len(self._in) < OPTION_HEADER_SIZE + length:
             return False
         data = bytes(self._in[OPTION_HEADER_SIZE : OPTION_HEADER_SIZE + length])
         del self._in[: OPTION_HEADER_SIZE + length]
+        self._options += 1
         self._transition(self._on_option(option, data))
         return True
+
+    def _too_many_options(self, option: int) -> Input:
+        # The spec lets a server hard-disconnect a client it deems a denial of service
+        # ("Termination of the session during option haggling"); nbdkit closes after
+        # 32 options without a word. Here the client first gets a reason it can show
+        # (NBD_OPT_EXPORT_NAME has no error reply: only the close).
+        limit = self.config.max_options
+        reason = f"too many options: this server allows {limit} per connection"
+        if option != Opt.EXPORT_NAME:
+            self._reply(option, Rep.ERR_POLICY, truncate_message(reason))
+        self._in.clear()  # whatever else the client sent is not read
+        return self._close(Input.TOO_MANY_OPTIONS, reason, soft=False)
 
     def _on_option(self, option: int, data: bytes) -> Input:
         if option == Opt.ABORT:

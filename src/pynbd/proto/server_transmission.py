@@ -20,8 +20,12 @@ Validation order (spec "Request types", "Error values", "Size constraints"): shu
 read-only export (EPERM); flags not valid for the command or not advertised, command
 not advertised, no meta context (EINVAL); range (ENOSPC for writes, else EINVAL);
 alignment to the minimum block size (EINVAL); payload size (EOVERFLOW for a structured
-READ, else EINVAL). Peer input that cannot be resynchronised (bad magic, a payload too
-large to consume) raises :class:`ProtocolError`; the driver then closes the connection.
+READ, else EINVAL). Every payload is checked against what it may hold before a byte of
+memory is taken for it: a WRITE's against the maximum payload and the export, a
+BLOCK_STATUS payload against the meta contexts negotiated; a refused payload is
+dropped as it arrives, without a buffer. Peer input that cannot be resynchronised (bad
+magic, a payload too large to consume) raises :class:`ProtocolError`; the driver then
+closes the connection.
 """
 
 from __future__ import annotations
@@ -387,7 +391,9 @@ class ServerTransmission(ReceiveBuffer):
             if checked is None:
                 checked = self._check_flags(type_, flags)
             command, cmd_flags = checked
-            if not (command is _BLOCK_STATUS and payload):
+            if command is _BLOCK_STATUS and payload:
+                self._check_status_payload(payload)
+            else:
                 self._check_range(command, offset, length)
         except _Refused as refusal:
             self._refuse(cookie, offset, refusal)
@@ -422,6 +428,18 @@ class ServerTransmission(ReceiveBuffer):
         checked = (command, CmdFlag(flags & ~_PAYLOAD_LEN))
         self._checked[type_ << 16 | flags] = checked
         return checked
+
+    def _check_status_payload(self, payload: int) -> None:
+        # Spec "NBD_CMD_BLOCK_STATUS": 8 + 4*n bytes, n ids each negotiated and named
+        # once, so no valid payload is longer than 8 + 4 * (contexts negotiated). A
+        # payload that cannot be valid is refused by its length alone, before any
+        # buffer is taken for it, and dropped as it arrives (the stream stays in step).
+        if payload < 12 or payload % 4 or payload > 8 + 4 * len(self.contexts):
+            raise _Refused(
+                Err.EINVAL,
+                f"block status payload of {payload} bytes is not 8 + 4*n bytes "
+                f"with n from 1 to {len(self.contexts)}",
+            )
 
     def _skip(self, payload: int) -> None:
         if payload:
@@ -462,8 +480,7 @@ class ServerTransmission(ReceiveBuffer):
     def _on_status_payload(self, pending: _Pending, data: bytearray) -> None:
         # Spec "NBD_CMD_BLOCK_STATUS": u64 effect length, then n u32 context ids.
         try:
-            if len(data) < 12 or (len(data) - 8) % 4:
-                raise _Refused(Err.EINVAL, "block status payload is not 8 + 4*n bytes")
+            # (its size was checked against the contexts before it was received)
             (length,) = U64.unpack_from(data)
             ids = struct.unpack_from(f">{(len(data) - 8) // 4}I", data, 8)
             if len(set(ids)) != len(ids) or not set(ids) <= self.contexts.keys():
