@@ -115,7 +115,7 @@ def test_a_connection_over_the_limit_is_told_why() -> None:
         # The first one left: its place is free again.
         with Client(srv.uri) as again:
             assert again.pread(1, 0) == b"\0"
-        assert not srv.call(lambda: srv.server.refusing)
+        wait_until(lambda: not srv.call(lambda: srv.server.refusing), "the refusal's end")
 
 
 def test_a_refused_connection_gets_the_greeting_and_an_error_to_each_option() -> None:

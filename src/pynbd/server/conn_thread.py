@@ -268,12 +268,9 @@ class ConnectionThread:
             self.ending = Disconnect(reason, soft=False)
         log.debug("%s: closing the connection: %s", self._responder.peer, reason)
 
-    def _full(self) -> bool:
-        """As many requests, or bytes, in flight as the limits allow."""
-        return self._tx.in_flight >= self._max_in_flight or self._responder.held >= self._max_bytes
-
     def _serve(self) -> None:
-        tx, fd = self._tx, self._fd
+        tx, fd, responder = self._tx, self._fd, self._responder
+        most, most_bytes = self._max_in_flight, self._max_bytes
         # Blocking reads: cheaper than poll and non-blocking reads (a 256 KiB write
         # arrives in fewer, bigger pieces). The receive timeout lets the thread see a
         # shutdown; an abort shuts the socket down, which ends any wait.
@@ -283,7 +280,7 @@ class ConnectionThread:
             self._process()  # requests that came with the handshake's last bytes
             while True:
                 self._check()
-                if tx.events_pending:
+                if tx.events_pending and responder.in_flight < most and responder.held < most_bytes:
                     self._process()  # requests parsed before a shutdown are still performed
                 if self._results:
                     self._take_results()
@@ -293,7 +290,11 @@ class ConnectionThread:
                     self._in_pool or receiving or tx.events_pending
                 ):
                     raise _End(None, hard=False)  # every request answered: done
-                if (self.ending is None or receiving) and not self._full():
+                if (
+                    (self.ending is None or receiving)
+                    and responder.in_flight < most
+                    and responder.held < most_bytes
+                ):
                     # With requests in the pool, a read must not block: their answers
                     # come through the waker.
                     if self._in_pool and not self._wait(select.POLLIN):
@@ -364,14 +365,18 @@ class ConnectionThread:
         return ready
 
     def _process(self) -> None:
-        core, run = self.core, self._runner.run
-        # (beyond the limits the requests wait in the core, and the socket is not read)
-        while not self._full():
+        """Perform the requests the core has, up to the limits (call it below them);
+        beyond, the requests wait in the core, and the socket is not read."""
+        core, run, responder = self.core, self._runner.run, self._responder
+        most, most_bytes = self._max_in_flight, self._max_bytes
+        while True:
             event = core.next_event()
             if event is NEED_DATA:
                 return
             if type(event) is RequestReceived:
                 run(event)
+                if responder.in_flight >= most or responder.held >= most_bytes:
+                    return
             elif isinstance(event, Disconnect):
                 log.debug("%s: %s", self._responder.peer, event.reason)
                 self.ending = self.ending or event

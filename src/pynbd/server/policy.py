@@ -66,10 +66,10 @@ class Limits:
       its soft limit to the hard one at start. None: no limit but that one.
     - ``handshake_timeout`` (30 s; ``--handshake-timeout S``, 0: none): seconds a
       client may take to reach transmission; the connection is closed after that.
-    - ``max_options`` (32; no option): options one handshake may send; the next one
-      is refused and the connection closed (as nbdkit does).
-    - ``max_option_length`` (64 KiB; no option): longest option data accepted; a
-      longer option closes the connection.
+    - ``max_options`` (32; ``--max-options N``): options one handshake may send; the
+      next one is refused and the connection closed (as nbdkit does).
+    - ``max_option_length`` (64 KiB; ``--max-option-length SIZE``): longest option
+      data accepted; a longer option closes the connection.
     - ``idle_timeout`` (None: off; ``--idle-timeout S``): a connection in
       transmission with no request in flight and nothing received for that many
       seconds is closed (once its replies are sent, or at once if it does not read

@@ -4,8 +4,9 @@ A :class:`Responder` turns what a backend returned (or raised) into the core's r
 gives the buffers of WRITE payloads and READ replies back to the connection's
 :class:`SharedPool` (a payload once the backend returned, a reply buffer once sent
 whole: :func:`written`), counts the connection's figures (:class:`SessionStats`) and
-the bytes its requests in flight hold (:attr:`Responder.held`, for
-``Limits.max_in_flight_bytes``), and keeps account of the views of a zero-copy
+its requests in flight and the bytes they hold (:attr:`Responder.in_flight` and
+:attr:`Responder.held`, for ``Limits.max_in_flight`` and ``max_in_flight_bytes``), and
+keeps account of the views of a zero-copy
 backend's memory lent to replies not sent yet. One serves each connection in
 transmission, called from whichever of the event loop or the connection's own thread
 serves it, never from both.
@@ -113,7 +114,7 @@ class Responder:
         lender: the zero-copy backend whose views READ replies may hold (None: none).
     """
 
-    __slots__ = ("_lender", "held", "lent", "peer", "pool", "stats", "tx", "unsent")
+    __slots__ = ("_lender", "held", "in_flight", "lent", "peer", "pool", "stats", "tx", "unsent")
 
     def __init__(
         self,
@@ -132,12 +133,17 @@ class Responder:
         self.unsent = 0
         #: ``pread_views`` calls whose views wait in the core (see :meth:`views_sent`).
         self.lent = 0
+        #: Requests in flight: from :meth:`count` to their reply (the core's
+        #: ``in_flight``, kept where it is cheap to read for ``Limits.max_in_flight``).
+        self.in_flight = 0
         #: Bytes of the requests in flight: READs not answered yet, and WRITE payloads
-        #: (from :meth:`count` to the reply: ``Limits.max_in_flight_bytes``).
+        #: (``Limits.max_in_flight_bytes``).
         self.held = 0
 
     def count(self, request: RequestReceived) -> None:
-        """A request starts: add it to the connection's figures and to :attr:`held`."""
+        """A request starts: add it to the connection's figures, :attr:`in_flight` and
+        :attr:`held`."""
+        self.in_flight += 1
         stats = self.stats
         stats.requests += 1
         command = request.command
@@ -150,12 +156,14 @@ class Responder:
 
     def ok(self, request: RequestReceived) -> None:
         """Reply that a request succeeded (and takes no data)."""
+        self.in_flight -= 1
         if request.command is _WRITE:
             self.held -= request.length
         self.tx.reply_ok(request)
 
     def answer(self, request: RequestReceived, result: Result) -> None:
         """Reply to a request the backend is done with (its payload is free again)."""
+        self.in_flight -= 1
         tx = self.tx
         command = request.command
         if command is _READ or command is _WRITE:
@@ -174,6 +182,7 @@ class Responder:
 
     def answer_views(self, request: RequestReceived, views: list[memoryview]) -> None:
         """Reply to a READ with views the lender lent (until :meth:`views_sent`)."""
+        self.in_flight -= 1
         self.held -= request.length
         self.lent += 1
         self.tx.reply_read_vector(request, views)
@@ -181,6 +190,7 @@ class Responder:
 
     def fail(self, request: RequestReceived, exc: Exception) -> None:
         """Reply with the error for what the backend raised."""
+        self.in_flight -= 1
         command = request.command
         if command is _READ or command is _WRITE:
             self.held -= request.length

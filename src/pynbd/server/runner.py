@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 from ..proto.constants import Cmd
@@ -122,7 +123,16 @@ class Runner:
                 return
         if self._inline or self._plan.runs_inline(request):
             assert backend is not None
-            self._run_inline(backend, request)
+            # A READ's reply buffer comes from the pool and goes back once sent whole.
+            buf = responder.pool.take(request.length) if command is _READ else None
+            try:
+                result = run_request(backend, request, buf)
+            except Exception as exc:
+                responder.fail(request, exc)
+            else:
+                responder.answer(request, result)
+            if responder.unsent >= SEND_AT:
+                self._driver.send()
             return
         future: Pending
         if self._async is not None:
@@ -134,26 +144,23 @@ class Runner:
             except RuntimeError as exc:  # no thread could be started to run it
                 limited_log.warning(
                     "no pool thread",
-                    "%s: cannot start a thread for a request (%s): running it inline",
+                    "%s: cannot start a thread for a request (%s): running it here",
                     responder.peer,
                     exc,
                 )
-                self._run_inline(backend, request)
-                return
+                # (done already: the driver answers it as any other)
+                future = _done(_perform, backend, request, responder.pool)
         self._driver.later(request, future)
 
-    def _run_inline(self, backend: Backend, request: RequestReceived) -> None:
-        responder = self._responder
-        # A READ's reply buffer comes from the pool and goes back once sent whole.
-        buf = responder.pool.take(request.length) if request.command is _READ else None
-        try:
-            result = run_request(backend, request, buf)
-        except Exception as exc:
-            responder.fail(request, exc)
-        else:
-            responder.answer(request, result)
-        if responder.unsent >= SEND_AT:
-            self._driver.send()
+
+def _done(fn: Callable[..., Result], *args: object) -> Future[Result]:
+    """The future of ``fn(*args)``, called now."""
+    future: Future[Result] = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 def _perform(backend: Backend, request: RequestReceived, pool: BufferPool) -> Result:

@@ -428,10 +428,7 @@ class Session(asyncio.BufferedProtocol):
             # None is started while the client does not read its replies.
             core = self.core
             # (nothing more once the connection is the thread's: see _hand_over)
-            while not self._write_paused and not self._plan.threaded:
-                if self._full():  # the next requests wait in the core
-                    self._pause("in flight")
-                    break
+            while not self._write_paused and not self._plan.threaded and not self._full():
                 event = core.next_event()
                 if event is NEED_DATA:
                     break
@@ -509,11 +506,9 @@ class Session(asyncio.BufferedProtocol):
         self._serve_here()
 
     def _full(self) -> bool:
-        """As many requests, or bytes, in flight as the limits allow."""
-        responder = self._responder
-        return self.core.in_flight >= self._max_in_flight or (
-            responder is not None and responder.held >= self._max_bytes
-        )
+        """As many requests, or bytes, in flight as the limits allow (reading is paused
+        then: see _dispatch)."""
+        return "in flight" in self._paused
 
     # -- the connection's thread ------------------------------------------------------
 
@@ -729,10 +724,15 @@ class Session(asyncio.BufferedProtocol):
     def _dispatch(self, request: RequestReceived) -> None:
         assert self._runner is not None  # requests only come after TransmissionStarted
         self._runner.run(request)
+        responder = self._responder
+        assert responder is not None
+        if responder.in_flight >= self._max_in_flight or responder.held >= self._max_bytes:
+            self._pause("in flight")  # the next requests wait in the core
 
     def later(self, request: RequestReceived, future: Pending) -> None:
         """``request`` was handed off (the runner's driver): answer it once done."""
-        assert isinstance(future, asyncio.Future)
+        if not isinstance(future, asyncio.Future):  # (run here: no thread for it)
+            future = asyncio.wrap_future(future, loop=self._loop)
         self._tasks.add(future)
         future.add_done_callback(functools.partial(self._finished, request))
 
@@ -765,7 +765,13 @@ class Session(asyncio.BufferedProtocol):
         if self._idle_timeout is not None:
             self._last_active = self._loop.time()
         self.send()
-        if "in flight" in self._paused and not self._full():
+        responder = self._responder
+        if (
+            "in flight" in self._paused
+            and responder is not None
+            and responder.in_flight < self._max_in_flight
+            and responder.held < self._max_bytes
+        ):
             self._resume("in flight")
             if self.core.events_pending:
                 self._process()  # the requests that waited for room
