@@ -306,6 +306,7 @@ def test_limit_options() -> None:
         [
             *("serve", "--memory", "1M", "--max-connections", "7", "--idle-timeout", "90"),
             *("--max-in-flight", "3", "--max-in-flight-bytes", "4M", "--handshake-timeout", "0"),
+            *("--max-options", "5", "--max-option-length", "1k"),
         ]
     )
     assert limits_from(args) == Limits(
@@ -314,6 +315,8 @@ def test_limit_options() -> None:
         max_in_flight=3,
         max_in_flight_bytes=4 * MiB,
         handshake_timeout=None,
+        max_options=5,
+        max_option_length=1024,
     )
 
 

@@ -49,7 +49,8 @@ next connection is refused with NBD_REP_ERR_SHUTDOWN "too many connections");
 ``--handshake-timeout S`` (30; 0: none); ``--idle-timeout S`` (off: a connection in
 transmission with nothing in flight and nothing received for S seconds is closed);
 ``--max-in-flight N`` (64 requests) and ``--max-in-flight-bytes SIZE`` (32M) per
-connection, beyond which it is not read until requests complete. At start the server
+connection, beyond which it is not read until requests complete; ``--max-options N``
+(32 per handshake) and ``--max-option-length SIZE`` (64K). At start the server
 raises its soft descriptor limit (RLIMIT_NOFILE) to the hard one, and takes no more
 connections than that allows.
 
@@ -221,6 +222,8 @@ def register(sub: Subparsers) -> None:
     g.add_argument("--idle-timeout", metavar="S", type=_seconds, help="default: none")
     g.add_argument("--max-in-flight", metavar="N", type=_positive_int, default=64)
     g.add_argument("--max-in-flight-bytes", metavar="SIZE", type=_positive_size, default="32M")
+    g.add_argument("--max-options", metavar="N", type=_positive_int, default=32)
+    g.add_argument("--max-option-length", metavar="SIZE", type=_positive_size, default="64K")
     g.add_argument("--threads", metavar="N", type=_positive_int, help="for blocking backends")
     g.add_argument(
         "--no-connection-threads",
@@ -548,6 +551,8 @@ def limits_from(args: argparse.Namespace) -> Limits:
         max_connections=args.max_connections,
         max_in_flight=args.max_in_flight,
         max_in_flight_bytes=args.max_in_flight_bytes,
+        max_options=args.max_options,
+        max_option_length=args.max_option_length,
         threads=args.threads,
         connection_threads=not args.no_connection_threads,
     )
