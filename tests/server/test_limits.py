@@ -47,6 +47,7 @@ from .helpers import (
     read_simple_reply,
     recv_exactly,
     running_server,
+    unread_reads,
     wait_until,
 )
 
@@ -290,6 +291,45 @@ def test_the_idle_timeout_spares_a_connection_with_a_request_in_flight(
         session = only_session(srv)
         wait_until(lambda: not srv.call(lambda: session.threaded), "the hand-back")
         srv.advance(61)
+        assert is_closed(sock)
+
+
+@both_modes
+def test_the_idle_timeout_closes_a_connection_stuck_in_the_middle_of_a_payload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(session_module, "PARK_AFTER", conn_thread_module._TICK)
+    backend = MemoryBackend(MiB)
+    limits = Limits(idle_timeout=60)
+    with running_server(backend, limits=limits) as srv, raw_session(srv) as sock:
+        sock.sendall(raw_request(Cmd.WRITE, 0, 64 * KiB) + bytes(1000))
+        session = only_session(srv)
+        wait_until(lambda: srv.call(lambda: session.core.receiving_payload), "the payload")
+        wait_until(lambda: not srv.call(lambda: session.threaded), "the hand-back")
+        srv.advance(61)
+        assert is_closed(sock)
+
+
+def test_the_idle_timeout_closes_a_connection_whose_client_reads_nothing() -> None:
+    """Served from a thread, blocked in a send: the thread's own clock (its send
+    timeouts) counts, so the timeout is short and real here; the test only waits
+    for its outcome."""
+    limits = Limits(idle_timeout=0.5, connection_threads=True)
+    backend = MemoryBackend(8 * MiB)
+    with running_server(backend, limits=limits) as srv, unread_reads(srv, 1, 8 * MiB) as sock:
+        assert is_closed(sock)
+        wait_until(lambda: not sessions(srv), "the session's end")
+
+
+def test_the_idle_timeout_closes_a_connection_whose_client_reads_nothing_in_the_loop() -> None:
+    limits = Limits(idle_timeout=60, connection_threads=False)
+    backend = MemoryBackend(8 * MiB)
+    with running_server(backend, limits=limits) as srv, unread_reads(srv, 1, 8 * MiB) as sock:
+        session = only_session(srv)
+        wait_until(lambda: srv.call(lambda: session.stats.requests) == 1, "the read")
+        srv.advance(30)
+        assert srv.call(lambda: session in srv.server.sessions)
+        srv.advance(31)
         assert is_closed(sock)
 
 

@@ -66,7 +66,7 @@ log = logging.getLogger("pynbd.server")
 #: shutdown): a struct timeval for SO_RCVTIMEO.
 _TICK = 0.2
 _RCVTIMEO = struct.pack("ll", 0, int(_TICK * 1_000_000))
-_NO_RCVTIMEO = struct.pack("ll", 0, 0)
+_NO_TIMEO = struct.pack("ll", 0, 0)
 #: Seconds without a request in flight or a byte received after which the thread
 #: hands its connection back to the event loop (and ends).
 PARK_AFTER = 5.0
@@ -145,6 +145,8 @@ class ConnectionThread:
         ended: called in the event loop when the thread is done.
         parked: called in the event loop when the thread handed the connection back.
         park_after: seconds of idleness after which it does (None: never).
+        idle_timeout: ``Limits.idle_timeout``: a send that makes no progress for that
+            long (a client that reads nothing) ends the connection.
 
     Raises:
         OSError: no descriptor for its waker (:meth:`start` raises RuntimeError when
@@ -166,6 +168,7 @@ class ConnectionThread:
         ended: Callable[[bool, Disconnect | None], None],
         parked: Callable[[float], None],
         park_after: float | None = PARK_AFTER,
+        idle_timeout: float | None = None,
     ) -> None:
         tx = core.transmission
         assert tx is not None
@@ -186,6 +189,8 @@ class ConnectionThread:
         # Receive timeouts in a row, with nothing in flight, after which to park.
         self._park_ticks = None if park_after is None else max(1, round(park_after / _TICK))
         self._idle_ticks = 0
+        self._stall_ticks = None if idle_timeout is None else max(1, round(idle_timeout / _TICK))
+        self._idle_timeout = idle_timeout
         self._results: collections.deque[tuple[RequestReceived, Future[Result]]]
         self._results = collections.deque()
         self._in_pool = 0
@@ -275,7 +280,9 @@ class ConnectionThread:
         # arrives in fewer, bigger pieces). The receive timeout lets the thread see a
         # shutdown; an abort shuts the socket down, which ends any wait.
         os.set_blocking(fd, True)
+        # (and a send that waits for a client that reads nothing: see send)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _RCVTIMEO)
         try:
             self._process()  # requests that came with the handshake's last bytes
             while True:
@@ -314,22 +321,15 @@ class ConnectionThread:
                     self._wait(0)  # for the pool, or the loop
         except _Park:
             # The event loop reads the socket again: as it was before the thread.
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_RCVTIMEO)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEO)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEO)
             os.set_blocking(fd, False)
             raise
 
     def _idle_tick(self) -> None:
-        """A receive timeout: park once idle long enough (see PARK_AFTER)."""
-        tx = self._tx
-        if (
-            self._park_ticks is None
-            or self.ending is not None
-            or self._stop
-            or self._in_pool
-            or tx.in_flight
-            or tx.events_pending
-            or tx.receiving_payload
-        ):
+        """A receive timeout: park once idle long enough (see PARK_AFTER). Replies are
+        all sent by now; a payload may be half received (the loop receives the rest)."""
+        if self._park_ticks is None or self.ending is not None or self._stop or self._in_pool:
             self._idle_ticks = 0
             return
         self._idle_ticks += 1
@@ -410,13 +410,20 @@ class ConnectionThread:
         buffers = self.core.buffers_to_send()
         responder.unsent = 0
         pool, fd = responder.pool, self._fd
+        stalled = 0
         while buffers:
             try:
                 sent = os.writev(fd, buffers[:IOV_MAX])  # blocks while the socket is full
-            except InterruptedError:
+            except (BlockingIOError, InterruptedError):
+                # The send timeout (a tick with nothing sent), or a signal.
                 self._check()
+                stalled += 1
+                if self._stall_ticks is not None and stalled >= self._stall_ticks:
+                    reason = f"idle for {self._idle_timeout:g} s (the client reads nothing)"
+                    raise _End(reason) from None
                 continue
             except OSError as exc:
                 raise _End(f"connection lost: {os.strerror(exc.errno or 0)}") from None
+            stalled = 0
             buffers = written(pool, buffers, sent)
         responder.views_sent()

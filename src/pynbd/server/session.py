@@ -182,7 +182,9 @@ class Session(asyncio.BufferedProtocol):
         self._max_bytes = limits.max_in_flight_bytes
         self._idle_timeout = limits.idle_timeout
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._last_active = 0.0  # (loop time) the last byte received or request done
+        # (loop time) the last byte received, backend call done or reply taken
+        self._last_active = 0.0
+        self._idle_unsent = 0  # the transport's write buffer at the last idle check
         self._tasks: set[asyncio.Future[Any]] = set()
         self._paused: set[str] = set()
         self._write_paused = False
@@ -359,6 +361,8 @@ class Session(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._idle_timeout is not None:
+            self._last_active = self._loop.time()  # the client read its replies
         self._resume("writing")
         if self.core.events_pending:
             self._process()  # the requests that waited for the client to read
@@ -540,6 +544,7 @@ class Session(asyncio.BufferedProtocol):
                 ended=self.thread_ended,
                 parked=self.thread_parked,
                 park_after=PARK_AFTER if idle is None else min(idle, PARK_AFTER),
+                idle_timeout=idle,
             )
             thread.start()
         except (OSError, RuntimeError) as exc:  # no descriptor, or no thread, for it
@@ -781,37 +786,34 @@ class Session(asyncio.BufferedProtocol):
     # -- the idle timeout -------------------------------------------------------------
 
     def _idle_check(self) -> None:
-        """``Limits.idle_timeout``: close the connection if nothing was received, and no
-        request was in flight, for that long; else look again when it might be."""
+        """``Limits.idle_timeout``: close the connection if nothing was received from
+        the client, nor sent to it, and no backend call was under way, for that long;
+        else look again when it might be."""
         self._idle_timer = None
         timeout = self._idle_timeout
-        if timeout is None or self.transport is None or self.transport_closed:
+        transport = self.transport
+        if timeout is None or transport is None or transport.is_closing() or self._ending:
             return
         now = self._loop.time()
-        core = self.core
-        if self._ending is not None:
-            return  # closing already
-        if (
-            self._thread is not None  # (busy until it hands the connection back)
-            or core.in_flight
-            or self._tasks
-            or core.events_pending
-            or core.receiving_payload
-        ):
+        unsent = transport.get_write_buffer_size()
+        # (a thread is busy until it hands the connection back; it sees to its sends)
+        if self._thread is not None or self._tasks or unsent < self._idle_unsent:
             self._last_active = now
-        elif now - self._last_active >= timeout:
-            reason = f"idle for {timeout:g} s"
-            log.debug("%s: closing the connection: %s", self.peer, reason)
-            self._ending = Disconnect(reason, soft=False)
-            if self.transport.get_write_buffer_size():
-                self.transport.abort()  # nor does it read its replies
-            else:
-                self._pause("ending")
-                self._maybe_close()
+        self._idle_unsent = unsent
+        if now - self._last_active < timeout:
+            self._idle_timer = self._loop.call_later(
+                self._last_active + timeout - now, self._idle_check
+            )
             return
-        self._idle_timer = self._loop.call_later(
-            self._last_active + timeout - now, self._idle_check
-        )
+        core = self.core
+        if unsent or core.events_pending or core.receiving_payload:
+            # It reads nothing, or sent half a request: no clean end to this.
+            self.abort(f"idle for {timeout:g} s")
+            return
+        self._ending = Disconnect(f"idle for {timeout:g} s", soft=False)
+        log.debug("%s: closing the connection: %s", self.peer, self._ending.reason)
+        self._pause("ending")
+        self._maybe_close()
 
     # -- the log line -----------------------------------------------------------------
 
