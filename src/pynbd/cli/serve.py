@@ -44,15 +44,15 @@ several threads (memory, files, block devices), its requests are served from a t
 of its own (an idle connection gives its thread up); ``--no-connection-threads`` keeps
 every connection in the event loop.
 
-Limits (see :class:`pynbd.server.Limits`): ``--max-connections N`` (default 1024; the
-next connection is refused with NBD_REP_ERR_SHUTDOWN "too many connections");
-``--handshake-timeout S`` (30; 0: none); ``--idle-timeout S`` (off: a connection in
-transmission with nothing in flight and nothing received for S seconds is closed);
-``--max-in-flight N`` (64 requests) and ``--max-in-flight-bytes SIZE`` (32M) per
-connection, beyond which it is not read until requests complete; ``--max-options N``
-(32 per handshake) and ``--max-option-length SIZE`` (64K). At start the server
-raises its soft descriptor limit (RLIMIT_NOFILE) to the hard one, and takes no more
-connections than that allows.
+Limits (see :class:`pynbd.server.Limits`): ``--max-connections N`` (1024; the next
+connection is refused with NBD_REP_ERR_SHUTDOWN "too many connections");
+``--handshake-timeout S`` (30; 0: none); ``--idle-timeout S`` (off; a connection in
+transmission with nothing in flight, nothing received and nothing sent for S seconds
+is closed); per connection, ``--max-in-flight N`` (64 requests) and
+``--max-in-flight-bytes SIZE`` (32M), beyond which it is not read until requests
+complete; per handshake, ``--max-options N`` (32) and ``--max-option-length SIZE``
+(64K). At start the server raises its soft descriptor limit (RLIMIT_NOFILE) to the
+hard one, and takes no more connections than that allows.
 
 Each connection is logged on stderr when it ends: the peer, the export, what was
 negotiated, requests and bytes. SIGINT or SIGTERM stops the server: requests under way

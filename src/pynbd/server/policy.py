@@ -71,9 +71,10 @@ class Limits:
     - ``max_option_length`` (64 KiB; ``--max-option-length SIZE``): longest option
       data accepted; a longer option closes the connection.
     - ``idle_timeout`` (None: off; ``--idle-timeout S``): a connection in
-      transmission with no request in flight and nothing received for that many
-      seconds is closed (once its replies are sent, or at once if it does not read
-      them either). Off by default: the kernel may leave a device idle for days.
+      transmission with no request in flight (no backend call under way), nothing
+      received and nothing sent for that many seconds is closed: cleanly, or at once
+      when replies wait that its client does not read, or half a request came. Off
+      by default: the kernel may leave a device idle for days.
     - ``max_in_flight`` (64; ``--max-in-flight N``): requests per connection
       performed at once.
     - ``max_in_flight_bytes`` (32 MiB; ``--max-in-flight-bytes SIZE``): bytes per
