@@ -26,9 +26,12 @@ from pathlib import Path
 
 import pytest
 
+from pynbd.cli import build_parser
+from pynbd.cli.serve import limits_from
 from pynbd.client import Client
-from pynbd.errors import ConnectionClosed, NBDError, OptionError, ProtocolError
+from pynbd.errors import NBDError, OptionError
 from pynbd.proto.constants import Rep
+from pynbd.server import Limits
 from pynbd.transport.tls import TLSConfig
 from tests.peers import make_x509_dir, peer_env
 from tests.serve_launcher import STOP_GRACE, child_env, run_serve, start_pynbd
@@ -281,8 +284,10 @@ def test_max_connections_and_handshake_timeout(tmp_path: Path) -> None:
     args = ["--memory", "1M", "--unix", str(sock), "--max-connections", "1"]
     with start_pynbd(tmp_path, *args, "--handshake-timeout", "0.5") as srv:
         with Client(srv.uris[0]) as first:
-            with pytest.raises((ConnectionClosed, ProtocolError)):
+            with pytest.raises(OptionError) as refused:
                 Client(srv.uris[0], timeout=10)
+            assert refused.value.reply == Rep.ERR_SHUTDOWN
+            assert refused.value.message == "too many connections (limit 1)"
             assert first.pread(1, 0) == b"\0"
         # A client that never finishes its handshake is dropped.
         with socket.socket(socket.AF_UNIX) as raw:
@@ -291,6 +296,89 @@ def test_max_connections_and_handshake_timeout(tmp_path: Path) -> None:
         assert srv.stop() == 0
         assert "too many connections" in srv.log()
         assert "handshake took too long" in srv.log()
+
+
+def test_limit_options() -> None:
+    parser = build_parser()
+    defaults = limits_from(parser.parse_args(["serve", "--memory", "1M"]))
+    assert defaults == Limits()
+    args = parser.parse_args(
+        [
+            *("serve", "--memory", "1M", "--max-connections", "7", "--idle-timeout", "90"),
+            *("--max-in-flight", "3", "--max-in-flight-bytes", "4M", "--handshake-timeout", "0"),
+            *("--max-options", "5", "--max-option-length", "1k"),
+        ]
+    )
+    assert limits_from(args) == Limits(
+        max_connections=7,
+        idle_timeout=90.0,
+        max_in_flight=3,
+        max_in_flight_bytes=4 * MiB,
+        handshake_timeout=None,
+        max_options=5,
+        max_option_length=1024,
+    )
+
+
+def test_idle_timeout(tmp_path: Path) -> None:
+    sock = tmp_path / "s"
+    args = ["--memory", "1M", "--unix", str(sock), "--idle-timeout", "0.5"]
+    with start_pynbd(tmp_path, *args) as srv:
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(30)
+            raw.connect(str(sock))
+            raw_go(raw)
+            raw.sendall(raw_request(0, 0, 512))
+            assert read_simple_reply(raw)[0] == 0
+            recv_exactly(raw, 512)
+            assert is_closed(raw, timeout=30)  # (a hang guard: it closes in half a second)
+        assert srv.stop() == 0
+    assert "(idle for 0.5 s)" in srv.log()
+
+
+#: Runs the rest of its arguments with a descriptor limit of 64 (soft and hard).
+LOW_NOFILE = [
+    sys.executable,
+    "-c",
+    "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+def test_a_low_descriptor_limit(tmp_path: Path) -> None:
+    """With 64 descriptors: as many clients as that allows are served, the next ones
+    are refused with the reason, nobody hangs, the log stays short, and once the
+    clients leave a new one is served."""
+    started = time.monotonic()
+    served: list[Client] = []
+    refused = 0
+    with start_pynbd(tmp_path, "--memory", "1M", listen="unix", wrapper=LOW_NOFILE) as srv:
+        try:
+            for _ in range(40):
+                try:
+                    c = Client(srv.uri, timeout=30)
+                except OptionError as exc:
+                    assert exc.reply == Rep.ERR_SHUTDOWN
+                    assert exc.message.startswith("too many connections (limit ")
+                    refused += 1
+                    continue
+                served.append(c)
+                assert c.pread(512, 0) == bytes(512)  # (its thread, and its descriptor)
+        finally:
+            for c in served:
+                c.close()
+        assert served
+        assert refused
+        with Client(srv.uri, timeout=30) as c:
+            assert c.pread(512, 0) == bytes(512)
+        assert srv.stop() == 0
+    log = srv.log()
+    assert "Traceback" not in log
+    # One line per connection served, one per kind of refusal and 10 s (the rate
+    # limit), a few at the start and the end: not one per failed accept.
+    intervals = 1 + (time.monotonic() - started) // 10
+    assert log.count("connection refused") <= intervals
+    assert len(log.splitlines()) <= len(served) + 1 + 2 * intervals + 5, log
 
 
 # --------------------------------------------------------------------------- signals
@@ -542,6 +630,10 @@ BAD: list[tuple[list[str], int, str]] = [
     (["--memory", "1M", "--unix", "S", "--threads", "0"], 2, "must be at least 1"),
     (["--memory", "1M", "--unix", "S", "--max-connections", "x"], 2, "not a number: 'x'"),
     (["--memory", "1M", "--unix", "S", "--handshake-timeout", "-1"], 2, "not a valid number"),
+    (["--memory", "1M", "--unix", "S", "--idle-timeout", "soon"], 2, "not a number of seconds"),
+    (["--memory", "1M", "--unix", "S", "--max-in-flight", "0"], 2, "must be at least 1"),
+    (["--memory", "1M", "--unix", "S", "--max-in-flight-bytes", "0"], 2, "at least 1 byte"),
+    (["--memory", "1M", "--unix", "S", "--max-in-flight-bytes", "lots"], 2, "not a byte count"),
     (["--memory", "1M", "--unix", "S", "--block-size", "512,4096"], 2, "not MIN,PREF,MAX"),
     (["--memory", "1M", "--unix", "S", "--block-size", "3,4096,1M"], 2, "not a power of 2"),
     (["--memory", "1M", "--unix", "S", "--block-size", "512,4096,64M"], 2, "above the backend"),

@@ -165,6 +165,30 @@ class AsyncZeroes(AsyncBackend):
         buf[:] = bytes(len(buf))
 
 
+class Gated(Backend):
+    """A blocking backend (every request goes to the pool) whose reads wait for a
+    gate; it counts the reads begun."""
+
+    def __init__(self, thread_safe: bool = True) -> None:
+        self.capabilities = Capabilities(thread_safe=thread_safe)
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.started = 0
+
+    @property
+    def size(self) -> int:
+        return 64 << 20
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        with self.lock:
+            self.started += 1
+        self.gate.wait(30)
+        buf[:] = b"g" * len(buf)
+
+    def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        pass
+
+
 # --- A real server in a background thread -------------------------------------------------
 
 

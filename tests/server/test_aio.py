@@ -323,18 +323,6 @@ def test_handshake_timeout() -> None:
             assert c.pread(10, 0) == bytes(10)
 
 
-def test_max_connections() -> None:
-    with running_server(MemoryBackend(4096), limits=Limits(max_connections=1)) as srv:
-        with Client(srv.uri) as c:
-            sock = socket.socket(socket.AF_UNIX)
-            with sock:
-                sock.connect(srv.path)
-                assert is_closed(sock, 5)
-            assert c.pread(1, 0) == b"\0"
-        with Client(srv.uri) as c:  # the slot is free again
-            assert c.size == 4096
-
-
 class Failing(Backend):
     """A backend whose writes fail with a chosen exception."""
 

@@ -40,8 +40,19 @@ on, required by default: ``--tls require|optional|off``. ``--tls-verify-peer`` d
 a client certificate signed by ca-cert.pem.
 
 Once a plain (not TLS) connection has chosen an export whose backend takes calls from
-several threads (memory, files, block devices), it is served from a thread of its own;
-``--no-connection-threads`` keeps every connection in the event loop.
+several threads (memory, files, block devices), its requests are served from a thread
+of its own (an idle connection gives its thread up); ``--no-connection-threads`` keeps
+every connection in the event loop.
+
+Limits (see :class:`pynbd.server.Limits`): ``--max-connections N`` (1024; the next
+connection is refused with NBD_REP_ERR_SHUTDOWN "too many connections");
+``--handshake-timeout S`` (30; 0: none); ``--idle-timeout S`` (off; a connection in
+transmission with nothing in flight, nothing received and nothing sent for S seconds
+is closed); per connection, ``--max-in-flight N`` (64 requests) and
+``--max-in-flight-bytes SIZE`` (32M), beyond which it is not read until requests
+complete; per handshake, ``--max-options N`` (32) and ``--max-option-length SIZE``
+(64K). At start the server raises its soft descriptor limit (RLIMIT_NOFILE) to the
+hard one, and takes no more connections than that allows.
 
 Each connection is logged on stderr when it ends: the peer, the export, what was
 negotiated, requests and bytes. SIGINT or SIGTERM stops the server: requests under way
@@ -58,6 +69,7 @@ import contextlib
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import sys
@@ -111,6 +123,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
     return value
 
 
@@ -199,8 +218,13 @@ def register(sub: Subparsers) -> None:
     g = p.add_argument_group("protocol and limits")
     g.add_argument("--no-structured-replies", action="store_true", help="(and no ext. headers)")
     g.add_argument("--no-extended-headers", action="store_true")
-    g.add_argument("--max-connections", metavar="N", type=_positive_int)
+    g.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024)
     g.add_argument("--handshake-timeout", metavar="S", type=_seconds, default=30.0)
+    g.add_argument("--idle-timeout", metavar="S", type=_seconds, help="default: none")
+    g.add_argument("--max-in-flight", metavar="N", type=_positive_int, default=64)
+    g.add_argument("--max-in-flight-bytes", metavar="SIZE", type=_positive_size, default="32M")
+    g.add_argument("--max-options", metavar="N", type=_positive_int, default=32)
+    g.add_argument("--max-option-length", metavar="SIZE", type=_positive_size, default="64K")
     g.add_argument("--threads", metavar="N", type=_positive_int, help="for blocking backends")
     g.add_argument(
         "--no-connection-threads",
@@ -451,11 +475,22 @@ def run(args: argparse.Namespace) -> int:
     if args.pid_file is not None and not os.path.isdir(os.path.dirname(args.pid_file) or "."):
         raise CommandError(f"cannot write the pid file {args.pid_file}: no such directory")
     _setup_logging(args.quiet)
+    _raise_descriptor_limit()
     built = build_exports(args)
     try:
         return asyncio.run(_serve(args, built, tls, mode, activated))
     finally:
         _close_all(built.backends)
+
+
+def _raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: each connection takes a
+    descriptor or two, and the usual soft limit of 1024 would cap the default
+    ``--max-connections 1024`` (the server takes no more than the limit allows)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -476,18 +511,12 @@ async def _serve(
     activated: bool,
 ) -> int:
     no_sr = bool(args.no_structured_replies)
-    limits = Limits(
-        handshake_timeout=args.handshake_timeout,
-        max_connections=args.max_connections,
-        threads=args.threads,
-        connection_threads=not args.no_connection_threads,
-    )
     server = Server(
         built.exports,
         default_export=built.default,
         structured_replies=not no_sr,
         extended_headers=not (no_sr or args.no_extended_headers),
-        limits=limits,
+        limits=limits_from(args),
         tls=tls,
         tls_mode=mode,
     )
@@ -496,7 +525,7 @@ async def _serve(
 
     def on_signal(signum: signal.Signals) -> None:
         if stop.is_set():  # a second signal: do not wait for requests under way
-            for session in list(server.sessions):
+            for session in [*server.sessions, *server.refusing]:
                 session.abort(f"{signum.name} again")
             return
         log.info("%s: finishing the requests under way, then exiting", signum.name)
@@ -526,6 +555,21 @@ async def _serve(
                 loop.remove_signal_handler(signum)
             if pid_written:
                 _remove_pid_file(args.pid_file)
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    """The server's limits the arguments set (see :class:`pynbd.server.Limits`)."""
+    return Limits(
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        max_in_flight=args.max_in_flight,
+        max_in_flight_bytes=args.max_in_flight_bytes,
+        max_options=args.max_options,
+        max_option_length=args.max_option_length,
+        threads=args.threads,
+        connection_threads=not args.no_connection_threads,
+    )
 
 
 def _inetd_socket(ready_fd: int | None) -> socket.socket:
@@ -607,4 +651,12 @@ def _reason(exc: OSError) -> str:
 _ERRNO_PREFIX = re.compile(r"^\[errno \d+\] ", re.IGNORECASE)
 
 
-__all__ = ["build_exports", "parse_block_sizes", "parse_tcp", "register", "run", "tls_settings"]
+__all__ = [
+    "build_exports",
+    "limits_from",
+    "parse_block_sizes",
+    "parse_tcp",
+    "register",
+    "run",
+    "tls_settings",
+]

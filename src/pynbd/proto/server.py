@@ -131,10 +131,11 @@ class ServerConnection:
         """True while a request's payload is still arriving."""
         return self.transmission is not None and self.transmission.receiving_payload
 
-    def shutdown(self) -> None:
-        """The server is shutting down: options get NBD_REP_ERR_SHUTDOWN, requests
-        NBD_ESHUTDOWN (in-flight requests still complete normally)."""
-        self.handshake.shutdown()
+    def shutdown(self, reason: str = "the server is shutting down") -> None:
+        """The server is shutting down: options get NBD_REP_ERR_SHUTDOWN (with
+        ``reason``), requests NBD_ESHUTDOWN (in-flight requests still complete
+        normally)."""
+        self.handshake.shutdown(reason)
         if self.transmission is not None:
             self.transmission.shutdown()
 

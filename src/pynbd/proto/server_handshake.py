@@ -129,7 +129,7 @@ class ServerHandshake:
         self._in = bytearray()
         self._out = bytearray()
         self._eof = False
-        self._shutdown = False
+        self._shutdown: str | None = None
         self._tls_pending = False
         self._disconnect: Disconnect | None = None
         self._disconnect_reported = False
@@ -167,9 +167,10 @@ class ServerHandshake:
         """True once the client closed its side of the stream."""
         return self._eof
 
-    def shutdown(self) -> None:
-        """The server is shutting down: answer further options with NBD_REP_ERR_SHUTDOWN."""
-        self._shutdown = True
+    def shutdown(self, reason: str = "the server is shutting down") -> None:
+        """The server is shutting down, or will not serve this connection (``reason``,
+        sent to the client): answer further options with NBD_REP_ERR_SHUTDOWN."""
+        self._shutdown = reason
 
     def tls_established(self) -> None:
         """The stream is now TLS; negotiation restarts (spec "NBD_OPT_STARTTLS").
@@ -270,10 +271,10 @@ class ServerHandshake:
             # Data is ignored (spec "NBD_OPT_ABORT"); the ACK is a courtesy.
             self._reply(option, Rep.ACK)
             return self._close(Input.ABORT, "client sent NBD_OPT_ABORT", soft=True)
-        if self._shutdown:
+        if self._shutdown is not None:
             if option == Opt.EXPORT_NAME:
-                return self._close(Input.EXPORT_NAME_REFUSED, "server is shutting down", False)
-            return self._error(option, Rep.ERR_SHUTDOWN, "the server is shutting down")
+                return self._close(Input.EXPORT_NAME_REFUSED, self._shutdown, False)
+            return self._error(option, Rep.ERR_SHUTDOWN, self._shutdown)
         if (
             self.config.tls is TLSPolicy.REQUIRED
             and not self.result.tls

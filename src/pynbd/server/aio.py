@@ -14,6 +14,13 @@ the payload of a request already under way), its in-flight requests finish and a
 answered, then the connection is closed (the spec's "wait for inflight requests ...
 prior to initiating a hard disconnect"). Sessions still busy after the grace period
 are aborted.
+
+Under exhaustion the server keeps serving: it takes no more connections than its
+descriptor limit allows (:attr:`Server.connection_limit`; the next ones are refused
+cleanly by their session), a connection that cannot get a thread is served in the
+event loop, a request that cannot get a pool thread runs inline, and what asyncio
+reports about the loop (a failed ``accept``) is logged at most once per kind and
+interval (:data:`~pynbd.server.policy.limited_log`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
+import resource
 import socket
 import ssl
 import stat
@@ -31,7 +40,7 @@ from typing import Any, TypeAlias
 
 from ..proto.server import ServerConfig, TLSPolicy
 from .backend import AnyBackend, AsyncBackend, Backend, Export
-from .policy import Limits
+from .policy import Limits, limited_log
 from .session import Session
 from .tls import ServerTLSConfig, make_server_context
 
@@ -43,6 +52,11 @@ Exports: TypeAlias = AnyBackend | Export | Mapping[str, AnyBackend | Export]
 
 #: create_unix_server takes ``cleanup_socket`` from 3.13 on.
 _CLEANUP_ARG = sys.version_info >= (3, 13)
+#: Descriptors per connection the connection limit counts on (its socket, and its
+#: thread's waker), and those kept for the rest (listeners, backends' files, logs,
+#: connections being refused).
+_FDS_PER_CONNECTION = 2
+_FD_RESERVE = 32
 
 
 def _normalize(exports: Exports) -> dict[str, Export]:
@@ -112,8 +126,14 @@ class Server:
             allow_list=allow_list,
             tls=tls_mode,
             max_option_length=self.limits.max_option_length,
+            max_options=self.limits.max_options,
         )
+        #: Connections served at once: ``Limits.max_connections``, or fewer if the
+        #: descriptor limit allows fewer (None: no limit).
+        self.connection_limit = _connection_limit(self.limits.max_connections)
         self.sessions: set[Session] = set()
+        #: Connections over the limit, being refused (see Session).
+        self.refusing: set[Session] = set()
         self._listeners: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -151,6 +171,7 @@ class Server:
         loop = asyncio.get_running_loop()
         if self._closed is None:
             self._closed = asyncio.Event()
+        _quiet_loop(loop)
         before = len(self._listeners)
         if tcp is not None:
             self._listeners.append(await self._listen_tcp(*tcp))
@@ -209,6 +230,7 @@ class Server:
         loop = asyncio.get_running_loop()
         if self._closed is None:
             self._closed = asyncio.Event()
+        _quiet_loop(loop)
         session = Session(self)
         sock.setblocking(False)
         await loop.connect_accepted_socket(lambda: session, sock)
@@ -232,7 +254,7 @@ class Server:
         self._closing = True
         for listener in self._listeners:
             listener.close()
-        sessions = list(self.sessions)
+        sessions = [*self.sessions, *self.refusing]
         for session in sessions:
             session.shutdown()
         pending = [s.done for s in sessions if not s.done.done()]
@@ -285,13 +307,85 @@ class Server:
         if not backend.capabilities.thread_safe:
             serial = self._serial.get(id(backend))
             if serial is None:
-                serial = self._serial[id(backend)] = ThreadPoolExecutor(
-                    1, thread_name_prefix="pynbd-serial"
-                )
+                serial = self._serial[id(backend)] = _Pool(1, thread_name_prefix="pynbd-serial")
             return serial
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="pynbd-server")
+            self._pool = _Pool(self.limits.threads, thread_name_prefix="pynbd-server")
         return self._pool
+
+
+class _Pool(ThreadPoolExecutor):
+    """A thread pool that loses no call when it cannot start a thread.
+
+    ``ThreadPoolExecutor.submit`` queues the call, then starts a thread for it; when
+    the thread cannot be started it raises, and the call's future is lost, though the
+    call may still run later. Here, while some thread runs, the call simply waits for
+    it; with none, the call is cancelled (it will never run) before submit raises
+    RuntimeError, so the caller may run it itself.
+    """
+
+    def _adjust_thread_count(self) -> None:
+        try:
+            super()._adjust_thread_count()
+        except RuntimeError as exc:
+            running = len(self._threads)
+            if running:
+                limited_log.warning(
+                    "pool thread",
+                    "cannot start another pool thread (%s): %d do the work",
+                    exc,
+                    running,
+                )
+                return
+            while True:  # nothing would ever run what waits: cancel it
+                try:
+                    item = self._work_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item.future.cancel()
+            raise
+
+
+def _connection_limit(configured: int | None) -> int | None:
+    """``configured``, or fewer connections if RLIMIT_NOFILE allows fewer."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - Linux has /proc
+        in_use = 16
+    allowed = max(1, (soft - in_use - _FD_RESERVE) // _FDS_PER_CONNECTION)
+    if configured is not None and configured <= allowed:
+        return configured
+    log.log(
+        logging.DEBUG if configured is None else logging.INFO,
+        "at most %d connections at once: the descriptor limit (RLIMIT_NOFILE) is %d%s",
+        allowed,
+        soft,
+        "" if configured is None else f", not enough for max_connections {configured}",
+    )
+    return allowed
+
+
+def _quiet_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Have what the loop reports (an error in a callback, a failed ``accept`` when
+    descriptors run out: asyncio retries it, and may report it thousands of times a
+    second) logged at most once per kind and interval, unless the loop's owner set a
+    handler of its own."""
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(_loop_exception)
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    message = str(context.get("message") or "unhandled exception in the event loop")
+    exc = context.get("exception")
+    if message.startswith("socket.accept() out of system resource"):
+        # (no traceback: the errno says it all, and asyncio retries in a second)
+        limited_log.warning(message, "cannot accept a connection: %s", exc)
+        return
+    limited_log.log(logging.ERROR, message, "%s", message, exc_info=exc)
 
 
 def _remove_socket_file(path: str) -> None:

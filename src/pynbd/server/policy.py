@@ -1,5 +1,7 @@
-"""How the server runs requests: its :class:`Limits`, and the :class:`Plan` it draws for
-each connection from what the export's backend declares.
+"""How the server runs requests: its :class:`Limits` (the one place where every limit of
+the server is set, with its default and its ``pynbd serve`` option), the
+:class:`Plan` it draws for each connection from what the export's backend declares,
+and its rate-limited log (:class:`LogLimiter`) for what may repeat without bound.
 
 A backend says what it can do (:class:`~pynbd.server.backend.Capabilities`: whether its
 calls may wait, whether they may overlap, whether it lends its memory); where each
@@ -27,55 +29,166 @@ backend (nbdkit's thread model is likewise data its one worker loop reads):
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..proto.constants import Cmd, CmdFlag
 from ..proto.server import RequestReceived
 from .backend import AnyBackend, AsyncBackend, Blocking
 
-__all__ = ["Limits", "Plan", "plan"]
+__all__ = ["Limits", "LogLimiter", "Plan", "limited_log", "plan"]
 
 _READ = Cmd.READ
 _WRITE = Cmd.WRITE
 _FUA = int(CmdFlag.FUA)
 
 
+MiB = 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Resource limits and scheduling options of a server.
+    """Resource limits and scheduling options of a server: the one place they are set.
+
+    Each limit, its default, and the ``pynbd serve`` option that sets it:
+
+    - ``max_connections`` (1024; ``--max-connections N``): connections at once. The
+      one over the limit gets the greeting, and every option it sends is refused with
+      NBD_REP_ERR_SHUTDOWN and the message "too many connections (limit N)" (an
+      NBD_OPT_EXPORT_NAME, which cannot be refused politely, is answered by closing);
+      a client that has closed its end frees its place at once. The server also
+      takes no more connections than its descriptor limit allows (RLIMIT_NOFILE: two
+      descriptors per connection, after a reserve for itself); ``pynbd serve`` raises
+      its soft limit to the hard one at start. None: no limit but that one.
+    - ``handshake_timeout`` (30 s; ``--handshake-timeout S``, 0: none): seconds a
+      client may take to reach transmission; the connection is closed after that.
+    - ``max_options`` (32; ``--max-options N``): options one handshake may send; the
+      next one is refused and the connection closed (as nbdkit does).
+    - ``max_option_length`` (64 KiB; ``--max-option-length SIZE``): longest option
+      data accepted; a longer option closes the connection.
+    - ``idle_timeout`` (None: off; ``--idle-timeout S``): a connection in
+      transmission with no request in flight (no backend call under way), nothing
+      received and nothing sent for that many seconds is closed: cleanly, or at once
+      when replies wait that its client does not read, or half a request came. Off
+      by default: the kernel may leave a device idle for days.
+    - ``max_in_flight`` (64; ``--max-in-flight N``): requests per connection
+      performed at once.
+    - ``max_in_flight_bytes`` (32 MiB; ``--max-in-flight-bytes SIZE``): bytes per
+      connection held for requests in flight: WRITE payloads until the backend is
+      done with them, READ replies until they are handed to the socket or to a
+      transport that has room (a READ's buffer is taken only when its backend call
+      starts). Past either bound the connection is not read (backpressure) until
+      requests complete; one request is always taken when none is in flight, so a
+      connection holds at most this much plus one request (32 MiB at most, the
+      protocol's default maximum payload, which is also why this is the default).
+
+    Scheduling options (see the module's docstring):
 
     Attributes:
-        handshake_timeout: seconds a client may take to reach transmission (None: no
-            limit); the connection is closed after that.
-        max_in_flight: requests per connection performed at once; reading pauses
-            beyond (backpressure, and a bound on memory held by write payloads).
-        max_connections: connections at once (None: no limit); more are closed at once.
-        max_option_length: longest option data accepted in the handshake.
         threads: size of the thread pool for thread-safe backends (None: Python's
-            default); a backend that takes one call at a time gets one thread of its
-            own.
+            default; ``--threads N``); a backend that takes one call at a time gets
+            one thread of its own.
         buffer_size: receive buffer per connection.
         connection_threads: once in transmission, serve each plain (not TLS)
             connection from a thread of its own when its backend is a thread-safe
             :class:`~pynbd.server.backend.Backend` (see :mod:`pynbd.server.conn_thread`).
-            False: every connection in the event loop.
+            False (``--no-connection-threads``): every connection in the event loop.
         inline_max: READs, and WRITEs without FUA, of at most this many bytes to a
             thread-safe backend whose reads and writes are ``Blocking.CACHED`` run
             where the connection is read, not in the thread pool (0: never). A read
             that misses the cache, or a write the kernel throttles, holds that
             connection (and in the event loop, every other one) meanwhile.
+
+    Raises:
+        ValueError: a limit below 1 (or a timeout not above 0).
     """
 
     handshake_timeout: float | None = 30.0
     max_in_flight: int = 64
-    max_connections: int | None = None
+    max_in_flight_bytes: int = 32 * MiB
+    max_connections: int | None = 1024
+    max_options: int = 32
     max_option_length: int = 64 * 1024
+    idle_timeout: float | None = None
     threads: int | None = None
     buffer_size: int = 64 * 1024
     connection_threads: bool = True
     # A copy from or to the page cache of a few MiB costs less CPU than the hop to a
     # thread and back; bigger requests hold the connection too long.
-    inline_max: int = 4 * 1024 * 1024
+    inline_max: int = 4 * MiB
+
+    def __post_init__(self) -> None:
+        for name in ("max_in_flight", "max_in_flight_bytes", "max_options", "max_option_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be at least 1")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError("Limits.max_connections must be at least 1 (or None)")
+        for name in ("handshake_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"Limits.{name} must be above 0 (or None)")
+
+
+class LogLimiter:
+    """At most one log line of each kind per ``interval`` seconds.
+
+    A peer, or the lack of a resource, can make the same thing happen thousands of
+    times a second (a refused connection, a failed ``accept``); the log gets the first
+    line of each kind in an interval, and the first one after it says how many were
+    left out. Safe to call from any thread.
+
+    Args:
+        logger: where lines go.
+        interval: seconds between two lines of one kind.
+        clock: the time, in seconds (a test's clock).
+    """
+
+    #: Kinds remembered at most (the oldest are forgotten beyond).
+    MAX_KINDS = 256
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self._lock = threading.Lock()
+        # kind -> [when its last line was logged, lines left out since]
+        self._kinds: dict[str, list[float]] = {}
+
+    def log(self, level: int, kind: str, msg: str, *args: object, exc_info: Any = None) -> bool:
+        """Log ``msg % args`` at ``level`` unless a line of ``kind`` was logged less
+        than ``interval`` seconds ago; True if it was logged."""
+        now = self.clock()
+        with self._lock:
+            entry = self._kinds.get(kind)
+            if entry is not None and now - entry[0] < self.interval:
+                entry[1] += 1
+                return False
+            left_out = int(entry[1]) if entry is not None else 0
+            if entry is None and len(self._kinds) >= self.MAX_KINDS:
+                del self._kinds[next(iter(self._kinds))]
+            self._kinds[kind] = [now, 0]
+        if left_out:
+            msg += " (and %d more like it in the last %.0f s)"
+            args += (left_out, now - entry[0] if entry is not None else 0.0)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+    def warning(self, kind: str, msg: str, *args: object) -> bool:
+        """:meth:`log` at WARNING."""
+        return self.log(logging.WARNING, kind, msg, *args)
+
+
+#: The server's rate-limited log (``pynbd.server``), shared by its every part.
+limited_log = LogLimiter(logging.getLogger("pynbd.server"))
 
 
 @dataclass(frozen=True, slots=True)

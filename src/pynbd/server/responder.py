@@ -2,17 +2,21 @@
 
 A :class:`Responder` turns what a backend returned (or raised) into the core's replies,
 gives the buffers of WRITE payloads and READ replies back to the connection's
-:class:`~pynbd.proto.server.BufferPool` (a payload once the backend returned, a reply
-buffer once sent whole: :func:`written`), counts the connection's figures
-(:class:`SessionStats`), and keeps account of the views of a zero-copy backend's memory
-lent to replies not sent yet. One serves each connection in transmission, called from
-whichever of the event loop or the connection's own thread serves it, never from both.
+:class:`SharedPool` (a payload once the backend returned, a reply buffer once sent
+whole: :func:`written`), counts the connection's figures (:class:`SessionStats`) and
+its requests in flight and the bytes they hold (:attr:`Responder.in_flight` and
+:attr:`Responder.held`, for ``Limits.max_in_flight`` and ``max_in_flight_bytes``), and
+keeps account of the views of a zero-copy
+backend's memory lent to replies not sent yet. One serves each connection in
+transmission, called from whichever of the event loop or the connection's own thread
+serves it, never from both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import Future
 from typing import Any, TypeAlias
@@ -21,7 +25,7 @@ from ..proto.constants import Cmd
 from ..proto.server import BufferPool, RequestReceived, ServerTransmission
 from .backend import Backend, Result, exception_to_nbd
 
-__all__ = ["IOV_MAX", "Pending", "Responder", "SessionStats", "written"]
+__all__ = ["IOV_MAX", "Pending", "Responder", "SessionStats", "SharedPool", "written"]
 
 log = logging.getLogger("pynbd.server")
 
@@ -45,6 +49,37 @@ class SessionStats:
         self.requests = 0
         self.bytes_read = 0
         self.bytes_written = 0
+
+
+class SharedPool(BufferPool):
+    """A connection's :class:`~pynbd.proto.server.BufferPool`, safe to use from several
+    threads: a READ's reply buffer is taken where its backend call starts (a thread of
+    the pool, see :mod:`pynbd.server.runner`), while the connection gives buffers back
+    where it is served."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        if size < self.min_size:  # (never kept: nothing shared to guard)
+            return bytearray(size)
+        with self._lock:
+            return BufferPool.take(self, size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(buf) < self.min_size:
+            return
+        with self._lock:
+            BufferPool.give(self, buf)
+
+    def clear(self) -> None:
+        """Drop the buffers kept for reuse (an idle connection keeps none)."""
+        with self._lock:
+            self._free.clear()
+            self._held = 0
 
 
 def written(pool: BufferPool, buffers: list[Any], sent: int) -> list[Any]:
@@ -79,7 +114,7 @@ class Responder:
         lender: the zero-copy backend whose views READ replies may hold (None: none).
     """
 
-    __slots__ = ("_lender", "lent", "peer", "pool", "stats", "tx", "unsent")
+    __slots__ = ("_lender", "held", "in_flight", "lent", "peer", "pool", "stats", "tx", "unsent")
 
     def __init__(
         self,
@@ -98,21 +133,41 @@ class Responder:
         self.unsent = 0
         #: ``pread_views`` calls whose views wait in the core (see :meth:`views_sent`).
         self.lent = 0
+        #: Requests in flight: from :meth:`count` to their reply (the core's
+        #: ``in_flight``, kept where it is cheap to read for ``Limits.max_in_flight``).
+        self.in_flight = 0
+        #: Bytes of the requests in flight: READs not answered yet, and WRITE payloads
+        #: (``Limits.max_in_flight_bytes``).
+        self.held = 0
 
     def count(self, request: RequestReceived) -> None:
-        """Add a request to the connection's figures."""
+        """A request starts: add it to the connection's figures, :attr:`in_flight` and
+        :attr:`held`."""
+        self.in_flight += 1
         stats = self.stats
         stats.requests += 1
         command = request.command
         if command is _READ:
             stats.bytes_read += request.length
+            self.held += request.length
         elif command is _WRITE:
             stats.bytes_written += request.length
+            self.held += request.length
+
+    def ok(self, request: RequestReceived) -> None:
+        """Reply that a request succeeded (and takes no data)."""
+        self.in_flight -= 1
+        if request.command is _WRITE:
+            self.held -= request.length
+        self.tx.reply_ok(request)
 
     def answer(self, request: RequestReceived, result: Result) -> None:
         """Reply to a request the backend is done with (its payload is free again)."""
+        self.in_flight -= 1
         tx = self.tx
         command = request.command
+        if command is _READ or command is _WRITE:
+            self.held -= request.length
         if request.payload is not None:
             self._release(request.payload)
         if command is _READ:
@@ -127,12 +182,18 @@ class Responder:
 
     def answer_views(self, request: RequestReceived, views: list[memoryview]) -> None:
         """Reply to a READ with views the lender lent (until :meth:`views_sent`)."""
+        self.in_flight -= 1
+        self.held -= request.length
         self.lent += 1
         self.tx.reply_read_vector(request, views)
         self.unsent += request.length
 
     def fail(self, request: RequestReceived, exc: Exception) -> None:
         """Reply with the error for what the backend raised."""
+        self.in_flight -= 1
+        command = request.command
+        if command is _READ or command is _WRITE:
+            self.held -= request.length
         if request.payload is not None:
             self._release(request.payload)
         error, message = exception_to_nbd(exc)

@@ -17,19 +17,30 @@ call off (an executor's ``submit``). For each request it does one of:
   (its send blocks, or the transport pauses it) within a few requests.
 - handed off: submitted to the backend's executor (an async backend's call is a task
   of the event loop); the driver gets the future (:meth:`Driver.later`) and has the
-  responder answer it once done, in its own thread.
+  responder answer it once done, in its own thread. A READ's reply buffer is taken
+  when its backend call starts, not while it waits for a thread. When no thread can be
+  started for it (the executor raises RuntimeError), the request runs inline instead:
+  the connection is served more slowly, but served.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 from ..proto.constants import Cmd
-from ..proto.server import RequestReceived
-from .backend import AnyBackend, AsyncBackend, run_request, run_request_async
-from .policy import Plan
+from ..proto.server import BufferPool, RequestReceived
+from .backend import (
+    AnyBackend,
+    AsyncBackend,
+    Backend,
+    Result,
+    run_request,
+    run_request_async,
+)
+from .policy import Plan, limited_log
 from .responder import Pending, Responder
 
 __all__ = ["SEND_AT", "Driver", "Runner"]
@@ -108,12 +119,12 @@ class Runner:
                 except Exception as exc:
                     responder.fail(request, exc)
                 else:
-                    responder.tx.reply_ok(request)
+                    responder.ok(request)
                 return
-        # A READ's reply buffer comes from the pool and goes back once sent whole.
-        buf = responder.pool.take(request.length) if command is _READ else None
         if self._inline or self._plan.runs_inline(request):
             assert backend is not None
+            # A READ's reply buffer comes from the pool and goes back once sent whole.
+            buf = responder.pool.take(request.length) if command is _READ else None
             try:
                 result = run_request(backend, request, buf)
             except Exception as exc:
@@ -125,8 +136,43 @@ class Runner:
             return
         future: Pending
         if self._async is not None:
-            future = asyncio.ensure_future(run_request_async(self._async, request, buf))
+            future = asyncio.ensure_future(_perform_async(self._async, request, responder.pool))
         else:
-            assert self._submit is not None  # (a plan that offloads has an executor)
-            future = self._submit(run_request, backend, request, buf)
+            assert self._submit is not None and backend is not None  # (a plan that offloads)
+            try:
+                future = self._submit(_perform, backend, request, responder.pool)
+            except RuntimeError as exc:  # no thread could be started to run it
+                limited_log.warning(
+                    "no pool thread",
+                    "%s: cannot start a thread for a request (%s): running it here",
+                    responder.peer,
+                    exc,
+                )
+                # (done already: the driver answers it as any other)
+                future = _done(_perform, backend, request, responder.pool)
         self._driver.later(request, future)
+
+
+def _done(fn: Callable[..., Result], *args: object) -> Future[Result]:
+    """The future of ``fn(*args)``, called now."""
+    future: Future[Result] = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
+def _perform(backend: Backend, request: RequestReceived, pool: BufferPool) -> Result:
+    """Perform a request handed off; a READ's reply buffer comes from ``pool`` now, as
+    the call starts."""
+    buf = pool.take(request.length) if request.command is _READ else None
+    return run_request(backend, request, buf)
+
+
+async def _perform_async(
+    backend: AsyncBackend, request: RequestReceived, pool: BufferPool
+) -> Result:
+    """:func:`_perform` for an async backend."""
+    buf = pool.take(request.length) if request.command is _READ else None
+    return await run_request_async(backend, request, buf)

@@ -9,14 +9,25 @@ When the connection enters transmission, the session draws its plan from what th
 export's backend declares (:mod:`pynbd.server.policy`): a
 :class:`~pynbd.server.runner.Runner` performs its requests as the plan says, and a
 :class:`~pynbd.server.responder.Responder` answers them. A plain (not TLS) connection
-to a thread-safe :class:`~pynbd.server.backend.Backend` is then handed over, socket and core, to a
-:class:`~pynbd.server.conn_thread.ConnectionThread`, and the session keeps only the
-paused transport, to close it when the thread is done. What follows describes the
-connections the event loop keeps serving.
+to a thread-safe :class:`~pynbd.server.backend.Backend` is handed over, socket and
+core, to a :class:`~pynbd.server.conn_thread.ConnectionThread` when its first request
+arrives (until then it is *parked*: the event loop watches it, and an idle connection
+costs no thread), and the session keeps only the paused transport, to close it when
+the thread is done, or to watch it again when the thread hands it back idle. When no
+thread can be had (no descriptor for its waker, no thread), the event loop serves the
+connection itself. What follows describes the connections the event loop serves.
 
 Requests on a connection run concurrently; reading pauses while
-``Limits.max_in_flight`` requests are pending, the transport's write buffer is full,
-or the TLS handshake runs.
+``Limits.max_in_flight`` requests, or ``Limits.max_in_flight_bytes`` bytes, are in
+flight (requests already parsed wait in the core), the transport's write buffer is
+full, or the TLS handshake runs.
+
+Limits on connections (:class:`~pynbd.server.policy.Limits`): past the server's
+connection limit a new connection is refused cleanly: the greeting, then
+NBD_REP_ERR_SHUTDOWN "too many connections (limit N)" to each option (at most
+``_REFUSING_MAX`` such refusals at once; beyond, connections are closed at once).
+``Limits.handshake_timeout`` closes a connection that takes too long to reach
+transmission, and ``Limits.idle_timeout`` one idle in transmission.
 
 Flow control: while the transport's write buffer is above its high-water mark no
 request is started (requests already parsed wait in the core), so replies are made
@@ -56,7 +67,6 @@ from typing import Any, Protocol
 from ..errors import ProtocolError
 from ..proto.server import (
     NEED_DATA,
-    BufferPool,
     Disconnect,
     RequestReceived,
     ServerConfig,
@@ -65,9 +75,9 @@ from ..proto.server import (
     TransmissionStarted,
 )
 from .backend import Backend, Export
-from .conn_thread import ConnectionThread
-from .policy import Limits, Plan, plan
-from .responder import IOV_MAX, Pending, Responder, SessionStats, written
+from .conn_thread import PARK_AFTER, ConnectionThread
+from .policy import Limits, Plan, limited_log, plan
+from .responder import IOV_MAX, Pending, Responder, SessionStats, SharedPool, written
 from .runner import Runner
 
 __all__ = ["Host", "Session", "SessionStats"]
@@ -100,6 +110,10 @@ _SNDBUF = 4 * 1024 * 1024
 #: Most bytes one pass of the event loop reads for a session beyond the transport's
 #: own read (see Session._read_more).
 _BURST = 1024 * 1024
+#: Connections over the limit that may be refused cleanly at once (each holds a
+#: descriptor until its client reads the refusal, or the handshake timeout); the
+#: next ones are closed at once.
+_REFUSING_MAX = 16
 
 
 class Host(Protocol):
@@ -120,6 +134,18 @@ class Host(Protocol):
         ...
 
     @property
+    def refusing(self) -> set[Session]:
+        """The sessions of connections over the limit, being refused (not counted in
+        :attr:`sessions`)."""
+        ...
+
+    @property
+    def connection_limit(self) -> int | None:
+        """Connections served at once (``Limits.max_connections``, or fewer if the
+        descriptor limit allows fewer); None: no limit."""
+        ...
+
+    @property
     def tls_context(self) -> ssl.SSLContext | None: ...
 
     @property
@@ -128,7 +154,8 @@ class Host(Protocol):
         ...
 
     def executor(self, backend: Backend) -> Executor:
-        """Where ``backend``'s calls go when they do not run inline."""
+        """Where ``backend``'s calls go when they do not run inline. Its ``submit``
+        raises RuntimeError only for a call that will never run (no thread)."""
         ...
 
 
@@ -137,8 +164,9 @@ class Session(asyncio.BufferedProtocol):
 
     def __init__(self, server: Host) -> None:
         self.server = server
+        self._loop = asyncio.get_running_loop()
         # WRITE payloads and READ replies of bulk sizes, reused (see responder).
-        self._pool = BufferPool()
+        self._pool = SharedPool()
         self.core = ServerConnection(
             server.config, buffer_size=server.limits.buffer_size, pool=self._pool
         )
@@ -148,8 +176,15 @@ class Session(asyncio.BufferedProtocol):
         self.peer = "?"
         self.tls: str | None = None  # the TLS version once upgraded
         self.stats = SessionStats()
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._max_in_flight = server.limits.max_in_flight
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        limits = server.limits
+        self._max_in_flight = limits.max_in_flight
+        self._max_bytes = limits.max_in_flight_bytes
+        self._idle_timeout = limits.idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # (loop time) the last byte received, backend call done or reply taken
+        self._last_active = 0.0
+        self._idle_unsent = 0  # the transport's write buffer at the last idle check
         self._tasks: set[asyncio.Future[Any]] = set()
         self._paused: set[str] = set()
         self._write_paused = False
@@ -176,12 +211,16 @@ class Session(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.peer = _describe_peer(transport)
-        limit = self.server.limits.max_connections
-        if self.server.closing or (limit is not None and _connections(self.server) >= limit):
-            log.warning("%s: connection refused: too many connections", self.peer)
+        server = self.server
+        if server.closing:
+            log.debug("%s: connection closed: the server is shutting down", self.peer)
             transport.abort()
             return
-        self.server.sessions.add(self)
+        limit = server.connection_limit
+        if limit is not None and _connections(server) >= limit:
+            self._refuse(limit)
+            return
+        server.sessions.add(self)
         transport.set_write_buffer_limits(high=_WRITE_HIGH)
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
@@ -193,6 +232,30 @@ class Session(asyncio.BufferedProtocol):
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(timeout, self.abort, "handshake took too long")
         log.debug("%s: connected", self.peer)
+        self.send()
+
+    def _refuse(self, limit: int) -> None:
+        """Refuse a connection over the limit: the greeting, then NBD_REP_ERR_SHUTDOWN
+        and why to every option (until the client gives up, or the handshake timeout)."""
+        assert self.transport is not None
+        reason = f"too many connections (limit {limit})"
+        refusing = self.server.refusing
+        if len(refusing) >= _REFUSING_MAX:
+            limited_log.warning(
+                "closed at once",
+                "%s: connection closed at once: %s, and %d refusals under way",
+                self.peer,
+                reason,
+                len(refusing),
+            )
+            self.transport.abort()
+            return
+        limited_log.warning("refused", "%s: connection refused: %s", self.peer, reason)
+        refusing.add(self)
+        self.core.shutdown(reason)
+        timeout = self.server.limits.handshake_timeout
+        if timeout is not None:
+            self._timer = self._loop.call_later(timeout, self.abort, "handshake took too long")
         self.send()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -210,6 +273,12 @@ class Session(asyncio.BufferedProtocol):
             self.core.buffer_updated(nbytes)
         except ProtocolError as exc:
             self.abort(f"protocol error: {exc}")
+            return
+        if self._idle_timeout is not None:
+            self._last_active = self._loop.time()
+        if self._plan.threaded:  # parked: a request is coming, for the thread
+            self._pause("thread")
+            self._hand_over()
             return
         if self._fd < 0:
             self._process()
@@ -236,7 +305,8 @@ class Session(asyncio.BufferedProtocol):
         core, fd = self.core, self._fd
         budget = _BURST
         while full or core.receiving_payload:
-            if budget <= 0 or self._paused or self.transport_closed:
+            # (parked: what comes is the connection thread's to read)
+            if budget <= 0 or self._paused or self._plan.threaded or self.transport_closed:
                 return
             bufs = core.receive_buffers()
             try:
@@ -257,6 +327,8 @@ class Session(asyncio.BufferedProtocol):
             full = not core.receiving_payload and n == sum(map(len, bufs))
 
     def eof_received(self) -> bool:
+        if self._plan.threaded:  # parked: no thread just to see the client go
+            self._serve_in_loop()
         try:
             self.core.buffer_updated(0)
         except ProtocolError as exc:
@@ -270,10 +342,13 @@ class Session(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         if self._responder is not None and self._thread is None:  # (else the thread's)
             self._responder.views_sent()  # what was not sent never will be
         for task in self._tasks:
             task.cancel()
+        self.server.refusing.discard(self)
         if self in self.server.sessions:
             self.server.sessions.discard(self)
             self._log_end()
@@ -286,6 +361,8 @@ class Session(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._idle_timeout is not None:
+            self._last_active = self._loop.time()  # the client read its replies
         self._resume("writing")
         if self.core.events_pending:
             self._process()  # the requests that waited for the client to read
@@ -355,7 +432,7 @@ class Session(asyncio.BufferedProtocol):
             # None is started while the client does not read its replies.
             core = self.core
             # (nothing more once the connection is the thread's: see _hand_over)
-            while not self._write_paused and not self._plan.threaded:
+            while not self._write_paused and not self._plan.threaded and not self._full():
                 event = core.next_event()
                 if event is NEED_DATA:
                     break
@@ -364,10 +441,12 @@ class Session(asyncio.BufferedProtocol):
                 elif isinstance(event, TransmissionStarted):
                     self._started(event)
                     if self._plan.threaded:
-                        # The rest is the thread's, once this pass is over.
-                        self._pause("thread")
-                        asyncio.get_running_loop().call_soon(self._hand_over)
-                        break
+                        if core.events_pending or core.receiving_payload:
+                            # Requests came with the handshake: the thread's, once
+                            # this pass is over.
+                            self._pause("thread")
+                            self._loop.call_soon(self._hand_over)
+                        break  # (else parked: the first request starts the thread)
                 elif isinstance(event, Disconnect):
                     log.debug("%s: %s", self.peer, event.reason)
                     self._ending = self._ending or event
@@ -389,6 +468,9 @@ class Session(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._idle_timeout is not None:
+            self._last_active = self._loop.time()
+            self._idle_timer = self._loop.call_later(self._idle_timeout, self._idle_check)
         self.export_name = event.export.name
         self.export = export = self.server.exports[event.export.name]
         tx = self.core.transmission
@@ -419,39 +501,86 @@ class Session(asyncio.BufferedProtocol):
         executor = self._executor()
         submit = None
         if executor is not None:
-            submit = functools.partial(asyncio.get_running_loop().run_in_executor, executor)
+            submit = functools.partial(self._loop.run_in_executor, executor)
         self._runner = Runner(self.export.backend, self._plan, self._responder, self, submit)
+
+    def _serve_in_loop(self) -> None:
+        """A connection planned for a thread is served by the event loop after all."""
+        self._plan = dataclasses.replace(self._plan, threaded=False)
+        self._serve_here()
+
+    def _full(self) -> bool:
+        """As many requests, or bytes, in flight as the limits allow (reading is paused
+        then: see _dispatch)."""
+        return "in flight" in self._paused
 
     # -- the connection's thread ------------------------------------------------------
 
     def _hand_over(self) -> None:
-        """Give the connection to a :class:`ConnectionThread` (see _process)."""
+        """Give the connection to a :class:`ConnectionThread` (reading is paused)."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._thread is not None:
             return
         assert self.export is not None and self._responder is not None
-        if transport.get_write_buffer_size():
-            # The handshake's last replies wait in the transport (a client that does
-            # not read them): the event loop keeps the connection.
-            self._plan = dataclasses.replace(self._plan, threaded=False)
-            self._serve_here()
-            self._resume("thread")
-            self._process()
+        if self._ending is not None or transport.get_write_buffer_size():
+            # A shutdown under way, or the handshake's last replies still in the
+            # transport (a client that does not read them): the loop keeps it.
+            self._keep_in_loop()
             return
         backend = self.export.backend
         assert isinstance(backend, Backend)  # (the plan's promise)
-        self._thread = ConnectionThread(
-            self.core,
-            self._responder,
-            backend,
-            self._plan,
-            self._executor(),
-            transport.get_extra_info("socket"),
-            max_in_flight=self._max_in_flight,
-            ending=self._ending,
-            ended=self.thread_ended,
-        )
-        self._thread.start()
+        idle = self._idle_timeout
+        try:
+            thread = ConnectionThread(
+                self.core,
+                self._responder,
+                backend,
+                self._plan,
+                self._executor(),
+                transport.get_extra_info("socket"),
+                max_in_flight=self._max_in_flight,
+                max_in_flight_bytes=self._max_bytes,
+                ending=self._ending,
+                ended=self.thread_ended,
+                parked=self.thread_parked,
+                park_after=PARK_AFTER if idle is None else min(idle, PARK_AFTER),
+                idle_timeout=idle,
+            )
+            thread.start()
+        except (OSError, RuntimeError) as exc:  # no descriptor, or no thread, for it
+            limited_log.warning(
+                "no connection thread",
+                "%s: cannot start a connection thread (%s): serving it in the event loop",
+                self.peer,
+                exc,
+            )
+            self._keep_in_loop()
+            return
+        self._thread = thread
+
+    def _keep_in_loop(self) -> None:
+        self._serve_in_loop()
+        self._resume("thread")
+        self._process()
+
+    def thread_parked(self, idle: float) -> None:
+        """The connection's thread handed it back, idle for ``idle`` seconds: watch it
+        again (in the event loop); its next request starts a thread again."""
+        thread, self._thread = self._thread, None
+        assert thread is not None
+        self._pool.clear()  # an idle connection keeps no buffers
+        self._last_active = self._loop.time() - idle
+        if thread.aborted is not None:
+            self.abort(thread.aborted)
+            return
+        if self.transport_closed:
+            return
+        self._resume("thread")
+        if thread.stopping:
+            self.shutdown()
+        elif self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_check()  # idle long enough already?
 
     def thread_ended(self, hard: bool, ending: Disconnect | None) -> None:
         """The connection's thread is done: close the transport (in the event loop)."""
@@ -600,12 +729,15 @@ class Session(asyncio.BufferedProtocol):
     def _dispatch(self, request: RequestReceived) -> None:
         assert self._runner is not None  # requests only come after TransmissionStarted
         self._runner.run(request)
-        if self.core.in_flight >= self._max_in_flight:
-            self._pause("in flight")
+        responder = self._responder
+        assert responder is not None
+        if responder.in_flight >= self._max_in_flight or responder.held >= self._max_bytes:
+            self._pause("in flight")  # the next requests wait in the core
 
     def later(self, request: RequestReceived, future: Pending) -> None:
         """``request`` was handed off (the runner's driver): answer it once done."""
-        assert isinstance(future, asyncio.Future)
+        if not isinstance(future, asyncio.Future):  # (run here: no thread for it)
+            future = asyncio.wrap_future(future, loop=self._loop)
         self._tasks.add(future)
         future.add_done_callback(functools.partial(self._finished, request))
 
@@ -635,9 +767,52 @@ class Session(asyncio.BufferedProtocol):
         self._request_done()
 
     def _request_done(self) -> None:
+        if self._idle_timeout is not None:
+            self._last_active = self._loop.time()
         self.send()
-        if self.core.in_flight < self._max_in_flight:
+        responder = self._responder
+        if (
+            "in flight" in self._paused
+            and responder is not None
+            and responder.in_flight < self._max_in_flight
+            and responder.held < self._max_bytes
+        ):
             self._resume("in flight")
+            if self.core.events_pending:
+                self._process()  # the requests that waited for room
+                return
+        self._maybe_close()
+
+    # -- the idle timeout -------------------------------------------------------------
+
+    def _idle_check(self) -> None:
+        """``Limits.idle_timeout``: close the connection if nothing was received from
+        the client, nor sent to it, and no backend call was under way, for that long;
+        else look again when it might be."""
+        self._idle_timer = None
+        timeout = self._idle_timeout
+        transport = self.transport
+        if timeout is None or transport is None or transport.is_closing() or self._ending:
+            return
+        now = self._loop.time()
+        unsent = transport.get_write_buffer_size()
+        # (a thread is busy until it hands the connection back; it sees to its sends)
+        if self._thread is not None or self._tasks or unsent < self._idle_unsent:
+            self._last_active = now
+        self._idle_unsent = unsent
+        if now - self._last_active < timeout:
+            self._idle_timer = self._loop.call_later(
+                self._last_active + timeout - now, self._idle_check
+            )
+            return
+        core = self.core
+        if unsent or core.events_pending or core.receiving_payload:
+            # It reads nothing, or sent half a request: no clean end to this.
+            self.abort(f"idle for {timeout:g} s")
+            return
+        self._ending = Disconnect(f"idle for {timeout:g} s", soft=False)
+        log.debug("%s: closing the connection: %s", self.peer, self._ending.reason)
+        self._pause("ending")
         self._maybe_close()
 
     # -- the log line -----------------------------------------------------------------
@@ -681,11 +856,11 @@ class Session(asyncio.BufferedProtocol):
 
 
 def _connections(server: Host) -> int:
-    """The server's connections, for ``Limits.max_connections``: a client that has
+    """The server's connections, for its connection limit: a client that has
     closed its end leaves its place to the next one, even if its session is still
     closing."""
     sessions = server.sessions
-    limit = server.limits.max_connections
+    limit = server.connection_limit
     if limit is None or len(sessions) < limit:
         return len(sessions)
     return sum(not session.client_gone() for session in sessions)
