@@ -182,6 +182,10 @@ async def _copy(
             tls=tls,
             timeout=args.timeout,
         )
+    except asyncio.CancelledError:
+        # Stopped outside the copy proper (connecting, opening the ends), where the
+        # engine has no requests in flight to finish: say so as for any interruption.
+        raise copier.CopyInterrupted("interrupted") from None
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
 
@@ -237,7 +241,8 @@ class _Percent(_Progress):
         self._last = -1
 
     def update(self, done: int, total: int | None) -> None:
-        percent = 100 if not total else min(100, done * 100 // total)
+        # A stream's size is known only at its end: 0 until then, as nbdcopy writes.
+        percent = 0 if total is None else min(100, done * 100 // total) if total else 100
         if percent != self._last:
             self._last = percent
             try:
