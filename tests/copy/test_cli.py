@@ -35,7 +35,7 @@ import sys
 import time
 import tty
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -100,16 +100,25 @@ def pynbd_copy(
     pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``python -m pynbd copy ARGS`` to its end (stdout kept as bytes)."""
+    if input is None and stdin is None:
+        stdin = subprocess.DEVNULL
     return subprocess.run(
         [sys.executable, "-m", "pynbd", "copy", *args],
         input=input,
-        stdin=stdin if input is None else None,
+        stdin=stdin,
         capture_output=True,
         env=child_env(),
         pass_fds=pass_fds,
         timeout=WAIT * 2,
         check=False,
     )
+
+
+def copy_ok(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m pynbd copy ARGS`` and check that it succeeded."""
+    done = pynbd_copy(*args, input=input)
+    assert done.returncode == 0, done.stderr.decode()
+    return done
 
 
 def error_line(done: subprocess.CompletedProcess[bytes], status: int = 1) -> str:
@@ -149,15 +158,16 @@ def wait_for(what: str, ready: Callable[[], bool], *logs: Server) -> None:
         time.sleep(0.02)
 
 
-def read_lines(fd: int, count: int) -> list[str]:
-    """Read from a pipe until ``count`` whole lines came (or fail after WAIT s)."""
+def read_lines(fd: int, count: int | None = None) -> list[str]:
+    """Read from a pipe until ``count`` whole lines came, or (None) to its end; fail
+    after :data:`WAIT` s."""
     data = b""
     deadline = time.monotonic() + WAIT
-    while data.count(b"\n") < count:
+    while count is None or data.count(b"\n") < count:
         left = deadline - time.monotonic()
         ready, _, _ = select.select([fd], [], [], max(0.0, left))
         if not ready:
-            pytest.fail(f"no {count} lines on the progress descriptor in {WAIT} s: {data!r}")
+            pytest.fail(f"no more lines on the progress descriptor in {WAIT} s: {data!r}")
         chunk = os.read(fd, 4096)
         if not chunk:
             break
@@ -202,7 +212,6 @@ class Logged:
 
     server: Server
     log_path: Path
-    _requests: list[Request] = field(default_factory=list)
 
     @property
     def uri(self) -> str:
@@ -222,6 +231,8 @@ class Logged:
         for line in self.text().splitlines(keepends=True):
             found = _LOG_LINE.match(line)
             start, position = position, position + len(line.encode())
+            if not line.endswith("\n"):
+                break  # being written
             if not found or found.group(3) in ("Connect", "Disconnect"):
                 continue
             conn, leave, act, rest = found.groups()
@@ -322,12 +333,12 @@ def stalling_source(nbdkit: Factory, tmp_path: Path, image: Path, at: int) -> tu
     """Serve ``image`` (multi-conn, parallel) through nbdkit's eval plugin; reads at or
     past ``at`` wait (at most two minutes) for the gate to open."""
     gate = Gate(at, tmp_path / "gate", tmp_path / "stalled")
-    q = {k: shlex.quote(str(v)) for k, v in vars(gate).items()} | {"image": shlex.quote(str(image))}
+    stalled, opened, img = (shlex.quote(str(p)) for p in (gate.stalled, gate.path, image))
+    # pread COUNT OFFSET FLAGS come as $3 $4 $5 (nbdkit-sh-plugin(3)).
     pread = (
-        f'if [ "$4" -ge {at} ]; then echo "$4" >> {q["stalled"]}; i=0; '
-        f'while [ ! -e {q["path"]} ] && [ "$i" -lt 600 ]; do sleep 0.2; i=$((i + 1)); done; '
-        f'fi; exec dd if={q["image"]} bs="$3" count=1 skip="$4" '
-        "iflag=skip_bytes,fullblock status=none"
+        f'if [ "$4" -ge {at} ]; then echo "$4" >> {stalled}; i=0; '
+        f'while [ ! -e {opened} ] && [ "$i" -lt 600 ]; do sleep 0.2; i=$((i + 1)); done; '
+        f'fi; exec dd if={img} bs="$3" count=1 skip="$4" iflag=skip_bytes,fullblock status=none'
     )
     server = nbdkit(
         "eval",
@@ -349,15 +360,13 @@ def test_progress_fd_writes_percent_lines(tmp_path: Path) -> None:
     try:
         done = pynbd_copy(
             f"--progress={w}",
-            "-R",
-            "1",
             str(tmp_path / "src.img"),
             str(tmp_path / "dst.img"),
             pass_fds=(w,),
         )
         os.close(w)
         w = -1
-        lines = read_lines(r, 1 << 30)
+        lines = read_lines(r)
     finally:
         os.close(r)
         if w >= 0:
@@ -394,7 +403,7 @@ def test_progress_fd_of_a_stream_says_100_only_at_its_end(tmp_path: Path) -> Non
         stdin.write(src[1 * MiB :])
         stdin.close()
         _, err = proc.communicate(timeout=WAIT)
-        rest = read_lines(r, 1 << 30)
+        rest = read_lines(r)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -523,6 +532,7 @@ def test_source_whose_every_read_fails(nbdkit: Factory, tmp_path: Path) -> None:
     source = nbdkit(
         "memory", str(SIZE), "error-pread=EPERM", "error-pread-rate=100%", filters=["error"]
     )
+    # The memory plugin reports all of itself a hole: without --no-extents, no read.
     line = error_line(pynbd_copy("--no-extents", source.uri, str(tmp_path / "dst.img")))
     assert re.fullmatch(
         rf"pynbd: reading {re.escape(source.uri)} at offset \d+: .*Operation not permitted", line
@@ -583,6 +593,17 @@ def test_destination_smaller_than_the_source_is_left_alone(nbdkit: Factory, tmp_
     dst.assert_clean_end()
     assert dst.requests("Write", "Zero", "Trim") == []
     assert sha256((tmp_path / "dst.img").read_bytes()) == before
+
+
+def test_stream_larger_than_the_destination(nbdkit: Factory, tmp_path: Path) -> None:
+    # A stream's size is unknown up front: the copy stops where the destination ends.
+    src = make_image(tmp_path / "src.img")
+    dst = logged(nbdkit, tmp_path, "memory", str(2 * MiB))
+    line = error_line(pynbd_copy("-", dst.uri, input=src))
+    assert "the source is larger than the destination" in line and str(2 * MiB) in line, line
+    dst.assert_clean_end()
+    assert covered(dst.requests("Write")) == [(0, 2 * MiB)]
+    assert read_export(dst.uri, 2 * MiB) == src[: 2 * MiB]
 
 
 def test_read_only_destination(nbdkit: Factory, tmp_path: Path) -> None:
@@ -813,10 +834,9 @@ def test_fast_zero_refused_falls_back_to_zeroing(nbdkit: Factory, tmp_path: Path
         filters=["nozero"],
     )
     # The destination starts dirty, so that a zero range left out would show.
-    pynbd_copy(str(make_dirty(tmp_path)), dst.uri).check_returncode()
+    copy_ok(str(make_dirty(tmp_path)), dst.uri)
     first = len(dst.requests())
-    done = pynbd_copy(str(tmp_path / "src.img"), dst.uri)
-    assert done.returncode == 0, done.stderr
+    copy_ok(str(tmp_path / "src.img"), dst.uri)
     assert sha256(read_export(dst.uri, SIZE)) == sha256(src)
     zeroes = [q for q in dst.requests()[first:] if q.act == "Zero"]
     fast = [q for q in zeroes if q.fields["fast"] == "1"]
@@ -832,7 +852,7 @@ def test_fast_zero_refused_falls_back_to_zeroing(nbdkit: Factory, tmp_path: Path
 def test_without_write_zeroes_zero_ranges_are_written(nbdkit: Factory, tmp_path: Path) -> None:
     src = make_image(tmp_path / "src.img", data=SPARSE)
     dst = logged(nbdkit, tmp_path, "memory", str(SIZE), "zeromode=none", filters=["nozero"])
-    pynbd_copy(str(make_dirty(tmp_path)), dst.uri).check_returncode()
+    copy_ok(str(make_dirty(tmp_path)), dst.uri)
     first = len(dst.requests())
     done = pynbd_copy("-v", str(tmp_path / "src.img"), dst.uri)
     assert summary(done)["zeroed"] == 2 * MiB
@@ -853,9 +873,9 @@ def make_dirty(tmp_path: Path) -> Path:
 def test_fast_zero_accepted(nbdkit: Factory, tmp_path: Path) -> None:
     src = make_image(tmp_path / "src.img", data=SPARSE)
     dst = logged(nbdkit, tmp_path, "memory", str(SIZE))
-    pynbd_copy(str(make_dirty(tmp_path)), dst.uri).check_returncode()
+    copy_ok(str(make_dirty(tmp_path)), dst.uri)
     first = len(dst.requests())
-    pynbd_copy(str(tmp_path / "src.img"), dst.uri).check_returncode()
+    copy_ok(str(tmp_path / "src.img"), dst.uri)
     sent = dst.requests()[first:]
     zeroes = [q for q in sent if q.act == "Zero"]
     assert all(q.fields["fast"] == "1" and q.ok for q in zeroes), zeroes
@@ -874,8 +894,8 @@ def blocks(path: Path) -> int:
 def test_allocated_leaves_no_holes(tmp_path: Path) -> None:
     src = make_image(tmp_path / "src.img", data=SPARSE)
     sparse, full = tmp_path / "sparse.img", tmp_path / "full.img"
-    pynbd_copy(str(tmp_path / "src.img"), str(sparse)).check_returncode()
-    pynbd_copy("--allocated", str(tmp_path / "src.img"), str(full)).check_returncode()
+    copy_ok(str(tmp_path / "src.img"), str(sparse))
+    copy_ok("--allocated", str(tmp_path / "src.img"), str(full))
     assert sparse.read_bytes() == full.read_bytes() == src
     assert blocks(sparse) < SIZE  # the holes were kept without the option...
     assert blocks(full) >= SIZE  # ...and filled in with it
@@ -884,7 +904,7 @@ def test_allocated_leaves_no_holes(tmp_path: Path) -> None:
 def test_allocated_asks_for_no_holes(nbdkit: Factory, tmp_path: Path) -> None:
     make_image(tmp_path / "src.img", data=SPARSE)
     dst = logged(nbdkit, tmp_path, "memory", str(SIZE))
-    pynbd_copy("--allocated", str(tmp_path / "src.img"), dst.uri).check_returncode()
+    copy_ok("--allocated", str(tmp_path / "src.img"), dst.uri)
     zeroes = dst.requests("Zero")
     assert covered(zeroes) == list(SPARSE_ZERO)
     assert all(q.fields["trim"] == "0" for q in zeroes), zeroes  # NBD_CMD_FLAG_NO_HOLE
@@ -919,7 +939,7 @@ def test_destination_is_zero_sends_no_zero_request(
 def test_without_destination_is_zero_zero_requests_go_out(nbdkit: Factory, tmp_path: Path) -> None:
     make_image(tmp_path / "src.img", data=SPARSE)
     dst = logged(nbdkit, tmp_path, "memory", str(SIZE))
-    pynbd_copy(str(tmp_path / "src.img"), dst.uri).check_returncode()
+    copy_ok(str(tmp_path / "src.img"), dst.uri)
     dst.wait_closed()
     assert covered(dst.requests("Zero")) == list(SPARSE_ZERO)
 
@@ -929,7 +949,7 @@ def test_flush_at_the_end(nbdkit: Factory, tmp_path: Path, flush: bool) -> None:
     make_image(tmp_path / "src.img")
     dst = logged(nbdkit, tmp_path, "memory", str(SIZE))
     args = ["--flush"] if flush else []
-    pynbd_copy(*args, str(tmp_path / "src.img"), dst.uri).check_returncode()
+    copy_ok(*args, str(tmp_path / "src.img"), dst.uri)
     dst.assert_clean_end()
     requests = dst.requests()
     flushes = [q for q in requests if q.act == "Flush"]
@@ -957,18 +977,16 @@ def test_each_form_of_src_and_dst(nbdkit: Factory, tmp_path: Path) -> None:
     assert tcp.uri.startswith("nbd://127.0.0.1:")
 
     # file -> nbd+unix://, nbd+unix:// -> nbd://, nbd:// -> file
-    pynbd_copy(path, unix.uri).check_returncode()
-    pynbd_copy(unix.uri, tcp.uri).check_returncode()
-    pynbd_copy(tcp.uri, str(tmp_path / "back.img")).check_returncode()
+    copy_ok(path, unix.uri)
+    copy_ok(unix.uri, tcp.uri)
+    copy_ok(tcp.uri, str(tmp_path / "back.img"))
     assert (tmp_path / "back.img").read_bytes() == src
     # nbd:// -> null:
     assert summary(pynbd_copy("-v", tcp.uri, "null:"))["read"] == 2 * MiB
     # nbd -> - (a pipe): a stream, every byte written in order
-    out = pynbd_copy(unix.uri, "-")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == src
+    assert copy_ok(unix.uri, "-").stdout == src
     # - (a pipe) -> file: read to its end
-    pynbd_copy("-", str(tmp_path / "piped.img"), input=src).check_returncode()
+    copy_ok("-", str(tmp_path / "piped.img"), input=src)
     assert (tmp_path / "piped.img").read_bytes() == src
     # - (a regular file: < src.img) -> nbd: seekable, so extents are used
     fresh = nbdkit("memory", str(SIZE))
@@ -980,6 +998,4 @@ def test_each_form_of_src_and_dst(nbdkit: Factory, tmp_path: Path) -> None:
 
 def test_a_stream_to_a_stream(tmp_path: Path) -> None:
     src = make_image(tmp_path / "src.img", 3 * MiB + 5)
-    done = pynbd_copy("-", "-", input=src)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == src
+    assert copy_ok("-", "-", input=src).stdout == src
