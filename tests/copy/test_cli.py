@@ -32,11 +32,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tty
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -309,33 +311,57 @@ def covered(requests: Iterable[Request]) -> list[tuple[int, int]]:
 
 @dataclass
 class Gate:
-    """Reads of a stalling source at or past ``at`` wait for :meth:`open`.
+    """Reads of a stalling source in [at, fail_at) wait for :meth:`open`; reads at or
+    past ``fail_at`` fail at once with EIO.
 
-    Each waiting read appends its offset to ``stalled`` first, so the test can see how
-    many requests are held in flight.
+    Each read held or failed appends its offset to ``stalled`` or ``failed`` first, so
+    the test sees which requests are in flight.
     """
 
     at: int
+    fail_at: int | None
     path: Path
     stalled: Path
+    failed: Path
 
     def held(self) -> list[int]:
-        try:
-            return [int(x) for x in self.stalled.read_text().split()]
-        except FileNotFoundError:
-            return []
+        return _offsets(self.stalled)
+
+    def failures(self) -> list[int]:
+        return _offsets(self.failed)
 
     def open(self) -> None:
         self.path.touch()
 
 
-def stalling_source(nbdkit: Factory, tmp_path: Path, image: Path, at: int) -> tuple[Server, Gate]:
+def _offsets(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def stalling_source(
+    nbdkit: Factory, tmp_path: Path, image: Path, at: int, fail_at: int | None = None
+) -> tuple[Server, Gate]:
     """Serve ``image`` (multi-conn, parallel) through nbdkit's eval plugin; reads at or
-    past ``at`` wait (at most two minutes) for the gate to open."""
-    gate = Gate(at, tmp_path / "gate", tmp_path / "stalled")
-    stalled, opened, img = (shlex.quote(str(p)) for p in (gate.stalled, gate.path, image))
-    # pread COUNT OFFSET FLAGS come as $3 $4 $5 (nbdkit-sh-plugin(3)).
-    pread = (
+    past ``at`` wait (at most two minutes) for the gate to open, and those at or past
+    ``fail_at`` fail."""
+    gate = Gate(at, fail_at, tmp_path / "gate", tmp_path / "stalled", tmp_path / "failed")
+    stalled, failed, opened, img = (
+        shlex.quote(str(p)) for p in (gate.stalled, gate.failed, gate.path, image)
+    )
+    # pread COUNT OFFSET FLAGS come as $3 $4 $5; an error is "ERRNO text" on stderr and
+    # exit status 1 (nbdkit-sh-plugin(3)).
+    fail = (
+        ""
+        if fail_at is None
+        else (
+            f'if [ "$4" -ge {fail_at} ]; then echo "$4" >> {failed}; echo "EIO injected" >&2; '
+            "exit 1; fi; "
+        )
+    )
+    pread = fail + (
         f'if [ "$4" -ge {at} ]; then echo "$4" >> {stalled}; i=0; '
         f'while [ ! -e {opened} ] && [ "$i" -lt 600 ]; do sleep 0.2; i=$((i + 1)); done; '
         f'fi; exec dd if={img} bs="$3" count=1 skip="$4" iflag=skip_bytes,fullblock status=none'
@@ -349,6 +375,55 @@ def stalling_source(nbdkit: Factory, tmp_path: Path, image: Path, at: int) -> tu
         extra=["-v"],
     )
     return server, gate
+
+
+def spawn_copy(
+    *args: str,
+    stdin: int = subprocess.DEVNULL,
+    stdout: int = subprocess.DEVNULL,
+    stderr: int = subprocess.PIPE,
+    pass_fds: Sequence[int] = (),
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m pynbd copy ARGS``, with SIGINT at its default (see below)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pynbd", "copy", *args],
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        pass_fds=pass_fds,
+        env=child_env(),
+        preexec_fn=_default_sigint,
+    )
+
+
+def finish(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a copy that a failed test left running (by its pid), reap it, close its
+    standard input and error (a :class:`Drain` closes the output it reads)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdin, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+class Drain(threading.Thread):
+    """Reads a pipe to its end, so that the writer never blocks on it."""
+
+    def __init__(self, pipe: IO[bytes] | None) -> None:
+        super().__init__(daemon=True)
+        assert pipe is not None
+        self.pipe = pipe
+        self.data = b""
+
+    def run(self) -> None:
+        with self.pipe:
+            self.data = self.pipe.read()
+
+    def result(self) -> bytes:
+        self.join(WAIT)
+        assert not self.is_alive(), "the pipe is still open"
+        return self.data
 
 
 # --------------------------------------------------------------------------- progress
@@ -385,13 +460,8 @@ def test_progress_fd_of_a_stream_says_100_only_at_its_end(tmp_path: Path) -> Non
     # nbdcopy writes 0/100 while the size of a stream is unknown, 100/100 at its end.
     src = make_image(tmp_path / "src.img")
     r, w = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pynbd", "copy", f"--progress={w}", "-", str(tmp_path / "dst.img")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        pass_fds=(w,),
-        env=child_env(),
+    proc = spawn_copy(
+        f"--progress={w}", "-", str(tmp_path / "dst.img"), stdin=subprocess.PIPE, pass_fds=(w,)
     )
     os.close(w)
     stdin, proc.stdin = proc.stdin, None  # written here, closed here
@@ -405,9 +475,7 @@ def test_progress_fd_of_a_stream_says_100_only_at_its_end(tmp_path: Path) -> Non
         _, err = proc.communicate(timeout=WAIT)
         rest = read_lines(r)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        finish(proc)
         os.close(r)
     assert proc.returncode == 0, err
     assert first == ["0/100"]
@@ -433,21 +501,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     master, slave = pty.openpty()
     tty.setraw(slave)  # no \n -> \r\n translation: the bytes read are the bytes written
     try:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pynbd",
-                "copy",
-                "-p",
-                str(tmp_path / "src.img"),
-                str(tmp_path / "dst.img"),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=slave,
-            env=child_env(),
-        )
+        proc = spawn_copy("-p", str(tmp_path / "src.img"), str(tmp_path / "dst.img"), stderr=slave)
         os.close(slave)
         slave = -1
         out = b""
@@ -678,26 +732,15 @@ def test_a_signal_mid_copy_drains_and_flushes(nbdkit: Factory, tmp_path: Path, s
     source, gate = stalling_source(nbdkit, tmp_path, tmp_path / "src.img", STALL_AT)
     dst = logged(nbdkit, tmp_path, "memory", str(STALL_SIZE))
     r, w = os.pipe()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pynbd",
-            "copy",
-            "-C",
-            str(LANES),
-            "-R",
-            str(PER_LANE),
-            f"--progress={w}",
-            source.uri,
-            dst.uri,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    proc = spawn_copy(
+        "-C",
+        str(LANES),
+        "-R",
+        str(PER_LANE),
+        f"--progress={w}",
+        source.uri,
+        dst.uri,
         pass_fds=(w,),
-        env=child_env(),
-        preexec_fn=_default_sigint,
     )
     os.close(w)
     try:
@@ -715,9 +758,7 @@ def test_a_signal_mid_copy_drains_and_flushes(nbdkit: Factory, tmp_path: Path, s
         gate.open()
         _, stderr = proc.communicate(timeout=WAIT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        finish(proc)
         os.close(r)
     err = stderr.decode()
     # The pieces below the gate and the ones held at the signal were copied, no more.
@@ -745,6 +786,73 @@ def test_a_signal_mid_copy_drains_and_flushes(nbdkit: Factory, tmp_path: Path, s
     assert got[copied:] == bytes(STALL_SIZE - copied)
 
 
+#: Requests in flight when the destination is a stream (one lane).
+STREAM_WORKERS = 4
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_copy_to_a_stream(nbdkit: Factory, tmp_path: Path, signum: int) -> None:
+    # A stream is written in order: the reads held at the signal finish in any order,
+    # and what reaches standard output must still be the source's first bytes, whole.
+    src = make_image(tmp_path / "src.img", STALL_SIZE)
+    source, gate = stalling_source(nbdkit, tmp_path, tmp_path / "src.img", STALL_AT)
+    proc = spawn_copy("-R", str(STREAM_WORKERS), source.uri, "-", stdout=subprocess.PIPE)
+    out = Drain(proc.stdout)
+    out.start()
+    try:
+        wait_for(
+            "every worker to hold a stalled read",
+            lambda: len(gate.held()) == STREAM_WORKERS,
+            source,
+        )
+        proc.send_signal(signum)
+        gate.open()
+        assert proc.wait(WAIT) == 130
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+    finally:
+        finish(proc)
+    data = out.result()
+    # Everything before the gate was written before the reads past it were taken; of
+    # those, the first (its turn had come) was written too; the rest maybe.
+    assert STALL_AT + REQUEST <= len(data) <= STALL_AT + STREAM_WORKERS * REQUEST
+    assert data == src[: len(data)]
+    assert err.splitlines() == [
+        f"pynbd: copy interrupted after {len(data)} of {STALL_SIZE} bytes; the requests in "
+        "flight were finished and standard output flushed"
+    ], err
+    wait_for("the source's connection to end", lambda: clean_disconnects(source) == 1, source)
+
+
+def test_a_failure_mid_copy_to_a_stream(nbdkit: Factory, tmp_path: Path) -> None:
+    # The reads of three pieces are held while the fourth fails: the failure stops the
+    # copy while earlier pieces still wait for their turn to be written.
+    src = make_image(tmp_path / "src.img", STALL_SIZE)
+    bad = STALL_AT + (STREAM_WORKERS - 1) * REQUEST
+    source, gate = stalling_source(nbdkit, tmp_path, tmp_path / "src.img", STALL_AT, bad)
+    proc = spawn_copy("-R", str(STREAM_WORKERS), source.uri, "-", stdout=subprocess.PIPE)
+    out = Drain(proc.stdout)
+    out.start()
+    try:
+        wait_for(
+            "three reads held and one failed",
+            lambda: (len(gate.held()), gate.failures()) == (STREAM_WORKERS - 1, [bad]),
+            source,
+        )
+        gate.open()
+        assert proc.wait(WAIT) == 1
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+    finally:
+        finish(proc)
+    data = out.result()
+    assert STALL_AT + REQUEST <= len(data) <= bad
+    assert data == src[: len(data)]
+    assert err.splitlines() == [
+        f"pynbd: reading {source.uri} at offset {bad}: NBD_CMD_READ: Input/output error"
+    ], err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_connecting(tmp_path: Path, signum: int) -> None:
     # A "server" that takes the connection and never says a word: the copy is stuck in
@@ -754,23 +862,14 @@ def test_a_signal_while_connecting(tmp_path: Path, signum: int) -> None:
         listener.bind(str(path))
         listener.listen()
         listener.settimeout(WAIT)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pynbd", "copy", f"nbd+unix:///?socket={path}", "null:"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=child_env(),
-            preexec_fn=_default_sigint,
-        )
+        proc = spawn_copy(f"nbd+unix:///?socket={path}", "null:", stdout=subprocess.PIPE)
         try:
             conn, _ = listener.accept()  # the copy is connecting
             with conn:
                 proc.send_signal(signum)
                 out, err = proc.communicate(timeout=WAIT)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            finish(proc)
     line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 130)
     assert line.startswith("pynbd: copy interrupted"), line
 
