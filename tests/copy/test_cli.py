@@ -790,29 +790,37 @@ def test_a_signal_mid_copy_drains_and_flushes(nbdkit: Factory, tmp_path: Path, s
 STREAM_WORKERS = 4
 
 
+def copy_to_a_stream(
+    source: Server, gate: Gate, held: Callable[[], bool], signum: int | None, status: int
+) -> tuple[bytes, str]:
+    """Copy ``source`` to standard output (a pipe) until ``held`` holds, then send
+    ``signum`` (if any), open the gate, and check the exit status. Returns what
+    reached standard output and standard error."""
+    proc = spawn_copy("-R", str(STREAM_WORKERS), source.uri, "-", stdout=subprocess.PIPE)
+    out = Drain(proc.stdout)
+    out.start()
+    try:
+        wait_for("the copy to be held", held, source)
+        if signum is not None:
+            proc.send_signal(signum)
+        gate.open()
+        assert proc.wait(WAIT) == status
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+    finally:
+        finish(proc)
+    return out.result(), err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_mid_copy_to_a_stream(nbdkit: Factory, tmp_path: Path, signum: int) -> None:
     # A stream is written in order: the reads held at the signal finish in any order,
     # and what reaches standard output must still be the source's first bytes, whole.
     src = make_image(tmp_path / "src.img", STALL_SIZE)
     source, gate = stalling_source(nbdkit, tmp_path, tmp_path / "src.img", STALL_AT)
-    proc = spawn_copy("-R", str(STREAM_WORKERS), source.uri, "-", stdout=subprocess.PIPE)
-    out = Drain(proc.stdout)
-    out.start()
-    try:
-        wait_for(
-            "every worker to hold a stalled read",
-            lambda: len(gate.held()) == STREAM_WORKERS,
-            source,
-        )
-        proc.send_signal(signum)
-        gate.open()
-        assert proc.wait(WAIT) == 130
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-    finally:
-        finish(proc)
-    data = out.result()
+    data, err = copy_to_a_stream(
+        source, gate, lambda: len(gate.held()) == STREAM_WORKERS, signum, 130
+    )
     # Everything before the gate was written before the reads past it were taken; of
     # those, the first (its turn had come) was written too; the rest maybe.
     assert STALL_AT + REQUEST <= len(data) <= STALL_AT + STREAM_WORKERS * REQUEST
@@ -830,22 +838,13 @@ def test_a_failure_mid_copy_to_a_stream(nbdkit: Factory, tmp_path: Path) -> None
     src = make_image(tmp_path / "src.img", STALL_SIZE)
     bad = STALL_AT + (STREAM_WORKERS - 1) * REQUEST
     source, gate = stalling_source(nbdkit, tmp_path, tmp_path / "src.img", STALL_AT, bad)
-    proc = spawn_copy("-R", str(STREAM_WORKERS), source.uri, "-", stdout=subprocess.PIPE)
-    out = Drain(proc.stdout)
-    out.start()
-    try:
-        wait_for(
-            "three reads held and one failed",
-            lambda: (len(gate.held()), gate.failures()) == (STREAM_WORKERS - 1, [bad]),
-            source,
-        )
-        gate.open()
-        assert proc.wait(WAIT) == 1
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-    finally:
-        finish(proc)
-    data = out.result()
+    data, err = copy_to_a_stream(
+        source,
+        gate,
+        lambda: (len(gate.held()), gate.failures()) == (STREAM_WORKERS - 1, [bad]),
+        None,
+        1,
+    )
     assert STALL_AT + REQUEST <= len(data) <= bad
     assert data == src[: len(data)]
     assert err.splitlines() == [
