@@ -505,17 +505,25 @@ def zero_runs(view: memoryview, block: int) -> list[tuple[int, int, bool]]:
         return [(0, n, False)]
     if not firsts.strip(b"\0") and bytes(view) == _zeroes(n):
         return [(0, n, True)]
-    runs: list[tuple[int, int, bool]] = []
+    # Only the blocks that start with a zero byte can be zero.
     zeroes = _zeroes(block)
-    for i, first in enumerate(firsts):
+    runs: list[tuple[int, int, bool]] = []
+    pos = 0  # the end of the runs so far
+    i = firsts.find(0)
+    while i >= 0:
         start = i * block
         stop = min(start + block, n)
-        # bytes compare with memcmp (a memoryview would compare item by item).
-        zero = first == 0 and bytes(view[start:stop]) == zeroes[: stop - start]
-        if runs and runs[-1][2] == zero:
-            runs[-1] = (runs[-1][0], stop, zero)
-        else:
-            runs.append((start, stop, zero))
+        if bytes(view[start:stop]) == zeroes[: stop - start]:
+            if start > pos:
+                runs.append((pos, start, False))
+            if runs and runs[-1][2] and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], stop, True)
+            else:
+                runs.append((start, stop, True))
+            pos = stop
+        i = firsts.find(0, i + 1)
+    if pos < n:
+        runs.append((pos, n, False))
     return runs
 
 
