@@ -308,15 +308,15 @@ def test_a_source_stream_larger_than_the_destination_fails() -> None:
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_a_failure_names_the_offset_and_drains(side: str) -> None:
     data = pattern(64 * 4096)
-    bad = 20 * 4096 + 100
+    bad = 21 * 4096 + 100  # inside a batch of requests, not at its start
     src = MemEnd(data, fail_at=bad if side == "source" else None)
     dst = MemEnd(len(data), fail_at=bad if side == "destination" else None)
     with pytest.raises(CopyError) as info:
         run(src, dst, requests=8, connections=2)
     err = info.value
-    assert err.offset == 20 * 4096
+    assert err.offset == 21 * 4096
     doing = "reading" if side == "source" else "writing"
-    assert str(err) == f"{doing} mem at offset {20 * 4096}: " + (
+    assert str(err) == f"{doing} mem at offset {21 * 4096}: " + (
         "Input/output error" if side == "source" else "No space left on device"
     )
     assert src.in_flight == dst.in_flight == 0  # nothing left waiting

@@ -29,7 +29,7 @@ import stat
 from collections.abc import Callable
 
 from ..client import Client, MappedExtent
-from ..errors import RequestError, UnsupportedError
+from ..errors import NBDError, RequestError, UnsupportedError
 from ..proto.constants import BASE_ALLOCATION
 from ..transport.tls import TLSConfig
 from ..transport.uri import SCHEMES, parse_uri
@@ -91,6 +91,17 @@ class End:
         """Write ``view`` at ``offset``."""
         raise UnsupportedError(f"{self.label} cannot be written")
 
+    def read_many(self, lane: int, reads: list[tuple[memoryview, int]]) -> None:
+        """Fill each (view, offset) pair (not for a stream); an end that can pipeline
+        sends them all before it waits. An error's ``request_offset`` is the offset of
+        the pair that failed."""
+        _each(self.read, lane, reads)
+
+    def write_many(self, lane: int, writes: list[tuple[memoryview, int]]) -> None:
+        """Write each (view, offset) pair, pipelined where the end can; errors as
+        :meth:`read_many`'s."""
+        _each(self.write, lane, writes)
+
     def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
         """Make [offset, offset+length) read as zeroes; ``allocated``: no hole."""
         raise UnsupportedError(f"{self.label} cannot be written")
@@ -106,6 +117,18 @@ class End:
 
     def close(self) -> None:
         """Release everything (called once, also after a failure)."""
+
+
+def _each(
+    call: Callable[[int, memoryview, int], object], lane: int, pairs: list[tuple[memoryview, int]]
+) -> None:
+    for view, offset in pairs:
+        try:
+            call(lane, view, offset)
+        except (OSError, NBDError) as exc:
+            if getattr(exc, "request_offset", None) is None:
+                exc.request_offset = offset  # type: ignore[union-attr]
+            raise
 
 
 class NBDEnd(End):
@@ -155,6 +178,12 @@ class NBDEnd(End):
 
     def write(self, lane: int, view: memoryview, offset: int) -> None:
         self.clients[lane].pwrite(view, offset)
+
+    def read_many(self, lane: int, reads: list[tuple[memoryview, int]]) -> None:
+        self.clients[lane].pread_many(reads)
+
+    def write_many(self, lane: int, writes: list[tuple[memoryview, int]]) -> None:
+        self.clients[lane].pwrite_many(writes)
 
     def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
         client = self.clients[lane]

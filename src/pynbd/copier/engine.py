@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 from ..client import MappedExtent
 from ..client.extents import intersect
@@ -57,6 +57,8 @@ MAP_WINDOW = 1 << 30
 #: The largest zero request the plan makes (big enough to be cheap, small enough that
 #: progress moves and several lanes share a large hole).
 ZERO_CHUNK = 1 << 26
+#: The most requests a lane sends at once (pipelined) on each side.
+BATCH = 16
 #: How often (seconds) the progress callback is called at most while copying.
 PROGRESS_PERIOD = 0.1
 
@@ -241,6 +243,11 @@ class _Failure:
     offset: int
 
 
+#: A lane's free buffers (None: stop) and its batches read, for the writer (None: end).
+_Free: TypeAlias = "queue.SimpleQueue[memoryview | None]"
+_Ready: TypeAlias = "queue.SimpleQueue[list[tuple[Work, memoryview | None]] | None]"
+
+
 class _Stop(Exception):
     """Raised in a lane's thread when the copy is stopping."""
 
@@ -267,7 +274,7 @@ class Copier:
         self._stopping = False
         self._interrupted = False
         self._failure: _Failure | None = None
-        self._free: list[queue.SimpleQueue[memoryview | None]] = []
+        self._free: list[_Free] = []
         self._last_report = 0.0
         self._report_lock = threading.Lock()
 
@@ -296,14 +303,16 @@ class Copier:
         self._sparse = 0 if opts.allocated else opts.sparse
         self.plan = Plan(self.src, opts, skip_zero)
         per_lane = max(1, min(opts.requests, opts.queue_size // opts.request_size))
+        # A reader fills a batch while the writer sends the one before.
+        self._batch = max(1, min(BATCH, per_lane // 2))
         buffers = self._buffers(lanes * per_lane)
         threads = []
         for lane in range(lanes):
-            free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+            free: _Free = queue.SimpleQueue()
             for buf in buffers[lane * per_lane : (lane + 1) * per_lane]:
                 free.put(buf)
             self._free.append(free)
-            ready: queue.SimpleQueue[tuple[Work, memoryview | None] | None] = queue.SimpleQueue()
+            ready: _Ready = queue.SimpleQueue()
             for target in (self._reader, self._writer):
                 threads.append(
                     threading.Thread(
@@ -365,49 +374,90 @@ class Copier:
         except BaseException as exc:  # kept as the copy error's cause
             self._fail(CopyError(f"internal error: {type(exc).__name__}: {exc}"), exc)
 
-    def _reader(
-        self,
-        lane: int,
-        free: queue.SimpleQueue[memoryview | None],
-        ready: queue.SimpleQueue[tuple[Work, memoryview | None] | None],
-    ) -> None:
-        """Take work, read it into a free buffer, pass it to the lane's writer."""
-        src, plan = self.src, self.plan
+    def _reader(self, lane: int, free: _Free, ready: _Ready) -> None:
+        """Take work, read it into free buffers, pass it on to the lane's writer.
+
+        Up to a batch of reads go out together (pipelined); a source stream is read
+        one request at a time, to find its end.
+        """
+        src = self.src
+        batch = 1 if src.stream else self._batch
         try:
             while not self._stopping:
-                with plan.lock:
-                    work = self._guard("mapping", src, plan.pos, plan.take, lane)
-                if work is None:
+                first = free.get()
+                if first is None:
                     return
-                if work.kind is Kind.SKIP:
-                    self._count(work.length, skipped=True)
-                    continue
-                if work.kind is Kind.ZERO:
-                    ready.put((work, None))
-                    continue
-                buf = free.get()
-                if buf is None:
-                    return
-                try:
-                    n = self._guard(
-                        "reading", src, work.offset, src.read, lane, buf[: work.length], work.offset
-                    )
-                except _Stop:
-                    free.put(buf)
-                    raise
-                if n < work.length:  # a source stream ended
-                    with plan.lock:
-                        plan.stream_end(work.offset + n)
-                    if n == 0:
-                        free.put(buf)
+                bufs = [first]
+                while len(bufs) < batch:
+                    try:
+                        more = free.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
                         return
-                    work.length = n
-                self._check_room(work)
-                ready.put((work, buf))
+                    bufs.append(more)
+                items, after, done = self._take(lane, len(bufs))
+                for buf in bufs[len(items) :]:
+                    free.put(buf)
+                if items:
+                    reads = [(bufs[k][: w.length], w.offset) for k, w in enumerate(items)]
+                    try:
+                        got = self._read(lane, reads)
+                    except _Stop:
+                        for buf in bufs[: len(items)]:
+                            free.put(buf)
+                        raise
+                    ready.put(self._received(items, bufs, got, free))
+                if after:
+                    ready.put([(after, None)])
+                if done:
+                    return
         except _Stop:
             return
         finally:
             ready.put(None)
+
+    def _take(self, lane: int, count: int) -> tuple[list[Work], Work | None, bool]:
+        """Up to ``count`` data work from the plan, in order, skips counted; then the
+        zero work that ended the run of data, if one did; and whether the plan is done."""
+        plan = self.plan
+        items: list[Work] = []
+        with plan.lock:
+            while len(items) < count:
+                work = self._guard("mapping", self.src, plan.pos, plan.take, lane)
+                if work is None:
+                    return items, None, True
+                if work.kind is Kind.SKIP:
+                    self._count_skipped(work.length)
+                elif work.kind is Kind.ZERO:
+                    return items, work, False  # after the data before it
+                else:
+                    items.append(work)
+        return items, None, False
+
+    def _read(self, lane: int, reads: list[tuple[memoryview, int]]) -> list[int]:
+        src = self.src
+        if len(reads) == 1:
+            view, offset = reads[0]
+            return [self._guard("reading", src, offset, src.read, lane, view, offset)]
+        self._guard("reading", src, reads[0][1], src.read_many, lane, reads)
+        return [len(view) for view, _ in reads]
+
+    def _received(
+        self, items: list[Work], bufs: list[memoryview], got: list[int], free: _Free
+    ) -> list[tuple[Work, memoryview | None]]:
+        out: list[tuple[Work, memoryview | None]] = []
+        for work, buf, n in zip(items, bufs, got, strict=False):
+            if n < work.length:  # a source stream ended
+                with self.plan.lock:
+                    self.plan.stream_end(work.offset + n)
+                if n == 0:
+                    free.put(buf)
+                    continue
+                work.length = n
+            self._check_room(work)
+            out.append((work, buf))
+        return out
 
     def _check_room(self, work: Work) -> None:
         """A source stream must fit a destination of fixed size."""
@@ -423,48 +473,63 @@ class Copier:
             )
             raise _Stop
 
-    def _writer(
-        self,
-        lane: int,
-        free: queue.SimpleQueue[memoryview | None],
-        ready: queue.SimpleQueue[tuple[Work, memoryview | None] | None],
-    ) -> None:
+    def _writer(self, lane: int, free: _Free, ready: _Ready) -> None:
         """Write or zero what the reader passes, in its order; hand the buffers back."""
-        while (item := ready.get()) is not None:
-            work, buf = item
+        while (items := ready.get()) is not None:
             try:
-                if self._stopping:
-                    continue  # read but not written: dropped, the copy stops here
-                if buf is None:
-                    self._zero(lane, work.length, work.offset)
-                    self._count(work.length, zeroed=work.length)
-                else:
-                    self._write(lane, buf[: work.length], work.offset)
-                    self._count(work.length, read=True)
+                if not self._stopping:  # else read but not written: dropped
+                    self._write(lane, items)
             except _Stop:
                 pass
             finally:
-                if buf is not None:
-                    free.put(buf)
+                for _, buf in items:
+                    if buf is not None:
+                        free.put(buf)
 
-    def _write(self, lane: int, view: memoryview, offset: int) -> None:
-        """Write what was read: its all-zero blocks zeroed, or skipped."""
-        dst, res = self.dst, self.result
-        for start, stop, zero in zero_runs(view, self._sparse):
-            n = stop - start
-            at = offset + start
-            if not zero:
-                self._guard("writing", dst, at, dst.write, lane, view[start:stop], at)
-                written, zeroed, skipped = n, 0, 0
-            elif self._skip_zero:
-                written, zeroed, skipped = 0, 0, n
-            else:
-                self._zero(lane, n, at)
-                written, zeroed, skipped = 0, n, 0
-            with self._lock:
-                res.written_bytes += written
-                res.zeroed_bytes += zeroed
-                res.skipped_bytes += skipped
+    def _write(self, lane: int, items: list[tuple[Work, memoryview | None]]) -> None:
+        """Write a batch: zero what is zero, skip it on a zero destination, and send
+        the data pipelined (a stream: each piece at once, in order)."""
+        stream = self.dst.stream
+        writes: list[tuple[memoryview, int]] = []
+        written = zeroed = skipped = read = 0
+        for work, buf in items:
+            if buf is None:
+                self._zero(lane, work.length, work.offset)
+                zeroed += work.length
+                continue
+            read += work.length
+            view = buf[: work.length]
+            for start, stop, zero in zero_runs(view, self._sparse):
+                at = work.offset + start
+                if not zero:
+                    writes.append((view[start:stop], at))
+                    written += stop - start
+                elif self._skip_zero:
+                    skipped += stop - start
+                else:
+                    self._zero(lane, stop - start, at)
+                    zeroed += stop - start
+                if stream and writes:
+                    self._send(lane, writes)
+                    writes = []
+        if writes:
+            self._send(lane, writes)
+        res = self.result
+        with self._lock:
+            res.written_bytes += written
+            res.zeroed_bytes += zeroed
+            res.skipped_bytes += skipped
+            res.read_bytes += read
+            res.size += sum(work.length for work, _ in items)
+        self._report()
+
+    def _send(self, lane: int, writes: list[tuple[memoryview, int]]) -> None:
+        dst = self.dst
+        if len(writes) == 1:
+            view, offset = writes[0]
+            self._guard("writing", dst, offset, dst.write, lane, view, offset)
+        else:
+            self._guard("writing", dst, writes[0][1], dst.write_many, lane, writes)
 
     def _zero(self, lane: int, length: int, offset: int) -> None:
         allocated = self.options.allocated
@@ -480,6 +545,9 @@ class Copier:
             self._fail(exc)
             raise _Stop from exc
         except (OSError, NBDError, ValueError) as exc:
+            # Which of several pipelined requests failed, when the end could tell.
+            at = getattr(exc, "request_offset", None)
+            offset = offset if at is None else at
             self._fail(
                 CopyError(f"{doing} {end.label} at offset {offset}: {_why(exc)}", offset), exc
             )
@@ -499,14 +567,10 @@ class Copier:
             self._failure = _Failure(cause or err, str(err), err.offset or 0)
         self._halt()
 
-    def _count(self, n: int, *, skipped: bool = False, read: bool = False, zeroed: int = 0) -> None:
+    def _count_skipped(self, n: int) -> None:
         res = self.result
         with self._lock:
-            if skipped:
-                res.skipped_bytes += n
-            if read:
-                res.read_bytes += n
-            res.zeroed_bytes += zeroed
+            res.skipped_bytes += n
             res.size += n
         self._report()
 
