@@ -67,7 +67,8 @@ def register(sub: Subparsers) -> None:
         metavar="N",
         type=positive_int,
         default=64,
-        help="requests in flight per connection (default 64)",
+        help="requests per connection: the buffers its reader may fill ahead of its "
+        "writer; each side sends up to 16 of them at once (default 64)",
     )
     g.add_argument(
         "--request-size",

@@ -104,8 +104,8 @@ class Job:
             is created; a regular file is cut to the source's size.
         connections: connections to each NBD end (default 4 where both ends allow
             multi-conn, else 1).
-        requests: requests in flight per connection (default 64): the buffers each
-            connection's reader may fill ahead of its writer.
+        requests: requests per connection (default 64): the buffers its reader may
+            fill ahead of its writer; each side sends up to 16 at once, pipelined.
         request_size: the largest read or write (default 256 KiB).
         queue_size: bytes in flight per connection (default 16 MiB).
         sparse: find all-zero blocks of this size in the data read and zero them

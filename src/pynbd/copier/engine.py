@@ -7,10 +7,11 @@ of it), ranges to zero, and ranges to skip. What is data comes from the source's
 marks dirty is data or zero, the rest is skipped.
 
 A *lane* is one connection to each end. Each lane has two threads and a ring of
-``requests`` buffers: the reader takes work from the plan, reads it into a free buffer
-and passes it on; the writer finds the all-zero blocks of what was read (``sparse``),
-writes the rest, zeroes those, and hands the buffer back. So reading and writing
-overlap, and each connection is used by one thread only. The threads block in the
+``requests`` buffers: the reader takes a batch of work from the plan (up to
+:data:`BATCH` requests), reads it into free buffers with the requests pipelined, and
+passes it on; the writer finds the all-zero blocks of what was read (``sparse``),
+writes the rest (pipelined too), zeroes those, and hands the buffers back. So reading
+and writing overlap, and each connection is used by one thread only. The threads block in the
 clients' socket calls, where Python lets the other threads run: the blocking client
 costs a fraction of an event loop's work per request. A stream end has one lane, whose
 reader and writer keep the plan's order.
