@@ -22,6 +22,17 @@ To add a subcommand, write a module with ``register(sub)`` that calls
 ``sub.add_parser(NAME, parents=[common.connection_options()], ...)`` (if it connects)
 and ``set_defaults(func=run)`` with ``run(args) -> int``, and add ``register`` to
 :data:`SUBCOMMANDS`.
+
+Every command imports every subcommand's module to build the parser, so what a module
+imports at its top, every command pays for at start-up. At its top a subcommand's module
+imports only the standard library, :mod:`.common` and the client side, which ``import
+pynbd`` loads anyway (:mod:`pynbd.client`, :mod:`pynbd.copier`, :mod:`pynbd.transport`,
+:mod:`pynbd.errors`, the client half of :mod:`pynbd.proto`). The server
+(:mod:`pynbd.server`, ``pynbd.proto.server*``) and the kernel side (:mod:`pynbd.kernel`)
+are imported inside the functions that use them: ``run`` and its helpers, or an argument
+type such as ``serve --block-size``; the names that annotations need, under
+``TYPE_CHECKING``. So ``info``, ``list``, ``map`` and ``copy`` load neither
+(tests/cli/test_startup.py checks it).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ import time
 
 from ..client import Client
 from ..proto.constants import StateFlag, TransmissionFlag
-from ..server import MemoryBackend, serve_socket
 from .common import CommandError, Subparsers, human_size, parse_size
 
 MiB = 1 << 20
@@ -37,6 +36,9 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: building the parser of every command must not (see pynbd.cli).
+    from ..server import MemoryBackend, serve_socket
+
     size: int = args.size
     if size < 16 * MiB:
         raise CommandError("--size must be at least 16M for the demo")
