@@ -73,7 +73,6 @@ import resource
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -443,6 +442,8 @@ def _write_pid_file(path: str | None) -> bool:
     name is replaced, never followed (a pid file's directory may be shared, such as
     /run or /tmp, and the server may run as root).
     """
+    import tempfile  # here: it brings random and hashlib, which no other command needs
+
     if path is None:
         return False
     directory, name = os.path.split(path)
