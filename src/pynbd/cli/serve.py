@@ -93,7 +93,8 @@ log = logging.getLogger("pynbd.server")
 GRACE = 10.0
 _KINDS = ("memory", "file", "overlay", "python")
 NOTHING = "nothing to serve: give FILE, --memory SIZE, --python MODULE:NAME or --export NAME=SPEC"
-_TLS_MODES = ("off", "optional", "require")
+#: --tls: the TLSPolicy member of each mode.
+_TLS_MODES = {"require": "REQUIRED", "optional": "OPTIONAL", "off": "NONE"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,12 +173,12 @@ def parse_tcp(text: str) -> tuple[str, int]:
 
 def parse_block_sizes(text: str) -> tuple[int, int, int]:
     """``MIN,PREF,MAX`` (sizes as for --memory) for argparse."""
+    from ..proto.server_common import check_block_sizes
+
     parts = text.split(",")
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"not MIN,PREF,MAX: {text!r}")
     sizes = (parse_size(parts[0]), parse_size(parts[1]), parse_size(parts[2]))
-    from ..proto.server_common import check_block_sizes
-
     try:
         check_block_sizes(*sizes)
     except ValueError as exc:
@@ -214,7 +215,7 @@ def register(sub: Subparsers) -> None:
     g.add_argument("--ready-fd", metavar="FD", type=_fd, help="write URIs here when ready")
     g.add_argument("--pid-file", metavar="FILE", help="write the pid here when ready")
     g = p.add_argument_group("TLS")
-    g.add_argument("--tls", choices=_TLS_MODES, help="default: require with keys")
+    g.add_argument("--tls", choices=sorted(_TLS_MODES), help="default: require with keys")
     g.add_argument("--tls-certificates", metavar="DIR")
     g.add_argument("--tls-psk-file", metavar="FILE")
     g.add_argument("--tls-verify-peer", action="store_true")
@@ -406,14 +407,17 @@ def tls_settings(args: argparse.Namespace) -> tuple[ServerTLSConfig | None, TLSP
     from ..proto.server_common import TLSPolicy
     from ..server.tls import ServerTLSConfig
 
-    modes = {"require": TLSPolicy.REQUIRED, "optional": TLSPolicy.OPTIONAL, "off": TLSPolicy.NONE}
     certs, psk = args.tls_certificates, args.tls_psk_file
     if certs is not None and psk is not None:
         _usage("give --tls-certificates or --tls-psk-file, not both")
     if args.tls_verify_peer and certs is None:
         _usage("--tls-verify-peer needs --tls-certificates DIR (with ca-cert.pem)")
     have = certs is not None or psk is not None
-    mode = modes[args.tls] if args.tls else (TLSPolicy.REQUIRED if have else TLSPolicy.NONE)
+    mode = (
+        TLSPolicy[_TLS_MODES[args.tls]]
+        if args.tls
+        else (TLSPolicy.REQUIRED if have else TLSPolicy.NONE)
+    )
     if mode is TLSPolicy.NONE:
         if have:
             _usage("--tls off contradicts --tls-certificates/--tls-psk-file")
