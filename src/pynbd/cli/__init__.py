@@ -1,10 +1,12 @@
-"""The ``pynbd`` command line: ``pynbd info``, ``pynbd list``, ``pynbd map``, ``pynbd demo``.
+"""The ``pynbd`` command line: ``pynbd info``, ``pynbd list``, ``pynbd map``, ``pynbd copy``,
+``pynbd demo``...
 
 ::
 
     pynbd info URI [--json] [--list] [--size | --can WHAT | --is WHAT | --map[=CONTEXT]]
     pynbd list URI [--json]
     pynbd map  URI [--json] [--context NAME] [--offset N] [--length N] [--totals]
+    pynbd copy SRC DST [-C N] [-R N] [-p] [--dirty-bitmap NAME] ... (see :mod:`.copy`)
 
 Every subcommand takes the connection options ``--export-name``, ``--timeout``,
 ``--tls``, ``--tls-certificates``, ``--tls-psk-file``, ``--tls-username``,
@@ -34,6 +36,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..errors import NBDError, OptionError
 from ..proto.constants import Rep
+from . import copy as copy_cli
 from . import demo, exports, extents, info, serve
 from . import kernel as kernel_cli
 from . import resize as resize_cli
@@ -44,6 +47,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     info.register,
     exports.register,
     extents.register,
+    copy_cli.register,
     demo.register,
     serve.register,
     kernel_cli.register,
@@ -51,7 +55,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
 )
 
 #: Options that take an optional value written ``--opt=VALUE``: bare, they get this value.
-OPTIONAL_VALUES: dict[str, str] = {**info.OPTIONAL_VALUES}
+OPTIONAL_VALUES: dict[str, str] = {**info.OPTIONAL_VALUES, **copy_cli.OPTIONAL_VALUES}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,21 +30,27 @@ class CommandError(Exception):
     """A failure of the command itself (not of the library): one line, exit status 1."""
 
 
-def connection_options() -> argparse.ArgumentParser:
-    """A parent parser with the URI argument and the options every subcommand takes."""
+def connection_options(*, with_uri: bool = True) -> argparse.ArgumentParser:
+    """A parent parser with the URI argument and the options every subcommand takes.
+
+    ``with_uri=False``: without the URI argument and ``--export-name``, for a command
+    with URIs of its own (``copy``); :func:`tls_config` reads the TLS options for each.
+    """
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument(
-        "uri",
-        metavar="URI",
-        help="the server: nbd://HOST[:PORT]/[EXPORT], nbds://..., "
-        "nbd+unix:///[EXPORT]?socket=PATH, nbds+unix://...",
-    )
+    if with_uri:
+        p.add_argument(
+            "uri",
+            metavar="URI",
+            help="the server: nbd://HOST[:PORT]/[EXPORT], nbds://..., "
+            "nbd+unix:///[EXPORT]?socket=PATH, nbds+unix://...",
+        )
     g = p.add_argument_group("connection")
-    g.add_argument(
-        "--export-name",
-        metavar="NAME",
-        help="the export to use (instead of the URI's)",
-    )
+    if with_uri:
+        g.add_argument(
+            "--export-name",
+            metavar="NAME",
+            help="the export to use (instead of the URI's)",
+        )
     g.add_argument(
         "--timeout",
         metavar="SECONDS",
@@ -117,6 +123,17 @@ def parse_size(text: str) -> int:
     return number << (10 * (_UNITS.index(unit) + 1)) if unit else number
 
 
+def positive_int(text: str) -> int:
+    """Parse a count of at least 1 for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
 def human_size(size: int) -> str:
     """A short human form of a byte count: ``1M`` when exact, ``976.6K`` when not."""
     units = ["", "K", "M", "G", "T", "P", "E"]
@@ -171,7 +188,7 @@ class Connection:
         """
         uri = parse_uri(args.uri)
         name = uri.export_name if args.export_name is None else args.export_name
-        return cls(uri, name, _tls_config(args, uri), args.timeout)
+        return cls(uri, name, tls_config(args, uri), args.timeout)
 
     def client_kwargs(self, export_name: str | None = None) -> dict[str, Any]:
         """Keyword arguments for :class:`~pynbd.client.Client` and ``Client.negotiate``."""
@@ -186,17 +203,23 @@ class Connection:
         return dataclasses.replace(self.uri, export_name=export_name).to_uri()
 
 
-def _tls_config(args: argparse.Namespace, uri: NBDURI) -> TLSConfig | None:
+def tls_options_given(args: argparse.Namespace) -> bool:
+    """Whether any TLS option (``--tls``, ``--tls-*``, ``--no-tls-verify``) was given."""
+    given = (args.tls_certificates, args.tls_psk_file, args.tls_username, args.tls_hostname)
+    return bool(args.tls or args.no_tls_verify or any(v is not None for v in given))
+
+
+def tls_config(args: argparse.Namespace, uri: NBDURI) -> TLSConfig | None:
+    """The TLS settings for ``uri`` from the options (None: plaintext)."""
     overrides = {
         "certificates": args.tls_certificates,
         "psk_file": args.tls_psk_file,
         "username": args.tls_username,
         "hostname": args.tls_hostname,
     }
-    wanted = args.tls or args.no_tls_verify or any(v is not None for v in overrides.values())
     base = TLSConfig.from_uri(uri)
     if base is None:
-        if not wanted:
+        if not tls_options_given(args):
             return None
         # An nbd:// URI may still carry tls-* parameters; --tls makes them count.
         base = TLSConfig(
@@ -249,6 +272,9 @@ __all__ = [
     "human_size",
     "list_exports",
     "parse_size",
+    "positive_int",
     "print_json",
     "show_name",
+    "tls_config",
+    "tls_options_given",
 ]

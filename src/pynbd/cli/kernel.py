@@ -63,7 +63,7 @@ from ..kernel.device import sysfs_state
 from ..kernel.errors import DeviceBusy, FamilyNotFound, KernelError
 from ..kernel.resize import write_state
 from ..kernel.supervisor import Keepalive, ReconnectPolicy, SupervisorState
-from .common import CommandError, Subparsers, human_size, parse_size
+from .common import CommandError, Subparsers, human_size, parse_size, positive_int
 
 
 def register(sub: Subparsers) -> None:
@@ -80,7 +80,7 @@ def register(sub: Subparsers) -> None:
     g.add_argument("--memory", metavar="SIZE", type=parse_size, help="a sparse RAM disk")
     g.add_argument("--file", metavar="PATH", help="a file or block device")
     g = p.add_argument_group("device")
-    g.add_argument("--connections", "-C", type=_positive, default=1, metavar="N")
+    g.add_argument("--connections", "-C", type=positive_int, default=1, metavar="N")
     g.add_argument("--timeout", type=_seconds, default=30, metavar="S", help="default 30")
     g.add_argument("--dead-timeout", type=_seconds, metavar="S",
                    help="hold I/O while every connection is down (60 with --persist)")  # fmt: skip
@@ -115,16 +115,6 @@ def register(sub: Subparsers) -> None:
     p.add_argument("device", metavar="DEVICE", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_status)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
 
 
 def _seconds(text: str) -> int:
