@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 from ..client import AsyncClient, MappedExtent
 from ..errors import RequestError, UnsupportedError
 from ..proto.constants import BASE_ALLOCATION, StateFlag
-from ..server.file import FileBackend
 from ..transport.tls import TLSConfig
 from ..transport.uri import SCHEMES, parse_uri
 
@@ -216,6 +215,9 @@ class FileEnd(End):
     """
 
     def __init__(self, path: str, *, writable: bool, fd: int | None = None) -> None:
+        # Imported here: the server package is not needed for NBD-to-NBD copies.
+        from ..server.file import FileBackend
+
         self.label = path
         if fd is None:
             flags = (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import mmap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -194,12 +195,12 @@ class Copier:
         self._turns: dict[int, asyncio.Future[None]] = {}
         self._written_seq = 0
         self._free: asyncio.Queue[memoryview] = asyncio.Queue()
-        tasks = [
-            asyncio.create_task(self._worker(i % lanes, self._buffer())) for i in range(workers)
-        ]
+        buffers = self._buffers(workers + 1 if self.src.stream else workers)
+        tasks = [asyncio.create_task(self._worker(i % lanes, buffers[i])) for i in range(workers)]
         if self.src.stream:
-            for _ in range(workers + 1):
-                self._free.put_nowait(self._buffer())
+            # The planner reads a stream into these; the workers' own stay unused.
+            for buf in buffers:
+                self._free.put_nowait(buf)
         planner = asyncio.create_task(self._feed(workers))
         interrupted = False
         try:
@@ -239,8 +240,12 @@ class Copier:
                 n = min(n, end.lanes)
         return n
 
-    def _buffer(self) -> memoryview:
-        return memoryview(bytearray(self.options.request_size))
+    def _buffers(self, count: int) -> list[memoryview]:
+        """One buffer per worker, cut from one anonymous mapping: its pages cost
+        nothing until a worker first reads into them."""
+        size = self.options.request_size
+        arena = memoryview(mmap.mmap(-1, size * count))
+        return [arena[i * size : (i + 1) * size] for i in range(count)]
 
     async def _feed(self, workers: int) -> None:
         seq = 0
@@ -493,24 +498,32 @@ def zero_runs(view: memoryview, block: int) -> list[tuple[int, int, bool]]:
     n = len(view)
     if not block or not n:
         return [(0, n, False)] if n else []
-    # bytes and bytearray compare with memcmp; a memoryview compares item by item, so
-    # pieces are compared as bytes. The whole view first: most reads are all data or
-    # all zero.
-    whole = view.obj if isinstance(view.obj, (bytes, bytearray)) else None
-    if whole is None or len(whole) != n:
-        whole = bytes(view)
-    if whole == _zeroes(n):
+    # The first byte of every block, in one C-level copy: a block that starts with a
+    # non-zero byte is data, so most data is settled without looking further.
+    firsts = bytes(view[::block])
+    if 0 not in firsts:
+        return [(0, n, False)]
+    if not firsts.strip(b"\0") and bytes(view) == _zeroes(n):
         return [(0, n, True)]
-    runs: list[tuple[int, int, bool]] = []
+    # Only the blocks that start with a zero byte can be zero.
     zeroes = _zeroes(block)
-    for start in range(0, n, block):
+    runs: list[tuple[int, int, bool]] = []
+    pos = 0  # the end of the runs so far
+    i = firsts.find(0)
+    while i >= 0:
+        start = i * block
         stop = min(start + block, n)
-        # A block whose first byte is not zero is data: no need to look further.
-        zero = view[start] == 0 and bytes(view[start:stop]) == zeroes[: stop - start]
-        if runs and runs[-1][2] == zero:
-            runs[-1] = (runs[-1][0], stop, zero)
-        else:
-            runs.append((start, stop, zero))
+        if bytes(view[start:stop]) == zeroes[: stop - start]:
+            if start > pos:
+                runs.append((pos, start, False))
+            if runs and runs[-1][2] and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], stop, True)
+            else:
+                runs.append((start, stop, True))
+            pos = stop
+        i = firsts.find(0, i + 1)
+    if pos < n:
+        runs.append((pos, n, False))
     return runs
 
 
