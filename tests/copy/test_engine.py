@@ -1,14 +1,16 @@
 """The copy engine against ends written here: what it plans, in what order it writes
 a stream, how it stops on a failure and on cancellation.
 
-The ends are in memory and awaitable, with a yield in every call so that requests
-complete out of order; nothing depends on timing.
+The ends are in memory; the engine calls them from its lanes' threads, which give way
+to each other inside every call so that requests complete out of order. Nothing
+depends on timing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
+import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -48,47 +50,52 @@ class MemEnd(End):
         self.fail_at = fail_at
         self.log: list[tuple[str, int, int]] = []
         self.in_flight = 0
+        self._lock = threading.Lock()
         self.flushed = 0
         self.lanes_set = 0
         self._rng = random.Random(seed)
 
-    async def _yield(self) -> None:
-        for _ in range(self._rng.randrange(3)):
-            await asyncio.sleep(0)
+    def _yield(self) -> None:
+        if self._rng.randrange(3):
+            time.sleep(0)
 
-    async def set_lanes(self, lanes: int) -> None:
+    def set_lanes(self, lanes: int) -> None:
         self.lanes_set = lanes
 
-    async def read(self, lane: int, view: memoryview, offset: int) -> int:
-        self.in_flight += 1
+    def read(self, lane: int, view: memoryview, offset: int) -> int:
+        with self._lock:
+            self.in_flight += 1
         try:
-            await self._yield()
+            self._yield()
             if self.fail_at is not None and offset <= self.fail_at < offset + len(view):
                 raise OSError(5, "Input/output error")
             view[:] = self.data[offset : offset + len(view)]
             self.log.append(("read", offset, len(view)))
             return len(view)
         finally:
-            self.in_flight -= 1
+            with self._lock:
+                self.in_flight -= 1
 
-    async def write(self, lane: int, view: memoryview, offset: int) -> None:
-        self.in_flight += 1
+    def write(self, lane: int, view: memoryview, offset: int) -> None:
+        with self._lock:
+            self.in_flight += 1
         try:
-            await self._yield()
+            self._yield()
             if self.fail_at is not None and offset <= self.fail_at < offset + len(view):
                 raise OSError(28, "No space left on device")
             self.data[offset : offset + len(view)] = view
             self.log.append(("write", offset, len(view)))
         finally:
-            self.in_flight -= 1
+            with self._lock:
+                self.in_flight -= 1
 
-    async def zero(self, lane: int, length: int, offset: int, *, allocated: bool) -> None:
-        await self._yield()
+    def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
+        self._yield()
         self.data[offset : offset + length] = bytes(length)
         self.log.append(("zero", offset, length))
 
-    async def extents(
-        self, length: int, offset: int, contexts: tuple[str, ...]
+    def extents(
+        self, lane: int, length: int, offset: int, contexts: tuple[str, ...]
     ) -> dict[str, list[MappedExtent]]:
         out = {}
         for name in contexts:
@@ -101,7 +108,7 @@ class MemEnd(End):
             out[name] = pieces
         return out
 
-    async def flush(self) -> None:
+    def flush(self) -> None:
         self.flushed += 1
 
 
@@ -115,15 +122,15 @@ class StreamOut(MemEnd):
         self.size = None
         self.pos = 0
 
-    async def write(self, lane: int, view: memoryview, offset: int) -> None:
+    def write(self, lane: int, view: memoryview, offset: int) -> None:
         assert offset == self.pos, f"stream written at {offset}, expected {self.pos}"
-        await self._yield()
+        self._yield()
         assert offset == self.pos, "two writes of the stream at once"
         self.data += view
         self.pos += len(view)
 
-    async def zero(self, lane: int, length: int, offset: int, *, allocated: bool) -> None:
-        await self.write(lane, memoryview(bytes(length)), offset)
+    def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
+        self.write(lane, memoryview(bytes(length)), offset)
 
 
 class StreamIn(MemEnd):
@@ -134,7 +141,7 @@ class StreamIn(MemEnd):
         self.size = None
         self.pos = 0
 
-    async def read(self, lane: int, view: memoryview, offset: int) -> int:
+    def read(self, lane: int, view: memoryview, offset: int) -> int:
         assert offset == self.pos
         n = min(len(view), len(self.data) - offset)
         view[:n] = self.data[offset : offset + n]
@@ -144,7 +151,7 @@ class StreamIn(MemEnd):
 
 def run(src: End, dst: End, **options: object) -> CopyResult:
     opts = CopyOptions(**{"request_size": 4096, "requests": 4, **options})  # type: ignore[arg-type]
-    return asyncio.run(Copier(src, dst, opts).run())
+    return Copier(src, dst, opts).run()
 
 
 def pattern(size: int, seed: int = 1) -> bytes:
@@ -301,38 +308,43 @@ def test_a_source_stream_larger_than_the_destination_fails() -> None:
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_a_failure_names_the_offset_and_drains(side: str) -> None:
     data = pattern(64 * 4096)
-    bad = 20 * 4096 + 100
+    bad = 21 * 4096 + 100  # inside a batch of requests, not at its start
     src = MemEnd(data, fail_at=bad if side == "source" else None)
     dst = MemEnd(len(data), fail_at=bad if side == "destination" else None)
     with pytest.raises(CopyError) as info:
         run(src, dst, requests=8, connections=2)
     err = info.value
-    assert err.offset == 20 * 4096
+    assert err.offset == 21 * 4096
     doing = "reading" if side == "source" else "writing"
-    assert str(err) == f"{doing} mem at offset {20 * 4096}: " + (
+    assert str(err) == f"{doing} mem at offset {21 * 4096}: " + (
         "Input/output error" if side == "source" else "No space left on device"
     )
     assert src.in_flight == dst.in_flight == 0  # nothing left waiting
     assert err.result is not None and err.result.size < len(data)
 
 
-def test_cancel_drains_flushes_and_raises_interrupted() -> None:
+def test_stop_drains_flushes_and_raises_interrupted() -> None:
     data = pattern(256 * 4096)
     src, dst = MemEnd(data), MemEnd(len(data))
+    copier = Copier(src, dst, CopyOptions(request_size=4096, requests=2, connections=1))
+    outcome: list[BaseException] = []
 
-    async def main() -> None:
-        opts = CopyOptions(request_size=4096, requests=2, connections=1)
-        task = asyncio.create_task(Copier(src, dst, opts).run())
-        while len(dst.log) < 10:
-            await asyncio.sleep(0)
-        task.cancel()
-        with pytest.raises(CopyInterrupted) as info:
-            await task
-        assert info.value.result is not None
-        assert 10 <= info.value.result.size < len(data)
-        assert "interrupted after" in str(info.value)
+    def run() -> None:
+        try:
+            copier.run()
+        except BaseException as exc:
+            outcome.append(exc)
 
-    asyncio.run(main())
+    thread = threading.Thread(target=run)
+    thread.start()
+    while len(dst.log) < 10 and thread.is_alive():
+        time.sleep(0.001)
+    copier.stop()
+    thread.join()
+    (err,) = outcome
+    assert isinstance(err, CopyInterrupted)
+    assert err.result is not None and 10 * 4096 <= err.result.size < len(data)
+    assert "interrupted after" in str(err)
     assert dst.flushed == 1
     assert src.in_flight == dst.in_flight == 0
     # Every write that started, finished: what the destination holds is the source's.

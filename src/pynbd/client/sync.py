@@ -652,6 +652,37 @@ class Client(ClientBase):
         if ops:
             self._run(ops, timeout)
 
+    def pread_many(
+        self, reads: Iterable[tuple[Buffer, int]], *, timeout: Timeout = DEFAULT
+    ) -> None:
+        """Read several ranges, pipelined: every request is sent before the first reply
+        is awaited. ``reads`` holds (writable buffer, offset) pairs.
+
+        Raises as :meth:`pread_into`, once every reply has come: the error of the first
+        request that failed, whose ``request_offset`` tells which it was.
+        """
+        ops = self._plan_reads(reads)
+        if ops:
+            self._run(ops, timeout)
+
+    def pwrite_many(
+        self,
+        writes: Iterable[tuple[Buffer, int]],
+        *,
+        fua: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> None:
+        """Write several ranges, pipelined: every request is sent before the first
+        reply is awaited. ``writes`` holds (buffer, offset) pairs; the buffers must not
+        change until the call returns.
+
+        Raises as :meth:`pwrite`, once every reply has come: the error of the first
+        request that failed, whose ``request_offset`` tells which it was.
+        """
+        ops = self._plan_writes(writes, fua)
+        if ops:
+            self._run(ops, timeout)
+
     def flush(self, *, timeout: Timeout = DEFAULT) -> None:
         """Persist every write that has completed (NBD_CMD_FLUSH)."""
         self._effect(self._plan_flush(), timeout)

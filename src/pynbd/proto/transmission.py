@@ -1071,7 +1071,9 @@ class ClientTransmission(ReceiveBuffer):
         err = Err.from_wire(value)
         if err is Err.ESHUTDOWN:
             self.shutdown_requested = True
-        return RequestError(int(err), message, offset=offset, command=entry.command)
+        return RequestError(
+            int(err), message, offset=offset, command=entry.command, request_offset=entry.offset
+        )
 
     def _on_chunk_header(
         self, flags: int, type_: int, cookie: int, length: int, offset: int | None
