@@ -516,7 +516,7 @@ NBD_PAIRS = [
 )
 def test_nbd_to_nbd(peers: Peers, pair: tuple[str, str], via: Via) -> None:
     """Between two servers, of one kind or of two: the destination (which held other
-    bytes) reads as the source; 4 connections where both advertise multi-conn (as
+    bytes) reads as the source; DEFAULT_LANES connections where both advertise multi-conn (as
     nbdinfo sees it), else 1."""
     src_kind, dst_kind = pair
     src = serve(peers, src_kind, source=True, name="src")
@@ -527,7 +527,7 @@ def test_nbd_to_nbd(peers: Peers, pair: tuple[str, str], via: Via) -> None:
     assert result.skipped_bytes == 0
     if via != "cli" or result.connections:
         both = src.multi_conn() and dst.multi_conn()
-        assert result.connections == (4 if both else 1), result
+        assert result.connections == (DEFAULT_LANES if both else 1), result
 
 
 def test_many_small_requests(peers: Peers) -> None:
@@ -723,14 +723,17 @@ def test_zero_ranges_reach_nbd_as_write_zeroes(peers: Peers, tmp_path: Path, mod
 
 # --------------------------------------------------------------------------- connections
 
+#: The default lanes between two multi-conn ends: -C 4, at most one per processor.
+DEFAULT_LANES = min(4, os.cpu_count() or 1)
+
 
 def test_multi_conn_uses_four_connections(peers: Peers) -> None:
-    """Both ends nbdkit memory (multi-conn): 4 connections to each by default, and
-    each connection carries requests."""
+    """Both ends nbdkit memory (multi-conn): 4 connections to each (-C 4, the default,
+    given 4 threads), and each connection carries requests."""
     src = serve(peers, "nbdkit-memory", source=True, name="src", filters=["log"])
     dst = serve(peers, "nbdkit-memory", source=False, name="dst", filters=["log"])
     marks = src.mark(), dst.mark()
-    result = pynbd.copy(src.uri, dst.uri)
+    result = pynbd.copy(src.uri, dst.uri, threads=4)
     src_conns, dst_conns = src.connections(marks[0]), dst.connections(marks[1])
     assert len(src_conns) == len(dst_conns) == 4
     # The requests go out on those connections, and on more than one of them.

@@ -62,6 +62,14 @@ def register(sub: Subparsers) -> None:
         help="connections to each NBD end (default 4 where both allow multi-conn, else 1)",
     )
     g.add_argument(
+        "-T",
+        "--threads",
+        metavar="N",
+        type=positive_int,
+        help="use at most N connections, each with a reader and a writer thread "
+        "(default: the number of processors)",
+    )
+    g.add_argument(
         "-R",
         "--requests",
         metavar="N",
@@ -139,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             args.src,
             args.dst,
             connections=args.connections,
+            threads=args.threads,
             requests=args.requests,
             request_size=args.request_size,
             queue_size=args.queue_size,

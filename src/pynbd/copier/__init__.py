@@ -104,6 +104,8 @@ class Job:
             is created; a regular file is cut to the source's size.
         connections: connections to each NBD end (default 4 where both ends allow
             multi-conn, else 1).
+        threads: at most this many connections, each with its reader and writer
+            thread (default: the number of processors, as nbdcopy's ``-T``).
         requests: requests per connection (default 64): the buffers its reader may
             fill ahead of its writer; each side sends up to 16 at once, pipelined.
         request_size: the largest read or write (default 256 KiB).
@@ -132,6 +134,7 @@ class Job:
         dst: str,
         *,
         connections: int | None = None,
+        threads: int | None = None,
         requests: int = 64,
         request_size: int = 256 * 1024,
         queue_size: int | None = None,
@@ -147,6 +150,7 @@ class Job:
     ) -> None:
         self.options = CopyOptions(
             connections=connections,
+            threads=threads,
             requests=requests,
             request_size=request_size,
             queue_size=max(16 << 20, request_size) if queue_size is None else queue_size,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import mmap
+import os
 import queue
 import threading
 import time
@@ -108,6 +109,7 @@ class CopyOptions:
     """How to copy (the arguments of :func:`pynbd.copy`)."""
 
     connections: int | None = None
+    threads: int | None = None
     requests: int = 64
     request_size: int = 256 * 1024
     queue_size: int = 16 << 20
@@ -122,6 +124,8 @@ class CopyOptions:
         """Raises ValueError for values out of range."""
         if self.connections is not None and self.connections < 1:
             raise ValueError("connections must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be at least 1")
         if self.requests < 1:
             raise ValueError("requests must be at least 1")
         if not 512 <= self.request_size <= 32 << 20:
@@ -351,9 +355,13 @@ class Copier:
         return self.result
 
     def _lanes(self) -> int:
+        """Connections: the option (default 4), no more than the threads (default one
+        per processor, as nbdcopy counts them) nor than either end allows."""
         if self.src.stream or self.dst.stream:
             return 1
-        n = 4 if self.options.connections is None else self.options.connections
+        opts = self.options
+        n = 4 if opts.connections is None else opts.connections
+        n = min(n, opts.threads or os.cpu_count() or 1)
         for end in (self.src, self.dst):
             if end.lanes is not None:
                 n = min(n, end.lanes)

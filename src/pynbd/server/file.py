@@ -15,7 +15,6 @@ server may run where it reads the connection rather than in its thread pool (see
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -41,7 +40,8 @@ _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.E
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The C library this process already has (find_library would run ldconfig).
+        libc = ctypes.CDLL(None, use_errno=True)
         func = libc.fallocate
     except (OSError, AttributeError):
         return None
