@@ -64,7 +64,6 @@ use, bad TLS credentials...); 2: a bad argument. Either way, one line on stderr.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -79,9 +78,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .common import CommandError, Subparsers, parse_size
 
-# pynbd.server (and the server half of pynbd.proto) is imported by the functions that
-# use it: building the parser of every command must not (see pynbd.cli).
+# pynbd.server (and the server half of pynbd.proto), and asyncio, are imported by the
+# functions that use them: building the parser of every command must not (see pynbd.cli).
 if TYPE_CHECKING:
+    import asyncio
+
     from ..proto.server_common import TLSPolicy
     from ..server import Export, FileBackend, Limits, Server
     from ..server.backend import AnyBackend
@@ -500,6 +501,8 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging(args.quiet)
     _raise_descriptor_limit()
     built = build_exports(args)
+    import asyncio
+
     try:
         return asyncio.run(_serve(args, built, tls, mode, activated))
     finally:
@@ -545,6 +548,8 @@ async def _serve(
         tls=tls,
         tls_mode=mode,
     )
+    import asyncio
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -613,6 +618,8 @@ def _inetd_socket(ready_fd: int | None) -> socket.socket:
 
 
 async def _serve_inetd(server: Server, sock: socket.socket, stop: asyncio.Event) -> None:
+    import asyncio
+
     serving = asyncio.ensure_future(server.serve_socket(sock))
     stopping = asyncio.ensure_future(stop.wait())
     try:

@@ -21,7 +21,6 @@ run, :mod:`.endpoints` for what each kind of end does.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -78,6 +77,8 @@ async def copy_async(src: str, dst: str, **options: Any) -> CopyResult:
     copy as Ctrl-C does: the requests in flight are finished, the destination flushed,
     and CopyInterrupted raised.
     """
+    import asyncio  # here: a blocking copy does not need it
+
     loop = asyncio.get_running_loop()
     user = options.pop("progress", None)
     if user is not None:
