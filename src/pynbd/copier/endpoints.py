@@ -10,9 +10,9 @@ so no connection is ever used by two threads at once.
   while the server offers it (a refusal turns it off), or as written zeroes where the
   server has no WRITE_ZEROES.
 - :class:`FileEnd`: a regular file or a block device, through
-  :class:`~pynbd.server.file.FileBackend` (positional reads and writes, which many
-  threads may make at once; holes punched with ``fallocate``; ``SEEK_DATA`` and
-  ``SEEK_HOLE`` for extents).
+  :class:`~pynbd.localfile.LocalFile` (positional reads and writes, which many threads
+  may make at once; holes punched with ``fallocate``; ``SEEK_DATA`` and ``SEEK_HOLE``
+  for extents).
 - :class:`StreamEnd`: standard input or output (``-``) when it is a pipe, a terminal or
   a socket: read or written in order, never seeked. A ``-`` that is a regular file or
   a block device (``< disk.img``) is a :class:`FileEnd` on that descriptor.
@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from ..client import Client, MappedExtent
 from ..errors import NBDError, RequestError, UnsupportedError
+from ..localfile import LocalFile
 from ..proto.constants import BASE_ALLOCATION
 from ..transport.tls import TLSConfig
 from ..transport.uri import SCHEMES, parse_uri
@@ -234,59 +235,52 @@ class FileEnd(End):
     """
 
     def __init__(self, path: str, *, writable: bool, fd: int | None = None) -> None:
-        # Imported here: the server package is not needed for NBD-to-NBD copies.
-        from ..server.file import FileBackend
-
         self.label = path
-        if fd is None:
-            flags = (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY
-            fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
-        self._backend = FileBackend(path, read_only=not writable, fd=fd)
-        self._fd = fd
-        self.grows = not self._backend.is_block_device
-        self.size = self._backend.size
-        self.can_extents = bool(self._backend.capabilities.can_extents)
+        self._file = LocalFile(path, read_only=not writable, fd=fd, create=writable)
+        self.grows = not self._file.is_block_device
+        self.size = self._file.size
+        self.can_extents = self._file.can_extents
 
     def prepare(self, size: int | None, *, keep: bool) -> None:
         if not self.grows:
             return
         if not keep:
             # Cleared, as nbdcopy and cp do: then the zero ranges need no writing.
-            os.ftruncate(self._fd, 0)
+            self._file.resize(0)
             self.zero_start = True
         if size is not None:
-            self._backend.resize(size)
+            self._file.resize(size)
         self.size = size
 
     def finish(self, size: int) -> None:
         if self.grows and self.size != size:
             # A stream's length is known only at its end; its zero tail was not written.
-            self._backend.resize(size)
+            self._file.resize(size)
 
     def read(self, lane: int, view: memoryview, offset: int) -> int:
-        self._backend.pread_into(view, offset)
+        self._file.pread_into(view, offset)
         return len(view)
 
     def write(self, lane: int, view: memoryview, offset: int) -> None:
-        self._backend.pwrite(view, offset, False)
+        self._file.pwrite(view, offset, False)
 
     def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
-        self._backend.zero(length, offset, not allocated, False, False)
+        self._file.zero(length, offset, not allocated, False, False)
 
     def extents(
         self, lane: int, length: int, offset: int, contexts: tuple[str, ...]
     ) -> dict[str, list[MappedExtent]]:
         out: list[MappedExtent] = []
-        for n, flags in self._backend.extents(length, offset):
+        for n, flags in self._file.extents(length, offset):
             out.append(MappedExtent(offset, n, flags))
             offset += n
         return {BASE_ALLOCATION: out}
 
     def flush(self) -> None:
-        self._backend.flush()
+        self._file.flush()
 
     def close(self) -> None:
-        self._backend.close()
+        self._file.close()
 
 
 class StreamEnd(End):
