@@ -565,8 +565,15 @@ class Client(ClientBase):
                 _send_all(sock, buffers, Deadline(limit), timer)
             recv_into, receive_buffer = sock.recv_into, core.receive_buffer
             updated, next_event = core.buffer_updated, core.next_event
+            # A read's payload is waited for whole (one call, not several; TLS sockets
+            # take no flags): with several threads, each call is a handover of the GIL.
+            payload_room = None if self._tls else core.payload_room
             while len(done) < want:
-                updated(recv_into(receive_buffer()))
+                room = payload_room() if payload_room is not None else None
+                if room is not None:
+                    updated(recv_into(room, 0, _WAITALL))
+                else:
+                    updated(recv_into(receive_buffer()))
                 while (reply := next_event()) is not None:
                     done[reply.cookie] = reply
                 timer.check(end)  # a trickling server cannot stretch the call
