@@ -125,6 +125,8 @@ class RequestError(NBDError, OSError):
         message: the server's message from an error chunk, possibly empty.
         offset: the offset the server blamed (ERROR_OFFSET chunk), or None.
         command: the ``Cmd`` that failed.
+        request_offset: the offset of the request that failed (which of several
+            pipelined requests it was), or None.
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class RequestError(NBDError, OSError):
         *,
         offset: int | None = None,
         command: int | None = None,
+        request_offset: int | None = None,
     ) -> None:
         text = os.strerror(err)
         if command is not None:
@@ -151,6 +154,7 @@ class RequestError(NBDError, OSError):
         self.message = message
         self.offset = offset
         self.command = command
+        self.request_offset = request_offset
 
     def __str__(self) -> str:
         return str(self.strerror)

@@ -222,7 +222,7 @@ def test_file_trim_and_zero(image: Path) -> None:
 def test_file_zero_falls_back_to_writing(image: Path) -> None:
     with FileBackend(image) as backend:
         write(backend, b"\xbb" * 8192, 0)
-        backend._can_punch = backend._can_zero_range = False
+        backend.file.can_punch = backend.file.can_zero_range = False
         with pytest.raises(OSError) as info:
             backend.zero(4096, 0, True, True, False)  # fast: refuse at once
         assert info.value.errno == errno.ENOTSUP

@@ -220,7 +220,7 @@ def test_overlay_file_is_never_reopened_by_name(
         ov.pwrite(memoryview(b"\xee" * 3 * BS), BS, False)
         assert contents(ov)[BS : 4 * BS] == b"\xee" * 3 * BS
         assert victim.read_bytes() == before  # the writes went to the overlay's file
-        store = os.fstat(ov._store._fd)  # type: ignore[attr-defined]
+        store = os.fstat(ov._store.file.fd)  # type: ignore[attr-defined]
         assert store.st_nlink == 0  # no name anywhere
         assert store.st_mode & 0o777 == 0o600
     finally:

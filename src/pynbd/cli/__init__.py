@@ -22,6 +22,19 @@ To add a subcommand, write a module with ``register(sub)`` that calls
 ``sub.add_parser(NAME, parents=[common.connection_options()], ...)`` (if it connects)
 and ``set_defaults(func=run)`` with ``run(args) -> int``, and add ``register`` to
 :data:`SUBCOMMANDS`.
+
+Every command imports every subcommand's module to build the parser, so whatever a
+module imports at its top, every command pays for at start-up. At its top a subcommand's
+module imports only :mod:`.common`, the client side that ``import pynbd`` loads anyway
+(:mod:`pynbd.client`, :mod:`pynbd.copier`, :mod:`pynbd.transport`, :mod:`pynbd.errors`,
+the client half of :mod:`pynbd.proto`) and light standard modules. What only its own
+command needs is imported inside the functions that use it (``run`` and its helpers, or
+an argument type such as ``serve --block-size``), with the names that annotations need
+under ``TYPE_CHECKING``: the server (:mod:`pynbd.server`, ``pynbd.proto.server*``), the
+kernel side (:mod:`pynbd.kernel`), and costly standard modules that no other command
+needs, such as tempfile (with random and hashlib). So ``info``, ``list``, ``map`` and
+``copy`` load neither the server nor the kernel side (tests/cli/test_startup.py checks
+it).
 """
 
 from __future__ import annotations

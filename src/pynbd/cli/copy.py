@@ -17,7 +17,6 @@ destination flushed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
@@ -63,12 +62,21 @@ def register(sub: Subparsers) -> None:
         help="connections to each NBD end (default 4 where both allow multi-conn, else 1)",
     )
     g.add_argument(
+        "-T",
+        "--threads",
+        metavar="N",
+        type=positive_int,
+        help="use at most N connections, each with a reader and a writer thread "
+        "(default: the number of processors)",
+    )
+    g.add_argument(
         "-R",
         "--requests",
         metavar="N",
         type=positive_int,
         default=64,
-        help="requests in flight per connection (default 64)",
+        help="requests per connection: the buffers its reader may fill ahead of its "
+        "writer; each side sends up to 16 of them at once (default 64)",
     )
     g.add_argument(
         "--request-size",
@@ -135,40 +143,11 @@ def run(args: argparse.Namespace) -> int:
     tls = _tls(args)
     progress = _progress(args.progress)
     try:
-        result = asyncio.run(_copy(args, tls, progress))
-    except copier.CopyInterrupted as exc:
-        progress.end()
-        sys.stderr.write(f"pynbd: copy {exc}\n")
-        return 130
-    except ValueError as exc:  # an option out of range
-        raise CommandError(str(exc)) from exc
-    finally:
-        progress.close()
-    progress.end()
-    if args.verbose:
-        rate = result.size / result.seconds / 1e6 if result.seconds else 0.0
-        sys.stderr.write(
-            f"pynbd copy: {result.size} bytes: read {result.read_bytes}, written "
-            f"{result.written_bytes}, zeroed {result.zeroed_bytes}, skipped "
-            f"{result.skipped_bytes}, in {result.seconds:.3f} s ({rate:.1f} MB/s), "
-            f"{result.connections} connection(s)\n"
-        )
-    return 0
-
-
-async def _copy(
-    args: argparse.Namespace, tls: TLSConfig | None, progress: _Progress
-) -> copier.CopyResult:
-    # SIGTERM stops the copy as Ctrl-C does: the task is cancelled and drains.
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    if task is not None:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        return await copier.copy_async(
+        job = copier.Job(
             args.src,
             args.dst,
             connections=args.connections,
+            threads=args.threads,
             requests=args.requests,
             request_size=args.request_size,
             queue_size=args.queue_size,
@@ -182,12 +161,29 @@ async def _copy(
             tls=tls,
             timeout=args.timeout,
         )
-    except asyncio.CancelledError:
-        # Stopped outside the copy proper (connecting, opening the ends), where the
-        # engine has no requests in flight to finish: say so as for any interruption.
-        raise copier.CopyInterrupted("interrupted") from None
+    except ValueError as exc:  # an option out of range
+        raise CommandError(str(exc)) from exc
+    # SIGTERM stops the copy as Ctrl-C does: the requests in flight finish first.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: job.stop())
+    try:
+        result = job.run()
+    except copier.CopyInterrupted as exc:
+        progress.end()
+        sys.stderr.write(f"pynbd: copy {exc}\n")
+        return 130
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+        progress.close()
+    progress.end()
+    if args.verbose:
+        rate = result.size / result.seconds / 1e6 if result.seconds else 0.0
+        sys.stderr.write(
+            f"pynbd copy: {result.size} bytes: read {result.read_bytes}, written "
+            f"{result.written_bytes}, zeroed {result.zeroed_bytes}, skipped "
+            f"{result.skipped_bytes}, in {result.seconds:.3f} s ({rate:.1f} MB/s), "
+            f"{result.connections} connection(s)\n"
+        )
+    return 0
 
 
 def _tls(args: argparse.Namespace) -> TLSConfig | None:

@@ -10,7 +10,6 @@ Exit status 0 means every check held.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import socket
 import threading
@@ -18,7 +17,6 @@ import time
 
 from ..client import Client
 from ..proto.constants import StateFlag, TransmissionFlag
-from ..server import MemoryBackend, serve_socket
 from .common import CommandError, Subparsers, human_size, parse_size
 
 MiB = 1 << 20
@@ -37,6 +35,9 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: building the parser of every command must not (see pynbd.cli).
+    from ..server import MemoryBackend, serve_socket
+
     size: int = args.size
     if size < 16 * MiB:
         raise CommandError("--size must be at least 16M for the demo")
@@ -60,6 +61,8 @@ def _line(label: str, value: object) -> None:
 
 
 def _exercise(c: Client, size: int) -> None:
+    import hashlib  # here, as the server in run: no other command needs either
+
     print(f"demo: a {human_size(size)} sparse memory export, served in-process over a socketpair")
     _line("size", f"{c.size} bytes")
     flags = ", ".join(

@@ -56,14 +56,17 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidRequest
-from ..kernel.attach import Attachment, attach, attach_backend, detach, device_status
-from ..kernel.device import sysfs_state
-from ..kernel.errors import DeviceBusy, FamilyNotFound, KernelError
-from ..kernel.resize import write_state
-from ..kernel.supervisor import Keepalive, ReconnectPolicy, SupervisorState
 from .common import CommandError, Subparsers, human_size, parse_size, positive_int
+
+# pynbd.kernel is imported by the functions that use it: building the parser of every
+# command must not (see pynbd.cli).
+if TYPE_CHECKING:
+    from ..kernel.attach import Attachment
+    from ..kernel.errors import KernelError
+    from ..kernel.supervisor import Keepalive
 
 
 def register(sub: Subparsers) -> None:
@@ -128,6 +131,8 @@ def _seconds(text: str) -> int:
 
 
 def _keepalive(text: str) -> Keepalive:
+    from ..kernel.supervisor import Keepalive
+
     if text == "off":
         return Keepalive.off()
     try:
@@ -140,6 +145,8 @@ def _keepalive(text: str) -> Keepalive:
 
 def explain_kernel_error(exc: KernelError, device: str | None = None) -> CommandError:
     """One line that says what failed and what to do."""
+    from ..kernel.errors import DeviceBusy, FamilyNotFound
+
     text = str(exc)
     if isinstance(exc, DeviceBusy):
         return CommandError(f"{text}: unmount or close it first, or use --force")
@@ -163,6 +170,11 @@ def explain_kernel_error(exc: KernelError, device: str | None = None) -> Command
 
 def run_attach(args: argparse.Namespace) -> int:
     """``pynbd attach``."""
+    from ..kernel.attach import attach, attach_backend
+    from ..kernel.errors import KernelError
+    from ..kernel.resize import write_state
+    from ..kernel.supervisor import ReconnectPolicy
+
     positional: list[str] = args.args
     local = args.memory is not None or args.file is not None
     if args.memory is not None and args.file is not None:
@@ -214,6 +226,8 @@ def run_attach(args: argparse.Namespace) -> int:
 
 
 def _tcp_options(args: argparse.Namespace) -> Keepalive:
+    from ..kernel.supervisor import Keepalive
+
     keepalive: Keepalive = args.keepalive or Keepalive()
     if args.user_timeout is None:
         return keepalive
@@ -249,6 +263,9 @@ def _backend(args: argparse.Namespace) -> object:
 
 def _stay(attachment: Attachment) -> int:
     """Wait for SIGINT or SIGTERM (or the device's end), then detach."""
+    from ..kernel.errors import KernelError
+    from ..kernel.supervisor import SupervisorState
+
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -282,6 +299,10 @@ def _stay(attachment: Attachment) -> int:
 
 def run_detach(args: argparse.Namespace) -> int:
     """``pynbd detach``."""
+    from ..kernel.attach import detach
+    from ..kernel.device import sysfs_state
+    from ..kernel.errors import KernelError
+
     try:
         state = sysfs_state(args.device)
     except InvalidRequest as exc:
@@ -301,6 +322,9 @@ def run_detach(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     """``pynbd status``."""
+    from ..kernel.attach import device_status
+    from ..kernel.errors import KernelError
+
     try:
         devices = device_status(args.device)
     except InvalidRequest as exc:

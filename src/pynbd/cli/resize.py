@@ -24,8 +24,6 @@ import argparse
 import errno
 
 from ..errors import InvalidRequest, NBDError
-from ..kernel.errors import KernelError
-from ..kernel.resize import reread_size
 from .common import CommandError, Subparsers, parse_size
 from .kernel import explain_kernel_error
 
@@ -46,6 +44,9 @@ def register(sub: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``pynbd resize``."""
+    from ..kernel.errors import KernelError
+    from ..kernel.resize import reread_size
+
     try:
         size = reread_size(args.device, uri=args.uri, size=args.size)
     except KernelError as exc:

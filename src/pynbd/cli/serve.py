@@ -64,7 +64,6 @@ use, bad TLS credentials...); 2: a bad argument. Either way, one line on stderr.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -73,18 +72,21 @@ import resource
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..proto.server_common import TLSPolicy, check_block_sizes
-from ..server import Export, FileBackend, Limits, MemoryBackend, OverlayBackend, Server
-from ..server.activation import inetd_socket, listen_fds, socket_activated
-from ..server.backend import AnyBackend, Backend
-from ..server.tls import ServerTLSConfig
-from ..server.user import load_backend, parse_arguments
 from .common import CommandError, Subparsers, parse_size
+
+# pynbd.server (and the server half of pynbd.proto), and asyncio, are imported by the
+# functions that use them: building the parser of every command must not (see pynbd.cli).
+if TYPE_CHECKING:
+    import asyncio
+
+    from ..proto.server_common import TLSPolicy
+    from ..server import Export, FileBackend, Limits, Server
+    from ..server.backend import AnyBackend
+    from ..server.tls import ServerTLSConfig
 
 log = logging.getLogger("pynbd.server")
 
@@ -92,7 +94,8 @@ log = logging.getLogger("pynbd.server")
 GRACE = 10.0
 _KINDS = ("memory", "file", "overlay", "python")
 NOTHING = "nothing to serve: give FILE, --memory SIZE, --python MODULE:NAME or --export NAME=SPEC"
-_TLS_MODES = {"require": TLSPolicy.REQUIRED, "optional": TLSPolicy.OPTIONAL, "off": TLSPolicy.NONE}
+#: --tls: the TLSPolicy member of each mode.
+_TLS_MODES = {"require": "REQUIRED", "optional": "OPTIONAL", "off": "NONE"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -171,6 +174,8 @@ def parse_tcp(text: str) -> tuple[str, int]:
 
 def parse_block_sizes(text: str) -> tuple[int, int, int]:
     """``MIN,PREF,MAX`` (sizes as for --memory) for argparse."""
+    from ..proto.server_common import check_block_sizes
+
     parts = text.split(",")
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"not MIN,PREF,MAX: {text!r}")
@@ -247,6 +252,8 @@ class _Built:
 
 
 def _open_file(path: str, read_only: bool) -> FileBackend:
+    from ..server import FileBackend
+
     try:
         return FileBackend(path, read_only=read_only)
     except OSError as exc:
@@ -255,6 +262,8 @@ def _open_file(path: str, read_only: bool) -> FileBackend:
 
 def _backend(spec: str, args: argparse.Namespace, built: _Built) -> AnyBackend:
     """A backend for SPEC (see the module docstring)."""
+    from ..server import Backend, MemoryBackend, OverlayBackend
+
     kind, colon, rest = spec.partition(":")
     if not colon or kind not in _KINDS:
         _usage(f"{spec!r} is not memory:SIZE, file:PATH, overlay:PATH or python:MODULE:NAME")
@@ -289,6 +298,8 @@ def _backend(spec: str, args: argparse.Namespace, built: _Built) -> AnyBackend:
 
 
 def _python(target: str, arguments: list[str]) -> AnyBackend:
+    from ..server.user import load_backend, parse_arguments
+
     try:
         kwargs = parse_arguments(arguments)
     except ValueError as exc:
@@ -311,6 +322,8 @@ def build_exports(args: argparse.Namespace) -> _Built:
 
 
 def _build(args: argparse.Namespace, built: _Built) -> None:
+    from ..server import Export, MemoryBackend
+
     positional: list[str] = args.args
     unnamed: list[str] = []
     if args.python is not None:
@@ -392,13 +405,20 @@ def _close_all(backends: list[AnyBackend]) -> None:
 
 def tls_settings(args: argparse.Namespace) -> tuple[ServerTLSConfig | None, TLSPolicy]:
     """The TLS credentials and mode the arguments ask for; usage errors exit 2."""
+    from ..proto.server_common import TLSPolicy
+    from ..server.tls import ServerTLSConfig
+
     certs, psk = args.tls_certificates, args.tls_psk_file
     if certs is not None and psk is not None:
         _usage("give --tls-certificates or --tls-psk-file, not both")
     if args.tls_verify_peer and certs is None:
         _usage("--tls-verify-peer needs --tls-certificates DIR (with ca-cert.pem)")
     have = certs is not None or psk is not None
-    mode = _TLS_MODES[args.tls] if args.tls else (TLSPolicy.REQUIRED if have else TLSPolicy.NONE)
+    mode = (
+        TLSPolicy[_TLS_MODES[args.tls]]
+        if args.tls
+        else (TLSPolicy.REQUIRED if have else TLSPolicy.NONE)
+    )
     if mode is TLSPolicy.NONE:
         if have:
             _usage("--tls off contradicts --tls-certificates/--tls-psk-file")
@@ -427,6 +447,8 @@ def _write_pid_file(path: str | None) -> bool:
     name is replaced, never followed (a pid file's directory may be shared, such as
     /run or /tmp, and the server may run as root).
     """
+    import tempfile  # here: it brings random and hashlib, which no other command needs
+
     if path is None:
         return False
     directory, name = os.path.split(path)
@@ -460,6 +482,8 @@ def _remove_pid_file(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..server.activation import socket_activated
+
     if not (args.args or args.memory is not None or args.python or args.export):
         _usage(NOTHING)
     if args.inetd and (args.tcp or args.unix or args.socket_activation):
@@ -477,6 +501,8 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging(args.quiet)
     _raise_descriptor_limit()
     built = build_exports(args)
+    import asyncio
+
     try:
         return asyncio.run(_serve(args, built, tls, mode, activated))
     finally:
@@ -510,6 +536,8 @@ async def _serve(
     mode: TLSPolicy,
     activated: bool,
 ) -> int:
+    from ..server import Server
+
     no_sr = bool(args.no_structured_replies)
     server = Server(
         built.exports,
@@ -520,6 +548,8 @@ async def _serve(
         tls=tls,
         tls_mode=mode,
     )
+    import asyncio
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -559,6 +589,8 @@ async def _serve(
 
 def limits_from(args: argparse.Namespace) -> Limits:
     """The server's limits the arguments set (see :class:`pynbd.server.Limits`)."""
+    from ..server import Limits
+
     return Limits(
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
@@ -573,6 +605,8 @@ def limits_from(args: argparse.Namespace) -> Limits:
 
 
 def _inetd_socket(ready_fd: int | None) -> socket.socket:
+    from ..server.activation import inetd_socket
+
     try:
         sock = inetd_socket()
     except ValueError as exc:
@@ -584,6 +618,8 @@ def _inetd_socket(ready_fd: int | None) -> socket.socket:
 
 
 async def _serve_inetd(server: Server, sock: socket.socket, stop: asyncio.Event) -> None:
+    import asyncio
+
     serving = asyncio.ensure_future(server.serve_socket(sock))
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -599,6 +635,8 @@ async def _listen(
     server: Server, args: argparse.Namespace, activated: bool
 ) -> tuple[list[str], list[int]]:
     """Start every listener; returns their URIs and the ports the kernel chose."""
+    from ..server.activation import listen_fds
+
     tls = server.tls_context is not None
     uris: list[str] = []
     chosen: list[int] = []

@@ -10,14 +10,39 @@ a server may make a client hold (``limits=`` of both clients; the defaults elsew
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ..proto.handshake import Negotiated
 from ..proto.limits import ClientLimits
 from ..proto.records import ServerEntry
-from .aio import AsyncClient, connect_multi_async
-from .aio_connection import AsyncConnection, negotiate_async
 from .base import DEFAULT, DEFAULT_TIMEOUT, ConnectOptions, MappedExtent, Target, resolve
 from .connection import Connection, Deadline, negotiate
 from .sync import Client, connect_multi
+
+if TYPE_CHECKING:
+    from .aio import AsyncClient, connect_multi_async
+    from .aio_connection import AsyncConnection, negotiate_async
+
+#: The asyncio names, imported on first use: asyncio costs a blocking program (a copy,
+#: the kernel side) a third of its start-up.
+_ASYNC = {
+    "AsyncClient": "aio",
+    "connect_multi_async": "aio",
+    "AsyncConnection": "aio_connection",
+    "negotiate_async": "aio_connection",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _ASYNC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT",

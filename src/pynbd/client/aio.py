@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -343,6 +344,37 @@ class AsyncClient(ClientBase):
             )
             return
         ops = self._plan_write(data, offset, fua)
+        if ops:
+            await self._run(ops, timeout)
+
+    async def pread_many(
+        self, reads: Iterable[tuple[Buffer, int]], *, timeout: Timeout = DEFAULT
+    ) -> None:
+        """Read several ranges, pipelined: every request is sent before the first reply
+        is awaited. ``reads`` holds (writable buffer, offset) pairs.
+
+        Raises as :meth:`pread_into`, once every reply has come: the error of the first
+        request that failed, whose ``request_offset`` tells which it was.
+        """
+        ops = self._plan_reads(reads)
+        if ops:
+            await self._run(ops, timeout)
+
+    async def pwrite_many(
+        self,
+        writes: Iterable[tuple[Buffer, int]],
+        *,
+        fua: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> None:
+        """Write several ranges, pipelined: every request is sent before the first
+        reply is awaited. ``writes`` holds (buffer, offset) pairs; the buffers must not
+        change until the call returns.
+
+        Raises as :meth:`pwrite`, once every reply has come: the error of the first
+        request that failed, whose ``request_offset`` tells which it was.
+        """
+        ops = self._plan_writes(writes, fua)
         if ops:
             await self._run(ops, timeout)
 

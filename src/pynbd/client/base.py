@@ -9,6 +9,7 @@ maximum payload), the ``can_*`` getters, and merging block status replies.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, TypeAlias
 
@@ -291,6 +292,12 @@ class ClientBase:
             Op(Cmd.WRITE, off, n, flags, payload=view[off - offset : off - offset + n])
             for off, n in split_range(offset, len(view), self._max_payload(), self._align())
         ]
+
+    def _plan_reads(self, reads: Iterable[tuple[Buffer, int]]) -> list[Op]:
+        return [op for buf, offset in reads for op in self._plan_read(buf, offset, False)]
+
+    def _plan_writes(self, writes: Iterable[tuple[Buffer, int]], fua: bool) -> list[Op]:
+        return [op for data, offset in writes for op in self._plan_write(data, offset, fua)]
 
     def _plan_effect(self, command: Cmd, offset: int, length: int, flags: int = 0) -> list[Op]:
         """TRIM, WRITE_ZEROES, CACHE: split at 2 GiB so compact headers can carry them."""

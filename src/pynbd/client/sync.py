@@ -565,8 +565,15 @@ class Client(ClientBase):
                 _send_all(sock, buffers, Deadline(limit), timer)
             recv_into, receive_buffer = sock.recv_into, core.receive_buffer
             updated, next_event = core.buffer_updated, core.next_event
+            # A read's payload is waited for whole (one call, not several; TLS sockets
+            # take no flags): with several threads, each call is a handover of the GIL.
+            payload_room = None if self._tls else core.payload_room
             while len(done) < want:
-                updated(recv_into(receive_buffer()))
+                room = payload_room() if payload_room is not None else None
+                if room is not None:
+                    updated(recv_into(room, 0, _WAITALL))
+                else:
+                    updated(recv_into(receive_buffer()))
                 while (reply := next_event()) is not None:
                     done[reply.cookie] = reply
                 timer.check(end)  # a trickling server cannot stretch the call
@@ -649,6 +656,37 @@ class Client(ClientBase):
             self._one(Cmd.WRITE, offset, len(view), _FUA if fua else 0, timeout, view)
             return
         ops = self._plan_write(data, offset, fua)
+        if ops:
+            self._run(ops, timeout)
+
+    def pread_many(
+        self, reads: Iterable[tuple[Buffer, int]], *, timeout: Timeout = DEFAULT
+    ) -> None:
+        """Read several ranges, pipelined: every request is sent before the first reply
+        is awaited. ``reads`` holds (writable buffer, offset) pairs.
+
+        Raises as :meth:`pread_into`, once every reply has come: the error of the first
+        request that failed, whose ``request_offset`` tells which it was.
+        """
+        ops = self._plan_reads(reads)
+        if ops:
+            self._run(ops, timeout)
+
+    def pwrite_many(
+        self,
+        writes: Iterable[tuple[Buffer, int]],
+        *,
+        fua: bool = False,
+        timeout: Timeout = DEFAULT,
+    ) -> None:
+        """Write several ranges, pipelined: every request is sent before the first
+        reply is awaited. ``writes`` holds (buffer, offset) pairs; the buffers must not
+        change until the call returns.
+
+        Raises as :meth:`pwrite`, once every reply has come: the error of the first
+        request that failed, whose ``request_offset`` tells which it was.
+        """
+        ops = self._plan_writes(writes, fua)
         if ops:
             self._run(ops, timeout)
 

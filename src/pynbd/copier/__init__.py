@@ -21,7 +21,6 @@ run, :mod:`.endpoints` for what each kind of end does.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -43,6 +42,7 @@ __all__ = [
     "CopyInterrupted",
     "CopyOptions",
     "CopyResult",
+    "Job",
     "Progress",
     "copy",
     "copy_async",
@@ -53,59 +53,62 @@ __all__ = [
 DEFAULT_TIMEOUT = 60.0
 
 
-async def copy_async(
-    src: str,
-    dst: str,
-    *,
-    connections: int | None = None,
-    requests: int = 64,
-    request_size: int = 256 * 1024,
-    queue_size: int | None = None,
-    sparse: int = 4096,
-    flush: bool = False,
-    destination_is_zero: bool = False,
-    allocated: bool = False,
-    extents: bool = True,
-    dirty_bitmap: str | None = None,
-    progress: Progress | None = None,
-    tls: TLSConfig | None = None,
-    timeout: float | None = DEFAULT_TIMEOUT,
-) -> CopyResult:
-    """Copy ``src`` to ``dst``; the arguments are those of :func:`copy`."""
-    options = CopyOptions(
-        connections=connections,
-        requests=requests,
-        request_size=request_size,
-        queue_size=max(16 << 20, request_size) if queue_size is None else queue_size,
-        sparse=sparse,
-        flush=flush,
-        destination_is_zero=destination_is_zero,
-        allocated=allocated,
-        extents=extents,
-        dirty_bitmap=dirty_bitmap,
-    )
-    options.check()
-    async with contextlib.AsyncExitStack() as stack:
-        contexts: tuple[str, ...] = (BASE_ALLOCATION,) if extents else ()
-        if options.bitmap_context is not None:
-            contexts += (options.bitmap_context,)
-        source = await _open(stack, src, False, contexts, tls, timeout)
-        target = await _open(stack, dst, True, (), tls, timeout)
-        _check(source, target, options)
-        return await Copier(source, target, options, progress).run()
-    raise AssertionError("unreachable")  # pragma: no cover (mypy: the stack may swallow)
-
-
-def copy(src: str, dst: str, **kwargs: Any) -> CopyResult:
+def copy(src: str, dst: str, **options: Any) -> CopyResult:
     """Copy ``src`` to ``dst`` and return what was done.
+
+    ``src`` is an NBD URI, a file or block device path, or ``-`` (standard input);
+    ``dst`` the same, ``-`` being standard output, or ``null:``. The keywords are those
+    of :class:`Job` (``connections``, ``requests``, ``dirty_bitmap``, ``progress``...).
+
+    Raises:
+        CopyError: the copy failed (the message names the end and the offset).
+        CopyInterrupted: Ctrl-C (KeyboardInterrupt) stopped it; the requests in flight
+            were finished and the destination flushed.
+        ValueError: an option is out of range.
+        NBDError, OSError: an end cannot be opened.
+    """
+    return Job(src, dst, **options).run()
+
+
+async def copy_async(src: str, dst: str, **options: Any) -> CopyResult:
+    """:func:`copy` for asyncio: the same arguments; the copy runs in a thread.
+
+    ``progress`` is called in the event loop. Cancelling the awaiting task stops the
+    copy as Ctrl-C does: the requests in flight are finished, the destination flushed,
+    and CopyInterrupted raised.
+    """
+    import asyncio  # here: a blocking copy does not need it
+
+    loop = asyncio.get_running_loop()
+    user = options.pop("progress", None)
+    if user is not None:
+
+        def progress(done: int, total: int | None) -> None:
+            loop.call_soon_threadsafe(user, done, total)
+
+        options["progress"] = progress
+    job = Job(src, dst, **options)
+    future = loop.run_in_executor(None, job.run)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        job.stop()
+        return await future
+
+
+class Job:
+    """One copy, to :meth:`run` in some thread and :meth:`stop` from any other.
 
     Args:
         src: an NBD URI, a file or block device path, or ``-`` (standard input).
-        dst: the same, or ``null:`` (discard); ``-`` is standard output. A missing file
+        dst: the same (``-``: standard output), or ``null:`` (discard). A missing file
             is created; a regular file is cut to the source's size.
         connections: connections to each NBD end (default 4 where both ends allow
             multi-conn, else 1).
-        requests: requests in flight per connection (default 64).
+        threads: at most this many connections, each with its reader and writer
+            thread (default: the number of processors, as nbdcopy's ``-T``).
+        requests: requests per connection (default 64): the buffers its reader may
+            fill ahead of its writer; each side sends up to 16 at once, pipelined.
         request_size: the largest read or write (default 256 KiB).
         queue_size: bytes in flight per connection (default 16 MiB).
         sparse: find all-zero blocks of this size in the data read and zero them
@@ -117,31 +120,87 @@ def copy(src: str, dst: str, **kwargs: Any) -> CopyResult:
         extents: use the source's block status (default); False reads everything.
         dirty_bitmap: copy only what ``qemu:dirty-bitmap:NAME`` marks dirty, onto a
             destination that holds the previous copy (an NBD source that offers it).
-        progress: called with (bytes done, total bytes or None) as the copy advances.
+        progress: called with (bytes done, total bytes or None) as the copy advances,
+            from the copying threads.
         tls: TLS settings for both NBD ends (default: each URI's own).
         timeout: seconds for connecting and for each request (None: no limit).
 
     Raises:
-        CopyError: the copy failed (the message names the end and the offset).
-        CopyInterrupted: it was cancelled; in-flight requests were finished and the
-            destination flushed.
-        ValueError: an argument is out of range.
-        NBDError, OSError: an end cannot be opened.
+        ValueError: an option is out of range.
     """
-    return asyncio.run(copy_async(src, dst, **kwargs))
 
+    def __init__(
+        self,
+        src: str,
+        dst: str,
+        *,
+        connections: int | None = None,
+        threads: int | None = None,
+        requests: int = 64,
+        request_size: int = 256 * 1024,
+        queue_size: int | None = None,
+        sparse: int = 4096,
+        flush: bool = False,
+        destination_is_zero: bool = False,
+        allocated: bool = False,
+        extents: bool = True,
+        dirty_bitmap: str | None = None,
+        progress: Progress | None = None,
+        tls: TLSConfig | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.options = CopyOptions(
+            connections=connections,
+            threads=threads,
+            requests=requests,
+            request_size=request_size,
+            queue_size=max(16 << 20, request_size) if queue_size is None else queue_size,
+            sparse=sparse,
+            flush=flush,
+            destination_is_zero=destination_is_zero,
+            allocated=allocated,
+            extents=extents,
+            dirty_bitmap=dirty_bitmap,
+        )
+        self.options.check()
+        self.words = (src, dst)
+        self.progress = progress
+        self.tls = tls
+        self.timeout = timeout
+        self._copier: Copier | None = None
+        self._stopped = False
 
-async def _open(
-    stack: contextlib.AsyncExitStack,
-    word: str,
-    destination: bool,
-    contexts: tuple[str, ...],
-    tls: TLSConfig | None,
-    timeout: float | None,
-) -> End:
-    end = await open_end(word, destination=destination, contexts=contexts, tls=tls, timeout=timeout)
-    stack.push_async_callback(end.close)
-    return end
+    def stop(self) -> None:
+        """Stop the copy: :meth:`run` raises CopyInterrupted once it has drained."""
+        self._stopped = True
+        if self._copier is not None:
+            self._copier.stop()
+
+    def run(self) -> CopyResult:
+        """Open both ends, copy, close them; returns what was done (raises as
+        :func:`copy`)."""
+        options = self.options
+        contexts: tuple[str, ...] = (BASE_ALLOCATION,) if options.extents else ()
+        if options.bitmap_context is not None:
+            contexts += (options.bitmap_context,)
+        with contextlib.ExitStack() as stack:
+            src = self._open(stack, self.words[0], False, contexts)
+            dst = self._open(stack, self.words[1], True, ())
+            _check(src, dst, options)
+            self._copier = Copier(src, dst, options, self.progress)
+            if self._stopped:
+                self._copier.stop()
+            return self._copier.run()
+        raise AssertionError("unreachable")  # pragma: no cover (the stack never swallows)
+
+    def _open(
+        self, stack: contextlib.ExitStack, word: str, destination: bool, contexts: tuple[str, ...]
+    ) -> End:
+        end = open_end(
+            word, destination=destination, contexts=contexts, tls=self.tls, timeout=self.timeout
+        )
+        stack.callback(end.close)
+        return end
 
 
 def _check(src: End, dst: End, options: CopyOptions) -> None:

@@ -1,16 +1,18 @@
 """The two ends of a copy: an NBD export, a file or block device, a stream, ``null:``.
 
-Every end has the same asynchronous calls, each taking the *lane* (the connection) it
-runs on, so the engine in :mod:`.engine` treats them alike:
+Every end has the same blocking calls, each taking the *lane* it runs on, so the engine
+in :mod:`.engine` treats them alike. A lane is one connection: the engine calls an end
+from two threads per lane (the lane's reader and writer), each using only its own side,
+so no connection is ever used by two threads at once.
 
-- :class:`NBDEnd`: one :class:`~pynbd.client.AsyncClient` per lane (several only where
-  the server allows multi-conn). Zeroes go out as WRITE_ZEROES, with FAST_ZERO while the
-  server offers it (a refusal turns it off), or as written zeroes where the server has
-  no WRITE_ZEROES.
+- :class:`NBDEnd`: one blocking :class:`~pynbd.client.Client` per lane (several only
+  where the server allows multi-conn). Zeroes go out as WRITE_ZEROES, with FAST_ZERO
+  while the server offers it (a refusal turns it off), or as written zeroes where the
+  server has no WRITE_ZEROES.
 - :class:`FileEnd`: a regular file or a block device, through
-  :class:`~pynbd.server.file.FileBackend` (positional reads and writes, holes punched
-  with ``fallocate``, ``SEEK_DATA``/``SEEK_HOLE`` for extents), its calls run in a small
-  thread pool so the event loop keeps serving the sockets meanwhile.
+  :class:`~pynbd.localfile.LocalFile` (positional reads and writes, which many threads
+  may make at once; holes punched with ``fallocate``; ``SEEK_DATA`` and ``SEEK_HOLE``
+  for extents).
 - :class:`StreamEnd`: standard input or output (``-``) when it is a pipe, a terminal or
   a socket: read or written in order, never seeked. A ``-`` that is a regular file or
   a block device (``< disk.img``) is a :class:`FileEnd` on that descriptor.
@@ -21,29 +23,23 @@ runs on, so the engine in :mod:`.engine` treats them alike:
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import stat
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
 
-from ..client import AsyncClient, MappedExtent
-from ..errors import RequestError, UnsupportedError
-from ..proto.constants import BASE_ALLOCATION, StateFlag
-from ..server.file import FileBackend
+from ..client import Client, MappedExtent
+from ..errors import NBDError, RequestError, UnsupportedError
+from ..localfile import LocalFile
+from ..proto.constants import BASE_ALLOCATION
 from ..transport.tls import TLSConfig
 from ..transport.uri import SCHEMES, parse_uri
 
 __all__ = ["End", "FileEnd", "NBDEnd", "NullEnd", "StreamEnd", "is_uri", "open_end"]
 
-T = TypeVar("T")
-
 #: The size of the zero buffer written where an end cannot zero any other way.
 ZERO_WRITE = 1 << 20
 _ZEROES = memoryview(bytes(ZERO_WRITE))
-_HOLE_ZERO = int(StateFlag.HOLE | StateFlag.ZERO)
 
 
 def is_uri(word: str) -> bool:
@@ -74,43 +70,66 @@ class End:
     can_extents: bool = False
     grows: bool = False
 
-    async def set_lanes(self, lanes: int) -> None:
+    def set_lanes(self, lanes: int) -> None:
         """Get ready to serve ``lanes`` lanes (open the extra connections)."""
 
-    async def prepare(self, size: int | None, *, keep: bool) -> None:
+    def prepare(self, size: int | None, *, keep: bool) -> None:
         """As a destination, get ready to take ``size`` bytes (None: unknown).
 
         ``keep``: what the destination holds must stay where the copy does not write
         (an incremental copy); else it may be cleared.
         """
 
-    async def finish(self, size: int) -> None:
+    def finish(self, size: int) -> None:
         """As a destination, after a copy of ``size`` bytes that ended well."""
 
-    async def read(self, lane: int, view: memoryview, offset: int) -> int:
+    def read(self, lane: int, view: memoryview, offset: int) -> int:
         """Fill ``view`` from ``offset``; returns the bytes read (short only at the
         end of a stream)."""
         raise UnsupportedError(f"{self.label} cannot be read")
 
-    async def write(self, lane: int, view: memoryview, offset: int) -> None:
+    def write(self, lane: int, view: memoryview, offset: int) -> None:
         """Write ``view`` at ``offset``."""
         raise UnsupportedError(f"{self.label} cannot be written")
 
-    async def zero(self, lane: int, length: int, offset: int, *, allocated: bool) -> None:
+    def read_many(self, lane: int, reads: list[tuple[memoryview, int]]) -> None:
+        """Fill each (view, offset) pair (not for a stream); an end that can pipeline
+        sends them all before it waits. An error's ``request_offset`` is the offset of
+        the pair that failed."""
+        _each(self.read, lane, reads)
+
+    def write_many(self, lane: int, writes: list[tuple[memoryview, int]]) -> None:
+        """Write each (view, offset) pair, pipelined where the end can; errors as
+        :meth:`read_many`'s."""
+        _each(self.write, lane, writes)
+
+    def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
         """Make [offset, offset+length) read as zeroes; ``allocated``: no hole."""
         raise UnsupportedError(f"{self.label} cannot be written")
 
-    async def extents(
-        self, length: int, offset: int, contexts: tuple[str, ...]
+    def extents(
+        self, lane: int, length: int, offset: int, contexts: tuple[str, ...]
     ) -> dict[str, list[MappedExtent]]:
         """The extents of each context over [offset, offset+length), at least one each."""
         raise UnsupportedError(f"{self.label} has no extents")
 
-    async def flush(self) -> None:
+    def flush(self) -> None:
         """Make what was written durable."""
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Release everything (called once, also after a failure)."""
+
+
+def _each(
+    call: Callable[[int, memoryview, int], object], lane: int, pairs: list[tuple[memoryview, int]]
+) -> None:
+    for view, offset in pairs:
+        try:
+            call(lane, view, offset)
+        except (OSError, NBDError) as exc:
+            if getattr(exc, "request_offset", None) is None:
+                exc.request_offset = offset  # type: ignore[union-attr]
+            raise
 
 
 class NBDEnd(End):
@@ -120,7 +139,7 @@ class NBDEnd(End):
     size, the flags and the meta contexts); :meth:`set_lanes` opens the rest.
     """
 
-    def __init__(self, label: str, first: AsyncClient, connect: Callable[[], Any]) -> None:
+    def __init__(self, label: str, first: Client, connect: Callable[[], Client]) -> None:
         self.label = label
         self.clients = [first]
         self._connect = connect
@@ -131,7 +150,7 @@ class NBDEnd(End):
         self._can_zero = first.can_zero()
 
     @classmethod
-    async def open(
+    def open(
         cls,
         uri: str,
         *,
@@ -142,67 +161,67 @@ class NBDEnd(End):
         """Connect to ``uri``, asking for the meta contexts ``contexts``."""
         parsed = parse_uri(uri)
 
-        def connect() -> Any:
-            return AsyncClient.connect(parsed, tls=tls, meta_contexts=contexts, timeout=timeout)
+        def connect() -> Client:
+            return Client(parsed, tls=tls, meta_contexts=contexts, timeout=timeout)
 
-        return cls(parsed.to_uri(), await connect(), connect)
+        return cls(parsed.to_uri(), connect(), connect)
 
-    async def set_lanes(self, lanes: int) -> None:
-        more = await asyncio.gather(
-            *(self._connect() for _ in range(lanes - len(self.clients))),
-            return_exceptions=True,
-        )
-        opened = [c for c in more if isinstance(c, AsyncClient)]
-        self.clients += opened
-        for c in more:
-            if isinstance(c, BaseException):
-                raise c
+    def set_lanes(self, lanes: int) -> None:
+        while len(self.clients) < lanes:
+            self.clients.append(self._connect())
 
     def readonly(self) -> bool:
         return self.clients[0].is_read_only()
 
-    async def read(self, lane: int, view: memoryview, offset: int) -> int:
-        await self.clients[lane].pread_into(view, offset)
+    def read(self, lane: int, view: memoryview, offset: int) -> int:
+        self.clients[lane].pread_into(view, offset)
         return len(view)
 
-    async def write(self, lane: int, view: memoryview, offset: int) -> None:
-        await self.clients[lane].pwrite(view, offset)
+    def write(self, lane: int, view: memoryview, offset: int) -> None:
+        self.clients[lane].pwrite(view, offset)
 
-    async def zero(self, lane: int, length: int, offset: int, *, allocated: bool) -> None:
+    def read_many(self, lane: int, reads: list[tuple[memoryview, int]]) -> None:
+        self.clients[lane].pread_many(reads)
+
+    def write_many(self, lane: int, writes: list[tuple[memoryview, int]]) -> None:
+        self.clients[lane].pwrite_many(writes)
+
+    def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
         client = self.clients[lane]
-        if self._can_zero:
-            if self._fast_zero:
-                try:
-                    await client.zero(length, offset, no_hole=allocated, fast=True)
-                    return
-                except RequestError as exc:
-                    if exc.errno != errno.ENOTSUP:
-                        raise
-                    # Zeroing is no faster than writing here: stop asking.
-                    self._fast_zero = False
-            await client.zero(length, offset, no_hole=allocated)
+        if not self._can_zero:
+            _write_zeroes(self, lane, length, offset)
             return
-        await _write_zeroes(self, lane, length, offset)
+        if self._fast_zero:
+            try:
+                client.zero(length, offset, no_hole=allocated, fast=True)
+                return
+            except RequestError as exc:
+                if exc.errno != errno.ENOTSUP:
+                    raise
+                # Zeroing is no faster than writing here: stop asking.
+                self._fast_zero = False
+        client.zero(length, offset, no_hole=allocated)
 
-    async def extents(
-        self, length: int, offset: int, contexts: tuple[str, ...]
+    def extents(
+        self, lane: int, length: int, offset: int, contexts: tuple[str, ...]
     ) -> dict[str, list[MappedExtent]]:
-        return await self.clients[0].block_status_all(length, offset, contexts=contexts)
+        return self.clients[lane].block_status_all(length, offset, contexts=contexts)
 
-    async def flush(self) -> None:
+    def flush(self) -> None:
         # With multi-conn, a flush on one connection covers the writes of all of them.
         if self.clients[0].can_flush():
-            await self.clients[0].flush()
+            self.clients[0].flush()
 
-    async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
 
 
-async def _write_zeroes(end: End, lane: int, length: int, offset: int) -> None:
+def _write_zeroes(end: End, lane: int, length: int, offset: int) -> None:
     stop = offset + length
     while offset < stop:
         n = min(ZERO_WRITE, stop - offset)
-        await end.write(lane, _ZEROES[:n], offset)
+        end.write(lane, _ZEROES[:n], offset)
         offset += n
 
 
@@ -217,61 +236,51 @@ class FileEnd(End):
 
     def __init__(self, path: str, *, writable: bool, fd: int | None = None) -> None:
         self.label = path
-        if fd is None:
-            flags = (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY
-            fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
-        self._backend = FileBackend(path, read_only=not writable, fd=fd)
-        self._fd = fd
-        self.grows = not self._backend.is_block_device
-        self.size = self._backend.size
-        self.can_extents = bool(self._backend.capabilities.can_extents)
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pynbd-copy-file")
+        self._file = LocalFile(path, read_only=not writable, fd=fd, create=writable)
+        self.grows = not self._file.is_block_device
+        self.size = self._file.size
+        self.can_extents = self._file.can_extents
 
-    async def _call(self, func: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
-
-    async def prepare(self, size: int | None, *, keep: bool) -> None:
+    def prepare(self, size: int | None, *, keep: bool) -> None:
         if not self.grows:
             return
         if not keep:
             # Cleared, as nbdcopy and cp do: then the zero ranges need no writing.
-            await self._call(os.ftruncate, self._fd, 0)
+            self._file.resize(0)
             self.zero_start = True
         if size is not None:
-            await self._call(self._backend.resize, size)
+            self._file.resize(size)
         self.size = size
 
-    async def finish(self, size: int) -> None:
+    def finish(self, size: int) -> None:
         if self.grows and self.size != size:
             # A stream's length is known only at its end; its zero tail was not written.
-            await self._call(self._backend.resize, size)
+            self._file.resize(size)
 
-    async def read(self, lane: int, view: memoryview, offset: int) -> int:
-        await self._call(self._backend.pread_into, view, offset)
+    def read(self, lane: int, view: memoryview, offset: int) -> int:
+        self._file.pread_into(view, offset)
         return len(view)
 
-    async def write(self, lane: int, view: memoryview, offset: int) -> None:
-        await self._call(self._backend.pwrite, view, offset, False)
+    def write(self, lane: int, view: memoryview, offset: int) -> None:
+        self._file.pwrite(view, offset, False)
 
-    async def zero(self, lane: int, length: int, offset: int, *, allocated: bool) -> None:
-        await self._call(self._backend.zero, length, offset, not allocated, False, False)
+    def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
+        self._file.zero(length, offset, not allocated, False, False)
 
-    async def extents(
-        self, length: int, offset: int, contexts: tuple[str, ...]
+    def extents(
+        self, lane: int, length: int, offset: int, contexts: tuple[str, ...]
     ) -> dict[str, list[MappedExtent]]:
-        got = await self._call(self._backend.extents, length, offset)
         out: list[MappedExtent] = []
-        for n, flags in got:
+        for n, flags in self._file.extents(length, offset):
             out.append(MappedExtent(offset, n, flags))
             offset += n
         return {BASE_ALLOCATION: out}
 
-    async def flush(self) -> None:
-        await self._call(self._backend.flush)
+    def flush(self) -> None:
+        self._file.flush()
 
-    async def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._backend.close()
+    def close(self) -> None:
+        self._file.close()
 
 
 class StreamEnd(End):
@@ -283,51 +292,38 @@ class StreamEnd(End):
         self.label = label
         self._fd = fd
         self._pos = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pynbd-copy-stream")
 
-    async def _call(self, func: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
-
-    def _read_full(self, view: memoryview) -> int:
+    def read(self, lane: int, view: memoryview, offset: int) -> int:
+        self._check(offset)
         got = 0
         while got < len(view):
             n = os.readv(self._fd, [view[got:]])
             if n == 0:
                 break
             got += n
+        self._pos += got
         return got
 
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            view = view[os.write(self._fd, view) :]
-
-    async def read(self, lane: int, view: memoryview, offset: int) -> int:
+    def write(self, lane: int, view: memoryview, offset: int) -> None:
         self._check(offset)
-        n = await self._call(self._read_full, view)
-        self._pos += n
-        return n
-
-    async def write(self, lane: int, view: memoryview, offset: int) -> None:
-        self._check(offset)
-        await self._call(self._write_all, view)
+        left = view
+        while left:
+            left = left[os.write(self._fd, left) :]
         self._pos += len(view)
 
-    async def zero(self, lane: int, length: int, offset: int, *, allocated: bool) -> None:
-        await _write_zeroes(self, lane, length, offset)
+    def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
+        _write_zeroes(self, lane, length, offset)
 
     def _check(self, offset: int) -> None:
         if offset != self._pos:
             raise AssertionError(f"stream {self.label} at {self._pos}, asked for {offset}")
 
-    async def flush(self) -> None:
+    def flush(self) -> None:
         try:
-            await self._call(os.fsync, self._fd)
+            os.fsync(self._fd)
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):
                 raise  # a pipe or a terminal cannot be synced: nothing to flush
-
-    async def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 class NullEnd(End):
@@ -336,14 +332,14 @@ class NullEnd(End):
     label = "null:"
     zero_start = True
 
-    async def write(self, lane: int, view: memoryview, offset: int) -> None:
+    def write(self, lane: int, view: memoryview, offset: int) -> None:
         return
 
-    async def zero(self, lane: int, length: int, offset: int, *, allocated: bool) -> None:
+    def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
         return
 
 
-async def open_end(
+def open_end(
     word: str,
     *,
     destination: bool,
@@ -354,7 +350,7 @@ async def open_end(
     """Open one end from its command-line word: a URI, a path, ``-`` or ``null:``.
 
     Raises:
-        CopyUsageError-worthy ValueError: ``null:`` as a source.
+        ValueError: ``null:`` as a source.
         OSError: the file cannot be opened. NBDError: the server cannot be reached.
     """
     if word == "null:":
@@ -362,7 +358,7 @@ async def open_end(
             raise ValueError("null: can only be a destination")
         return NullEnd()
     if is_uri(word):
-        return await NBDEnd.open(word, contexts=contexts, tls=tls, timeout=timeout)
+        return NBDEnd.open(word, contexts=contexts, tls=tls, timeout=timeout)
     if word == "-":
         fd = 1 if destination else 0
         mode = os.fstat(fd).st_mode
@@ -371,8 +367,3 @@ async def open_end(
             return FileEnd(label, writable=destination, fd=os.dup(fd))
         return StreamEnd(fd, label)
     return FileEnd(word, writable=destination)
-
-
-def describes_zero(flags: int) -> bool:
-    """Whether base:allocation flags say the range reads as zeroes."""
-    return bool(flags & StateFlag.ZERO)

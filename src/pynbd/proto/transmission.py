@@ -857,6 +857,17 @@ class ClientTransmission(ReceiveBuffer):
             return self._room(8 if self._state == _DATA_OFFSET else self._lead)
         return self._room(0)
 
+    def payload_room(self) -> memoryview | None:
+        """When the next bytes are all a read's payload, the rest of the caller's
+        buffer they go to (the same view :meth:`receive_buffer` gives then), else None.
+
+        All of it will come: a blocking client may wait for it whole (MSG_WAITALL),
+        one call instead of several."""
+        if self._state == _INTO and self._start == self._end and self._direct is None:
+            assert self._target is not None
+            return self._target[self._target_pos :]
+        return None
+
     def buffer_updated(self, nbytes: int) -> bool:
         """``nbytes`` were written into the last :meth:`receive_buffer`; 0 means EOF.
 
@@ -1071,7 +1082,9 @@ class ClientTransmission(ReceiveBuffer):
         err = Err.from_wire(value)
         if err is Err.ESHUTDOWN:
             self.shutdown_requested = True
-        return RequestError(int(err), message, offset=offset, command=entry.command)
+        return RequestError(
+            int(err), message, offset=offset, command=entry.command, request_offset=entry.offset
+        )
 
     def _on_chunk_header(
         self, flags: int, type_: int, cookie: int, length: int, offset: int | None

@@ -1,65 +1,23 @@
-"""A file or block device backend.
+"""A file or block device backend: :class:`pynbd.localfile.LocalFile` as an export.
 
-Reads and writes use ``os.preadv``/``os.pwritev`` (positional, so many threads can share
-one descriptor); FUA uses ``RWF_DSYNC`` where the platform has it, else a flush. TRIM
-punches holes and WRITE_ZEROES uses ``fallocate(2)`` (``PUNCH_HOLE|KEEP_SIZE`` when a hole
-is allowed, else ``ZERO_RANGE|KEEP_SIZE``), called through ctypes; when the filesystem
-or device refuses, zeroing falls back to writing zeroes (and a fast zero request fails
-with ENOTSUP, as the spec asks). Block status comes from ``SEEK_DATA``/``SEEK_HOLE``.
-FLUSH is ``fdatasync``. The methods may block; a regular file's reads and writes
-without FUA are copies from and to the page cache (``Blocking.CACHED``), which the
-server may run where it reads the connection rather than in its thread pool (see
-:mod:`pynbd.server.policy`); a block device's may all wait.
+The I/O is LocalFile's: reads and writes with ``os.preadv``/``os.pwritev``, FUA with
+``RWF_DSYNC`` (else a flush), TRIM as a punched hole, WRITE_ZEROES with ``fallocate(2)``
+falling back to writing zeroes (a fast zero request then fails with ENOTSUP, as the spec
+asks), block status from ``SEEK_DATA``/``SEEK_HOLE``, FLUSH as ``fdatasync``. The
+methods may block; a regular file's reads and writes without FUA are copies from and
+to the page cache (``Blocking.CACHED``), which the server may run where it reads the
+connection rather than in its thread pool (see :mod:`pynbd.server.policy`); a block
+device's may all wait.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
-import stat
-import threading
-from collections.abc import Callable
 
-from ..proto.constants import StateFlag
+from ..localfile import HAVE_FALLOCATE, LocalFile, fallocate
 from .backend import Backend, Blocking, Capabilities, Extent, Support
 
 __all__ = ["FileBackend", "fallocate"]
-
-# linux/falloc.h
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
-_MAX_EXTENTS = 1024
-_ZERO_CHUNK = 1 << 20
-#: errno values meaning "this file or kernel cannot do that", not "it failed".
-_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        func = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    func.restype = ctypes.c_int
-    return func
-
-
-_fallocate = _load_fallocate()
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Call fallocate(2); raises OSError (ENOSYS when libc has no fallocate)."""
-    if _fallocate is None:
-        raise OSError(errno.ENOSYS, "fallocate is not available")
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class FileBackend(Backend):
@@ -79,33 +37,18 @@ class FileBackend(Backend):
     def __init__(
         self, path: str | os.PathLike[str], *, read_only: bool = False, fd: int | None = None
     ) -> None:
-        self.path = os.fspath(path)
-        if fd is None:
-            fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        self._fd = fd
-        try:
-            mode = os.fstat(self._fd).st_mode
-            self.is_block_device = stat.S_ISBLK(mode)
-            self._size = os.lseek(self._fd, 0, os.SEEK_END)
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._closed = False
-        self._lock = threading.Lock()
-        # Learned on first use: whether the filesystem can punch holes / zero ranges.
-        self._can_punch = _fallocate is not None
-        self._can_zero_range = _fallocate is not None
-        self._dsync = getattr(os, "RWF_DSYNC", 0)
+        self.file = LocalFile(path, read_only=read_only, fd=fd)
+        self.path = self.file.path
+        self.is_block_device = self.file.is_block_device
         self.capabilities = Capabilities(
             can_write=not read_only,
             can_flush=True,
-            can_fua=Support.NATIVE if self._dsync else Support.EMULATE,
-            can_trim=_fallocate is not None,
+            can_fua=Support.NATIVE if self.file.dsync else Support.EMULATE,
+            can_trim=HAVE_FALLOCATE,
             can_zero=Support.NATIVE,
             can_fast_zero=True,
             can_cache=Support.NATIVE if hasattr(os, "posix_fadvise") else Support.NONE,
-            # SEEK_DATA means nothing on a block device.
-            can_extents=not self.is_block_device and hasattr(os, "SEEK_DATA"),
+            can_extents=self.file.can_extents,
             # One descriptor for every connection; fdatasync covers all their writes.
             can_multi_conn=True,
             blocking=Blocking.YES if self.is_block_device else Blocking.CACHED,
@@ -113,7 +56,7 @@ class FileBackend(Backend):
 
     @property
     def size(self) -> int:
-        return self._size
+        return self.file.size
 
     def resize(self, new_size: int) -> None:
         """Change the size of a regular file (ftruncate: growing adds a hole).
@@ -123,112 +66,28 @@ class FileBackend(Backend):
             OSError: ENOTSUP for a block device (resize the device itself, then make
                 a new backend), or the truncate failed.
         """
-        if new_size < 0:
-            raise ValueError("size must not be negative")
-        if self.is_block_device:
-            raise OSError(errno.ENOTSUP, "a block device backend cannot be resized")
-        os.ftruncate(self._fd, new_size)
-        self._size = new_size
+        self.file.resize(new_size)
 
     def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                os.close(self._fd)
+        self.file.close()
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
-        view = buf.cast("B") if buf.format != "B" else buf
-        pos = 0
-        while pos < len(view):
-            n = os.preadv(self._fd, [view[pos:]], offset + pos)
-            if n == 0:
-                # The file shrank under us: what is past its end reads as zeroes.
-                view[pos:] = bytes(len(view) - pos)
-                return
-            pos += n
+        self.file.pread_into(buf, offset)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
-        view = buf.cast("B") if buf.format != "B" else buf
-        flags = self._dsync if fua else 0
-        pos = 0
-        while pos < len(view):
-            pos += os.pwritev(self._fd, [view[pos:]], offset + pos, flags)
-        if fua and not flags:
-            os.fdatasync(self._fd)
+        self.file.pwrite(buf, offset, fua)
 
     def flush(self) -> None:
-        os.fdatasync(self._fd)
+        self.file.flush()
 
     def trim(self, length: int, offset: int, fua: bool) -> None:
-        # TRIM is a hint: where holes cannot be punched, doing nothing is correct.
-        if self._can_punch and length:
-            try:
-                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-            except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
-                    raise
-                self._can_punch = False
-        if fua:
-            os.fdatasync(self._fd)
+        self.file.trim(length, offset, fua)
 
     def zero(self, length: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
-        if length and not self._fast_zero(length, offset, may_trim):
-            if fast:
-                raise OSError(errno.ENOTSUP, "zeroing would be no faster than writing")
-            zeroes = memoryview(bytearray(min(length, _ZERO_CHUNK)))
-            end = offset + length
-            while offset < end:
-                n = min(len(zeroes), end - offset)
-                self.pwrite(zeroes[:n], offset, False)
-                offset += n
-        if fua:
-            os.fdatasync(self._fd)
-
-    def _fast_zero(self, length: int, offset: int, may_trim: bool) -> bool:
-        """Zero with fallocate; False when the file or device cannot."""
-        # A punched hole reads back as zeroes (files and, since Linux 4.9, devices).
-        if may_trim and self._can_punch:
-            try:
-                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return True
-            except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
-                    raise
-                self._can_punch = False
-        if self._can_zero_range:
-            try:
-                fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return True
-            except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
-                    raise
-                self._can_zero_range = False
-        return False
+        self.file.zero(length, offset, may_trim, fast, fua)
 
     def cache(self, length: int, offset: int) -> None:
-        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        self.file.cache(length, offset)
 
     def extents(self, length: int, offset: int) -> list[Extent]:
-        end = min(offset + length, self._size)
-        out: list[Extent] = []
-        pos = offset
-        while pos < end and len(out) < _MAX_EXTENTS:
-            try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after pos: a hole to the end
-                    data = end
-                elif exc.errno in _UNSUPPORTED:
-                    out.append((end - pos, 0))
-                    break
-                else:
-                    raise
-            if data > pos:
-                stop = min(data, end)
-                out.append((stop - pos, _HOLE))
-            else:
-                hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
-                stop = min(hole, end)
-                out.append((stop - pos, 0))
-            pos = stop
-        return out
+        return self.file.extents(length, offset)
