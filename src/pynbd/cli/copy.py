@@ -163,14 +163,22 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # an option out of range
         raise CommandError(str(exc)) from exc
-    # SIGTERM stops the copy as Ctrl-C does: the requests in flight finish first.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: job.stop())
+    # SIGTERM stops the copy as Ctrl-C does, by a KeyboardInterrupt: while the ends are
+    # opened that ends the handshake at once; while copying, the engine takes it as
+    # Job.stop() (the requests in flight finish first).
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = job.run()
     except copier.CopyInterrupted as exc:
         progress.end()
         sys.stderr.write(f"pynbd: copy {exc}\n")
         return 130
+    except KeyboardInterrupt:  # before the copy proper: nothing was in flight
+        progress.end()
+        sys.stderr.write("pynbd: copy interrupted\n")
+        return 130
+    except ValueError as exc:  # an end that cannot be one (null: as the source)
+        raise CommandError(str(exc)) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
@@ -184,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
             f"{result.connections} connection(s)\n"
         )
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _tls(args: argparse.Namespace) -> TLSConfig | None:
