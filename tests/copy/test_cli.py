@@ -62,8 +62,6 @@ WAIT = 60.0
 SPARSE = ((0, 1 * MiB), (2 * MiB, 1 * MiB))
 SPARSE_ZERO = ((1 * MiB, 1 * MiB), (3 * MiB, 1 * MiB))
 
-#: A GNU ddrescue map of a 4 MiB disk whose second half is bad.
-BAD_FROM_2M = "# Mapfile\n0x0 +\n#  pos  size  status\n0x0 0x200000 +\n0x200000 0x200000 -\n"
 
 SUMMARY = re.compile(
     r"pynbd copy: (?P<size>\d+) bytes: read (?P<read>\d+), written (?P<written>\d+), "
@@ -546,18 +544,27 @@ def test_verbose_summary(nbdkit: Factory, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- failures
 
 
-@pytest.mark.parametrize("lanes", [["-C", "1", "-R", "1"], []], ids=["one-request", "default"])
-def test_source_that_fails_from_an_offset_on(
-    nbdkit: Factory, tmp_path: Path, lanes: list[str]
-) -> None:
+def bad_from_2m(nbdkit: Factory, tmp_path: Path) -> tuple[bytes, Server]:
+    """A SIZE-byte image served by nbdkit whose reads fail (EIO) from 2 MiB on: the
+    ddrescue filter, with a map that says the second half is bad."""
     src = make_image(tmp_path / "src.img")
-    (tmp_path / "src.map").write_text(BAD_FROM_2M)
+    (tmp_path / "src.map").write_text(
+        "# Mapfile\n0x0 +\n#  pos  size  status\n0x0 0x200000 +\n0x200000 0x200000 -\n"
+    )
     source = nbdkit(
         "file",
         str(tmp_path / "src.img"),
         f"ddrescue-mapfile={tmp_path / 'src.map'}",
         filters=["ddrescue"],
     )
+    return src, source
+
+
+@pytest.mark.parametrize("lanes", [["-C", "1", "-R", "1"], []], ids=["one-request", "default"])
+def test_source_that_fails_from_an_offset_on(
+    nbdkit: Factory, tmp_path: Path, lanes: list[str]
+) -> None:
+    src, source = bad_from_2m(nbdkit, tmp_path)
     dst = logged(nbdkit, tmp_path, "memory", str(SIZE))
     line = error_line(pynbd_copy(*lanes, source.uri, dst.uri))
     found = re.fullmatch(
@@ -873,14 +880,7 @@ def test_a_signal_mid_copy_to_a_stream(nbdkit: Factory, tmp_path: Path, signum: 
 
 
 def test_a_failure_mid_copy_to_a_stream(nbdkit: Factory, tmp_path: Path) -> None:
-    src = make_image(tmp_path / "src.img")
-    (tmp_path / "src.map").write_text(BAD_FROM_2M)
-    source = nbdkit(
-        "file",
-        str(tmp_path / "src.img"),
-        f"ddrescue-mapfile={tmp_path / 'src.map'}",
-        filters=["ddrescue"],
-    )
+    src, source = bad_from_2m(nbdkit, tmp_path)
     proc = spawn_copy(source.uri, "-", stdout=subprocess.PIPE)
     out = Drain(proc.stdout)
     out.start()
