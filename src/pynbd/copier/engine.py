@@ -326,15 +326,17 @@ class Copier:
                         name=f"pynbd-copy-{target.__name__[1:]}-{lane}",
                     )
                 )
-        for t in threads:
-            t.daemon = True
-            t.start()
+        started: list[threading.Thread] = []
         try:
             for t in threads:
+                t.daemon = True
+                t.start()
+                started.append(t)
+            for t in started:
                 t.join()
         except KeyboardInterrupt:
             self.stop()
-            for t in threads:
+            for t in started:
                 t.join()
         self.result.seconds = time.monotonic() - start
         if self._failure is not None:
