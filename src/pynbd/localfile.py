@@ -164,6 +164,37 @@ class LocalFile:
         if fua and not flags:
             os.fdatasync(self.fd)
 
+    def preadv_into(self, views: list[memoryview], offset: int) -> None:
+        """Fill byte views that follow each other from ``offset`` on, in as few
+        ``preadv`` calls as the kernel allows (one, as a rule)."""
+        self._vectored(views, offset, write=False)
+
+    def pwritev(self, views: list[memoryview], offset: int) -> None:
+        """Write byte views that follow each other from ``offset`` on, in as few
+        ``pwritev`` calls as the kernel allows (one, as a rule)."""
+        self._vectored(views, offset, write=True)
+
+    def _vectored(self, views: list[memoryview], offset: int, *, write: bool) -> None:
+        total = sum(len(v) for v in views)
+        done = 0
+        while done < total:
+            if write:
+                n = os.pwritev(self.fd, views, offset + done)
+            else:
+                n = os.preadv(self.fd, views, offset + done)
+                if n == 0:
+                    # The file shrank under us: what is past its end reads as zeroes.
+                    for v in views:
+                        v[:] = bytes(len(v))
+                    return
+            done += n
+            # Drop what was done: whole views, then the start of the next one.
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views = views[1:]
+            if n:
+                views = [views[0][n:], *views[1:]]
+
     def flush(self) -> None:
         os.fdatasync(self.fd)
 

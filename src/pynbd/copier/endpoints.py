@@ -264,6 +264,22 @@ class FileEnd(End):
     def write(self, lane: int, view: memoryview, offset: int) -> None:
         self._file.pwrite(view, offset, False)
 
+    def read_many(self, lane: int, reads: list[tuple[memoryview, int]]) -> None:
+        # Requests that follow each other in the file go in one preadv; after a
+        # failure they are tried one by one, to name the one that fails.
+        for views, offset in _runs(reads):
+            try:
+                self._file.preadv_into(views, offset)
+            except OSError:
+                _each(self.read, lane, _pairs(views, offset))
+
+    def write_many(self, lane: int, writes: list[tuple[memoryview, int]]) -> None:
+        for views, offset in _runs(writes):
+            try:
+                self._file.pwritev(views, offset)
+            except OSError:
+                _each(self.write, lane, _pairs(views, offset))
+
     def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
         self._file.zero(length, offset, not allocated, False, False)
 
@@ -281,6 +297,32 @@ class FileEnd(End):
 
     def close(self) -> None:
         self._file.close()
+
+
+#: The most buffers one preadv or pwritev takes (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
+
+def _runs(pairs: list[tuple[memoryview, int]]) -> list[tuple[list[memoryview], int]]:
+    """(view, offset) pairs cut into runs of views that follow each other in the file,
+    each one vectored call."""
+    runs: list[tuple[list[memoryview], int]] = []
+    end = -1
+    for view, offset in pairs:
+        if offset == end and len(runs[-1][0]) < _IOV_MAX:
+            runs[-1][0].append(view)
+        else:
+            runs.append(([view], offset))
+        end = offset + len(view)
+    return runs
+
+
+def _pairs(views: list[memoryview], offset: int) -> list[tuple[memoryview, int]]:
+    out = []
+    for view in views:
+        out.append((view, offset))
+        offset += len(view)
+    return out
 
 
 class StreamEnd(End):
