@@ -181,8 +181,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
-        progress.close()
-    progress.end()
+        progress.end()  # before any error line (a bar ends its line)
     if args.verbose:
         rate = result.size / result.seconds / 1e6 if result.seconds else 0.0
         sys.stderr.write(
@@ -233,9 +232,6 @@ class _Progress:
         pass
 
     def end(self) -> None:
-        pass
-
-    def close(self) -> None:
         pass
 
 

@@ -265,20 +265,10 @@ class FileEnd(End):
         self._file.pwrite(view, offset, False)
 
     def read_many(self, lane: int, reads: list[tuple[memoryview, int]]) -> None:
-        # Requests that follow each other in the file go in one preadv; after a
-        # failure they are tried one by one, to name the one that fails.
-        for views, offset in _runs(reads):
-            try:
-                self._file.preadv_into(views, offset)
-            except OSError:
-                _each(self.read, lane, _pairs(views, offset))
+        _vectored(self._file.preadv_into, self.read, lane, reads)
 
     def write_many(self, lane: int, writes: list[tuple[memoryview, int]]) -> None:
-        for views, offset in _runs(writes):
-            try:
-                self._file.pwritev(views, offset)
-            except OSError:
-                _each(self.write, lane, _pairs(views, offset))
+        _vectored(self._file.pwritev, self.write, lane, writes)
 
     def zero(self, lane: int, length: int, offset: int, allocated: bool) -> None:
         self._file.zero(length, offset, not allocated, False, False)
@@ -303,26 +293,33 @@ class FileEnd(End):
 _IOV_MAX = 1024
 
 
-def _runs(pairs: list[tuple[memoryview, int]]) -> list[tuple[list[memoryview], int]]:
-    """(view, offset) pairs cut into runs of views that follow each other in the file,
-    each one vectored call."""
-    runs: list[tuple[list[memoryview], int]] = []
+def _vectored(
+    vectored: Callable[[list[memoryview], int], None],
+    single: Callable[[int, memoryview, int], object],
+    lane: int,
+    pairs: list[tuple[memoryview, int]],
+) -> None:
+    """Requests that follow each other in the file in one vectored call; after a
+    failure they are tried one by one, to name the one that fails."""
+    for run in _runs(pairs):
+        try:
+            vectored([view for view, _ in run], run[0][1])
+        except OSError:
+            _each(single, lane, run)
+
+
+def _runs(pairs: list[tuple[memoryview, int]]) -> list[list[tuple[memoryview, int]]]:
+    """(view, offset) pairs cut into runs that follow each other in the file, each at
+    most :data:`_IOV_MAX` long."""
+    runs: list[list[tuple[memoryview, int]]] = []
     end = -1
     for view, offset in pairs:
-        if offset == end and len(runs[-1][0]) < _IOV_MAX:
-            runs[-1][0].append(view)
+        if offset == end and len(runs[-1]) < _IOV_MAX:
+            runs[-1].append((view, offset))
         else:
-            runs.append(([view], offset))
+            runs.append([(view, offset)])
         end = offset + len(view)
     return runs
-
-
-def _pairs(views: list[memoryview], offset: int) -> list[tuple[memoryview, int]]:
-    out = []
-    for view in views:
-        out.append((view, offset))
-        offset += len(view)
-    return out
 
 
 class StreamEnd(End):

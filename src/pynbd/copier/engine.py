@@ -11,9 +11,9 @@ A *lane* is one connection to each end. Each lane has two threads and a ring of
 :data:`BATCH` requests), reads it into free buffers with the requests pipelined, and
 passes it on; the writer finds the all-zero blocks of what was read (``sparse``),
 writes the rest (pipelined too), zeroes those, and hands the buffers back. So reading
-and writing overlap, and each connection is used by one thread only. The threads block in the
-clients' socket calls, where Python lets the other threads run: the blocking client
-costs a fraction of an event loop's work per request. A stream end has one lane, whose
+and writing overlap, and each connection is used by one thread only. The threads block
+in the clients' socket calls, where Python lets the other threads run: the blocking
+client costs a fraction of an event loop's work per request. A stream end has one lane, whose
 reader and writer keep the plan's order.
 
 The first failure stops the plan; every request already sent is finished (each thread
@@ -75,7 +75,7 @@ class CopyError(NBDError):
     """The copy failed; the message names the end and the offset.
 
     Attributes:
-        offset: where it failed (None before any byte was copied).
+        offset: where it failed (None when that is not known: an internal error).
         result: what had been done when it stopped.
     """
 
@@ -241,13 +241,6 @@ class Plan:
             offset += n
 
 
-@dataclass(slots=True)
-class _Failure:
-    exc: BaseException
-    message: str
-    offset: int
-
-
 #: A lane's free buffers (None: stop) and its batches read, for the writer (None: end).
 _Free: TypeAlias = "queue.SimpleQueue[memoryview | None]"
 _Ready: TypeAlias = "queue.SimpleQueue[list[tuple[Work, memoryview | None]] | None]"
@@ -278,7 +271,8 @@ class Copier:
         self._lock = threading.Lock()
         self._stopping = False
         self._interrupted = False
-        self._failure: _Failure | None = None
+        # The first failure, and what caused it (the same error, or the end's).
+        self._failure: tuple[CopyError, BaseException] | None = None
         self._free: list[_Free] = []
         self._last_report = 0.0
         self._report_lock = threading.Lock()
@@ -340,9 +334,9 @@ class Copier:
                 t.join()
         self.result.seconds = time.monotonic() - start
         if self._failure is not None:
-            err = CopyError(self._failure.message, self._failure.offset)
+            err, cause = self._failure
             err.result = self.result
-            raise err from self._failure.exc
+            raise err from cause
         if self._interrupted:
             with contextlib.suppress(OSError, NBDError):
                 self.dst.flush()
@@ -575,7 +569,7 @@ class Copier:
         with self._lock:
             if self._failure is not None:
                 return
-            self._failure = _Failure(cause or err, str(err), err.offset or 0)
+            self._failure = (err, cause or err)
         self._halt()
 
     def _count_skipped(self, n: int) -> None:
