@@ -18,6 +18,8 @@ import pytest
 
 from tests.serve_launcher import child_env
 
+from .scripts import import_bench
+
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 SUMMARY = (
@@ -28,12 +30,7 @@ SUMMARY = (
 
 @pytest.fixture(scope="module")
 def bc() -> Any:
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import bench_copy
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return bench_copy
+    return import_bench("bench_copy")
 
 
 @pytest.mark.interop

@@ -15,17 +15,14 @@ import pytest
 
 from tests.serve_launcher import child_env
 
+from .scripts import import_bench
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bm() -> Any:
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import bench_memory
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return bench_memory
+    return import_bench("bench_memory")
 
 
 @pytest.mark.interop
